@@ -1,0 +1,1 @@
+"""The kopf operator that turns CompressionJob resources into Ray jobs (issue: operator)."""

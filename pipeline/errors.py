@@ -1,0 +1,26 @@
+"""The errors krunch raises for bad input.
+
+Every message names the input (a model reference, a file, a field) and the
+reason, and where possible what to do instead; the CLI prints it as one line.
+"""
+
+
+class KrunchError(ValueError):
+    """Bad input from the user: reported as one line, never as a traceback."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        self.subject = subject
+        self.reason = reason
+        super().__init__(f"{subject}: {reason}")
+
+
+class ModelSourceError(KrunchError):
+    """A model reference that cannot be resolved or loaded."""
+
+
+class UnsafeCheckpointError(ModelSourceError):
+    """A checkpoint that would need arbitrary unpickling: refused, never loaded."""
+
+
+class DataError(KrunchError):
+    """An evaluation or calibration data set that is missing or too small."""
