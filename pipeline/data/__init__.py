@@ -1,0 +1,1 @@
+"""Real evaluation and calibration data that ships inside installed packages."""

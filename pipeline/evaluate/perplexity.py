@@ -1,0 +1,48 @@
+"""Perplexity of a causal LM on a fixed slice of held-out text, in non-overlapping windows."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.text import Split, token_slice
+from pipeline.errors import KrunchError
+from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
+from pipeline.evaluate.timing import timed_batches
+from pipeline.zoo.model import LoadedModel, ModelKind
+
+DEFAULT_DATA = "wikipedia"
+
+
+@evaluator(Task.PERPLEXITY, ModelKind.CAUSAL_LM)
+def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel | None = None) -> Metrics:
+    if model.tokenizer is None:
+        raise KrunchError(model.reference, "perplexity needs a tokenizer; load the model from a HF directory")
+    if options.tokens < options.window:
+        raise KrunchError("--tokens", f"must be at least the window size {options.window}, got {options.tokens}")
+    data = options.data or DEFAULT_DATA
+    ids = token_slice(model.tokenizer, data, Split.EVALUATION, options.tokens)
+    usable = len(ids) // options.window * options.window
+    windows = torch.tensor(ids[:usable]).view(-1, options.window)
+    batches = [windows[i : i + 1] for i in range(len(windows))]
+
+    def negative_log_likelihood(batch: torch.Tensor) -> tuple[float, int]:
+        logits = model.module(input_ids=batch).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        return loss.item(), targets.numel()
+
+    results, timing = timed_batches(negative_log_likelihood, batches, [b.numel() for b in batches])
+    total_nll = sum(nll for nll, _ in results)
+    predicted = sum(n for _, n in results)
+    return {
+        "perplexity": round(math.exp(total_nll / predicted), 4),
+        "data": data,
+        "tokens": usable,
+        "windows": len(batches),
+        "tokens_per_s": timing["items_per_s"],
+        "seconds": timing["seconds"],
+        "threads": timing["threads"],
+    }

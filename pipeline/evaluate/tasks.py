@@ -1,0 +1,82 @@
+"""Evaluation tasks: each a function (model, options, reference) -> metrics, registered by decorator."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.errors import KrunchError
+from pipeline.zoo.model import LoadedModel, ModelKind
+
+Metrics = dict[str, float | int | str]
+
+
+class Task(enum.Enum):
+    PERPLEXITY = "perplexity"
+    EMBEDDING = "embedding"
+    OCR = "ocr"
+    IMAGE_AGREEMENT = "image-agreement"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Knobs shared by the tasks; each task reads the ones it understands."""
+
+    data: str | None = None  # text corpus for perplexity: `wikipedia` or `file:PATH`
+    tokens: int = 4096  # perplexity token budget (evaluation split)
+    window: int = 512  # perplexity window, non-overlapping
+    items: int | None = None  # cap on words / crops / documents, for quick runs
+    batch_size: int = 16
+
+
+Evaluator = Callable[[LoadedModel, EvalOptions, LoadedModel | None], Metrics]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: Task
+    kind: ModelKind
+    needs_reference: bool
+    run: Evaluator
+
+
+_TASKS: dict[Task, TaskSpec] = {}
+
+
+def evaluator(task: Task, kind: ModelKind, needs_reference: bool = False) -> Callable[[Evaluator], Evaluator]:
+    def decorator(run: Evaluator) -> Evaluator:
+        _TASKS[task] = TaskSpec(task, kind, needs_reference, run)
+        return run
+
+    return decorator
+
+
+def parse_task(name: str) -> Task:
+    try:
+        return Task(name)
+    except ValueError:
+        raise KrunchError("--task", f"unknown task {name!r}; choose one of {', '.join(t.value for t in Task)}") from None
+
+
+def default_task(model: LoadedModel) -> Task:
+    for spec in _TASKS.values():
+        if spec.kind is model.kind:
+            return spec.task
+    raise KrunchError(model.reference, "no default evaluation task for this model; pass --task")
+
+
+def evaluate(
+    model: LoadedModel, task: Task, options: EvalOptions = EvalOptions(), reference: LoadedModel | None = None
+) -> Metrics:
+    """Run one task; a model with no kind (a bare module from a factory) is fed as the task expects."""
+    spec = _TASKS[task]
+    if model.kind is not None and model.kind is not spec.kind:
+        raise KrunchError(
+            model.reference, f"task {task.value} needs a {spec.kind.value} model, this is a {model.kind.value}"
+        )
+    if reference is None and spec.needs_reference:
+        if model.kind is None:
+            raise KrunchError(model.reference, f"task {task.value} compares with a reference model; pass --reference")
+        reference = model
+    return spec.run(model, options, reference)

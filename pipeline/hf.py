@@ -1,0 +1,66 @@
+"""Load a local Hugging Face model directory (config.json + safetensors), offline and without remote code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import ModelSourceError
+from pipeline.zoo.model import LoadedModel, ModelKind
+
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def hf_model_kind(config: dict) -> ModelKind:
+    """Causal LMs are evaluated by perplexity; any other encoder as a sentence embedder."""
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return ModelKind.CAUSAL_LM
+    return ModelKind.SENTENCE_EMBEDDING
+
+
+def read_hf_config(directory: Path, reference: str) -> dict:
+    if not directory.exists():
+        raise ModelSourceError(reference, "directory not found")
+    if not directory.is_dir():
+        raise ModelSourceError(reference, "not a directory (a Hugging Face model is a directory with config.json)")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(reference, "no config.json: not a Hugging Face model directory")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelSourceError(reference, f"config.json is not valid JSON ({err})") from None
+
+
+def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
+    """Load with transformers' Auto classes; only safetensors weights, never pickles."""
+    config = read_hf_config(directory, reference)
+    if not any(directory.glob("*.safetensors")):
+        found = [p.name for pattern in _WEIGHT_PATTERNS[1:] for p in directory.glob(pattern)]
+        hint = f" (found {found[0]}: convert it to safetensors)" if found else ""
+        raise ModelSourceError(reference, f"no .safetensors weights in the directory{hint}")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kind = hf_model_kind(config)
+    auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel
+    try:
+        module = auto.from_pretrained(
+            directory, dtype=torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSourceError(reference, f"transformers could not load it: {first_line}") from None
+    return LoadedModel(
+        reference=reference,
+        module=module,
+        kind=kind,
+        tokenizer=tokenizer,
+        metadata={"architecture": ",".join(config.get("architectures") or [type(module).__name__])},
+    )

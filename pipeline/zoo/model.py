@@ -1,0 +1,51 @@
+"""What a loaded model is: the module plus everything needed to feed it."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelKind(enum.Enum):
+    """The interface a model offers, which decides how evaluators feed it."""
+
+    CAUSAL_LM = "causal-lm"
+    SENTENCE_EMBEDDING = "sentence-embedding"
+    TEXT_RECOGNIZER = "text-recognizer"
+    IMAGE_CLASSIFIER = "image-classifier"
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer or preprocessing.
+
+    `kind` is None for a bare module built by a user's factory: the evaluation
+    task then decides how to feed it, with that task's standard preprocessing.
+    """
+
+    reference: str
+    module: nn.Module
+    kind: ModelKind | None = None
+    tokenizer: Any = None
+    preprocess: Callable[[Any], torch.Tensor] | None = None
+    charset: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.module.eval()
+
+    @property
+    def parameter_count(self) -> int:
+        """Distinct parameters: tied weights (an embedding reused as LM head) count once."""
+        seen: set[int] = set()
+        total = 0
+        for p in self.module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total

