@@ -46,6 +46,9 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a sub-second safetensors load needs no bar
 
     kind = hf_model_kind(config)
     auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel

@@ -48,15 +48,24 @@ def _read_torch_file(path: Path) -> StateDict:
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err) or "GLOBAL" in str(err):
+        message = str(err)
+        if "weights_only" in message or "Unsupported global" in message or "Unsupported operand" in message:
             raise UnsafeCheckpointError(
                 str(path),
-                "refused: the file holds pickled Python objects, not only tensors "
-                f"(weights_only load said: {first_line}); re-save it as a state_dict or .safetensors",
+                f"refused: the file holds pickled Python objects, not only tensors ({_unpickler_reason(message)}); "
+                "re-save it as a state_dict of tensors or as .safetensors",
             ) from None
+        first_line = message.strip().splitlines()[0] if message.strip() else type(err).__name__
         raise ModelSourceError(str(path), f"not a readable torch file ({first_line})") from None
     return _as_state_dict(loaded, path)
+
+
+def _unpickler_reason(message: str) -> str:
+    """The one informative line of torch's long weights_only message, e.g. the refused global."""
+    for line in message.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0].rstrip(".")
+    return "weights_only load failed"
 
 
 def _as_state_dict(loaded: object, path: Path) -> StateDict:

@@ -1,0 +1,131 @@
+"""The `krunch` command line.
+
+Bad input (a KrunchError) is reported as one line naming the input and the
+reason, exit status 2; any other failure as one line, exit status 1. `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.errors import KrunchError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="krunch", description="Compress PyTorch models with tensor networks and quantization.")
+    parser.add_argument("--version", action="version", version=f"krunch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model on real data and print its metrics")
+    evaluate.add_argument("model", help="zoo:NAME, hf:DIR or file:PATH (with --factory)")
+    evaluate.add_argument("--task", help="perplexity, embedding, ocr or image-agreement (default: the model's own)")
+    evaluate.add_argument("--data", help="text for perplexity: 'wikipedia' (default) or a path to a UTF-8 text file")
+    evaluate.add_argument("--tokens", type=int, default=4096, help="perplexity tokens from the evaluation split (default 4096)")
+    evaluate.add_argument("--items", type=int, help="cap on words (ocr) or images (image-agreement), for quick runs")
+    evaluate.add_argument("--reference", help="reference model for fidelity / agreement (default: the model itself)")
+    evaluate.add_argument("--factory", help="module:callable building the architecture for a file: model")
+    evaluate.add_argument("--reference-factory", help="module:callable for a file: reference")
+    evaluate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
+    evaluate.set_defaults(handler=run_eval)
+
+    zoo = commands.add_parser("zoo", help="list the packaged pretrained models")
+    zoo.set_defaults(handler=run_zoo)
+
+    for sub in (evaluate, zoo):
+        sub.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def text_data_reference(value: str | None) -> str | None:
+    """`--data` takes a built-in corpus name or a path; paths become file: references."""
+    from pipeline.data.text import BUILTIN_CORPORA
+
+    if value is None or value in BUILTIN_CORPORA or value.startswith("file:"):
+        return value
+    return f"file:{value}"
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.evaluate import EvalOptions, default_task, evaluate, parse_task
+    from pipeline.io import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise KrunchError("--threads", f"must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.items is not None and args.items < 1:
+        raise KrunchError("--items", f"must be at least 1, got {args.items}")
+    task = parse_task(args.task) if args.task else None
+    model = load_model(args.model, args.factory)
+    task = task or default_task(model)
+    reference = load_model(args.reference, args.reference_factory) if args.reference else None
+    options = EvalOptions(data=text_data_reference(args.data), tokens=args.tokens, items=args.items)
+    metrics = evaluate(model, task, options, reference)
+
+    report = {
+        "model": args.model,
+        "task": task.value,
+        "parameters": model.parameter_count,
+        "metrics": metrics,
+        "krunch_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_table(report: dict) -> str:
+    rows = [("model", report["model"]), ("task", report["task"]), ("parameters", f"{report['parameters']:,}")]
+    rows += [(name, value) for name, value in report["metrics"].items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    from pipeline.zoo import zoo_names
+
+    for name in zoo_names():
+        print(f"zoo:{name}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KrunchError as err:
+        if args.debug:
+            raise
+        print(f"krunch: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # anything else: one line, the traceback only on request
+        if args.debug:
+            raise
+        detail = " ".join(str(err).split())[:400]
+        print(f"krunch: error: {type(err).__name__}: {detail} (run again with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Resolve a model reference to a loaded model.
+
+References: `zoo:NAME` (packaged pretrained models), `hf:DIR` (a local Hugging
+Face directory with safetensors), `file:PATH` plus a `module:callable` factory
+that builds the architecture (weights from .safetensors, or .pt/.pth read with
+`weights_only=True`). Nothing is ever unpickled beyond plain tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from torch import nn
+
+from pipeline.errors import ModelSourceError
+from pipeline.hf import load_hf_directory
+from pipeline.weights import load_strict, read_state_dict
+from pipeline.zoo import LoadedModel, load_zoo_model
+
+REFERENCE_FORMS = "zoo:NAME, hf:DIR, file:PATH (with a module:callable factory)"
+
+
+def load_model(reference: str, factory: str | None = None) -> LoadedModel:
+    scheme, _, rest = reference.partition(":")
+    if not rest:
+        raise ModelSourceError(reference, f"not a model reference; use {REFERENCE_FORMS}")
+    if scheme == "zoo":
+        return load_zoo_model(rest)
+    if scheme == "hf":
+        return load_hf_directory(Path(rest).expanduser(), reference)
+    if scheme == "file":
+        return load_file_model(Path(rest).expanduser(), reference, factory)
+    if scheme in ("models", "runs"):
+        raise ModelSourceError(reference, "MLflow registry sources are not available in this version of krunch")
+    raise ModelSourceError(reference, f"unknown reference scheme {scheme!r}; use {REFERENCE_FORMS}")
+
+
+def load_file_model(path: Path, reference: str, factory: str | None) -> LoadedModel:
+    """Build the architecture with the user's factory, then load the weight file into it, strictly."""
+    if factory is None:
+        raise ModelSourceError(
+            reference, "a weight file holds no architecture; name a factory that builds it (--factory module:callable)"
+        )
+    state = read_state_dict(path)  # checks existence and safety before any user code runs
+    built = call_factory(factory)
+    loaded = built if isinstance(built, LoadedModel) else LoadedModel(reference=reference, module=built)
+    loaded.reference = reference
+    load_strict(loaded.module, state, reference)
+    loaded.module.eval()
+    loaded.metadata.setdefault("factory", factory)
+    return loaded
+
+
+def call_factory(factory: str) -> nn.Module | LoadedModel:
+    module_name, _, attribute = factory.partition(":")
+    if not module_name or not attribute:
+        raise ModelSourceError(factory, "factory must be written module:callable, e.g. mypkg.models:build_net")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelSourceError(factory, f"cannot import module {module_name!r} ({err})") from None
+    builder = getattr(module, attribute, None)
+    if not callable(builder):
+        raise ModelSourceError(factory, f"module {module_name!r} has no callable {attribute!r}")
+    built = builder()
+    if not isinstance(built, (nn.Module, LoadedModel)):
+        raise ModelSourceError(factory, f"factory returned a {type(built).__name__}, expected a torch.nn.Module")
+    return built
