@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ModelSourceError
-from pipeline.zoo.model import LoadedModel, ModelKind
+from pipeline.model import LoadedModel, ModelKind
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 

@@ -62,9 +62,12 @@ def _read_torch_file(path: Path) -> StateDict:
 
 def _unpickler_reason(message: str) -> str:
     """The one informative line of torch's long weights_only message, e.g. the refused global."""
-    for line in message.splitlines():
+    lines = [line.strip() for line in message.splitlines()]
+    for index, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0].rstrip(".")
+            detail = line.split("WeightsUnpickler error:", 1)[1].strip()
+            detail = detail or next((rest for rest in lines[index + 1 :] if rest), "")
+            return detail.split(". ")[0].rstrip(".") or "weights_only load failed"
     return "weights_only load failed"
 
 

@@ -11,7 +11,7 @@ from pipeline.data.similarity import lee_documents, lee_human_similarity, polari
 from pipeline.errors import KrunchError
 from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
 from pipeline.evaluate.timing import timed_batches
-from pipeline.zoo.model import LoadedModel, ModelKind
+from pipeline.model import LoadedModel, ModelKind
 
 MAX_SEQUENCE_LENGTH = 256  # what sentence-transformers uses for all-MiniLM-L6-v2
 

@@ -10,7 +10,7 @@ from pipeline.data.images import DEFAULT_CROPS_PER_PHOTO, photo_crops
 from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
 from pipeline.evaluate.timing import timed_batches
 from pipeline.zoo.mobilenet import imagenet_preprocess
-from pipeline.zoo.model import LoadedModel, ModelKind
+from pipeline.model import LoadedModel, ModelKind
 
 
 def class_logits(model: LoadedModel, images: list, batch_size: int) -> tuple[torch.Tensor, dict]:

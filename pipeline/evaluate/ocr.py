@@ -10,7 +10,7 @@ from pipeline.data.ocr_words import DEFAULT_WORD_COUNT, word_images
 from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
 from pipeline.evaluate.timing import timed_batches
 from pipeline.zoo.easyocr import word_image_preprocess
-from pipeline.zoo.model import LoadedModel, ModelKind
+from pipeline.model import LoadedModel, ModelKind
 
 
 def greedy_ctc_decode(logits: torch.Tensor, charset: str) -> list[str]:

@@ -11,7 +11,7 @@ from pipeline.data.text import Split, token_slice
 from pipeline.errors import KrunchError
 from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
 from pipeline.evaluate.timing import timed_batches
-from pipeline.zoo.model import LoadedModel, ModelKind
+from pipeline.model import LoadedModel, ModelKind
 
 DEFAULT_DATA = "wikipedia"
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline.architectures.crnn import EASYOCR_EN_CHARACTERS, CRNNRecognizer
 from pipeline.weights import load_strict, read_state_dict, strip_prefix
-from pipeline.zoo.model import LoadedModel, ModelKind
+from pipeline.model import LoadedModel, ModelKind
 from pipeline.zoo.registry import package_dir, register, require_file
 
 INPUT_HEIGHT = 64

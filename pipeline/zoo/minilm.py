@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.hf import load_hf_directory
-from pipeline.zoo.model import LoadedModel
+from pipeline.model import LoadedModel
 from pipeline.zoo.registry import package_dir, register
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline.architectures.mobilenet_v2 import MobileNetV2
 from pipeline.weights import load_strict, read_state_dict
-from pipeline.zoo.model import LoadedModel, ModelKind
+from pipeline.model import LoadedModel, ModelKind
 from pipeline.zoo.registry import package_dir, register, require_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

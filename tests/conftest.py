@@ -1,0 +1,47 @@
+"""Shared fixtures: an isolated krunch cache and the real zoo models, each loaded once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def krunch_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory for the whole session (KRUNCH_TEST_CACHE_DIR reuses one across runs)."""
+    configured = os.environ.get("KRUNCH_TEST_CACHE_DIR")
+    root = Path(configured) if configured else tmp_path_factory.mktemp("krunch-cache")
+    os.environ["KRUNCH_CACHE_DIR"] = str(root)
+    return root
+
+
+def _zoo(name: str):
+    from pipeline.zoo import load_zoo_model
+
+    return load_zoo_model(name)
+
+
+@pytest.fixture(scope="session")
+def smollm2(krunch_cache):
+    return _zoo("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm(krunch_cache):
+    return _zoo("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def mobilenet(krunch_cache):
+    return _zoo("mobilenet-v2")
+
+
+@pytest.fixture(scope="session")
+def easyocr(krunch_cache):
+    return _zoo("easyocr-g2")
