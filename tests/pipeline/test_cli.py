@@ -1,0 +1,80 @@
+"""The `krunch` console script as a user runs it: tables, JSON, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+KRUNCH = Path(sys.executable).with_name("krunch")
+
+
+def krunch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KRUNCH), *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("krunch: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_zoo_name():
+    assert_one_line_error(krunch("eval", "zoo:llama-70b"), "zoo:llama-70b", "unknown zoo model", "smollm2-135m")
+
+
+def test_missing_weight_file(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    assert_one_line_error(
+        krunch("eval", f"file:{missing}", "--factory", "pipeline.architectures.mobilenet_v2:MobileNetV2"),
+        str(missing),
+        "file not found",
+    )
+
+
+def test_pickled_object_checkpoint_is_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "callback": print}, evil)
+    assert_one_line_error(
+        krunch("eval", f"file:{evil}", "--factory", "pipeline.architectures.mobilenet_v2:MobileNetV2"),
+        str(evil),
+        "refused",
+        "pickled Python objects",
+    )
+
+
+def test_hf_directory_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert_one_line_error(krunch("eval", f"hf:{tmp_path}"), f"hf:{tmp_path}", "no .safetensors weights")
+
+
+def test_bad_option_values():
+    assert_one_line_error(krunch("eval", "zoo:mobilenet-v2", "--task", "bleu"), "--task", "unknown task 'bleu'")
+    assert_one_line_error(krunch("eval", "zoo:mobilenet-v2", "--threads", "0"), "--threads")
+
+
+def test_debug_shows_the_traceback():
+    result = krunch("eval", "zoo:llama-70b", "--debug")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "ModelSourceError" in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "results" / "mobilenet.json"
+    result = krunch("eval", "zoo:mobilenet-v2", "--items", "20", "--threads", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "top1_agreement" in result.stdout and "3,504,872" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["task"] == "image-agreement" and report["parameters"] == 3_504_872
+    assert report["metrics"]["top1_agreement"] == 1.0
+    assert report["metrics"]["images"] == 20 and report["metrics"]["threads"] == 1
