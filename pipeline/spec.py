@@ -1,0 +1,237 @@
+"""The CompressionJob spec: one pydantic model for the CLI, the operator and the Ray job.
+
+The YAML a user writes is a Kubernetes custom resource; `krunch compress`
+reads the same file. Field names are camelCase (aliases) and unknown fields
+are errors, so a typo never silently falls back to a default. Errors name the
+field path as a user sees it, e.g. `spec.recipe.rules[2].rank`.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from pipeline.errors import KrunchError
+
+API_VERSION = "krunch.dev/v1alpha1"
+KIND = "CompressionJob"
+
+
+class SpecError(KrunchError):
+    """An invalid job spec; `subject` is the field path."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class Method(str, enum.Enum):
+    NONE = "none"  # keep dense (still quantized when quantize is set)
+    SVD = "svd"  # truncated SVD of a Linear weight: two thin Linears
+    TT = "tt"  # tensor-train / matrix-product operator of a Linear weight
+    TUCKER = "tucker"  # Tucker-2 of a Conv2d: 1x1 -> kxk core -> 1x1
+    CP = "cp"  # CP of a Conv2d: 1x1 -> depthwise kh x 1 -> depthwise 1 x kw -> 1x1
+
+
+FACTORIZING_METHODS = (Method.SVD, Method.TT, Method.TUCKER, Method.CP)
+
+
+class RankRule(_Model):
+    """How many components to keep; exactly one of fixed, energy, maxError."""
+
+    fixed: int | None = Field(None, ge=1, description="keep exactly this rank (bond dimension for tt)")
+    energy: float | None = Field(None, gt=0, le=1, description="keep this fraction of the squared singular values")
+    max_error: float | None = Field(None, gt=0, lt=1, description="bound on the relative Frobenius error")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RankRule:
+        chosen = [name for name, value in (("fixed", self.fixed), ("energy", self.energy), ("maxError", self.max_error)) if value is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"set exactly one of fixed, energy, maxError (got {', '.join(chosen) or 'none'})")
+        return self
+
+
+class QuantizeConfig(_Model):
+    bits: Literal[4, 8] = Field(8, description="integer width: 8 or 4 (two values packed per byte)")
+    group_size: int | None = Field(None, ge=8, description="values per scale along the input dimension; omit for one scale per output channel")
+    symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric (scale and zero point)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _even(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
+            raise ValueError("must be even (int4 values are packed in pairs)")
+        return value
+
+
+class Rule(_Model):
+    match: str = Field(min_length=1, description="glob on module names, e.g. '*.mlp.*'; the first matching rule wins")
+    method: Method
+    rank: RankRule | None = Field(None, description="required for factorizing methods unless recipe.target is set")
+    activation_aware: bool = Field(False, description="svd: whiten with calibration activations before truncating (SVD-LLM)")
+    quantize: QuantizeConfig | bool | None = Field(None, description="override recipe.quantize for this rule: a config, or false")
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize_flag(cls, value: Any) -> Any:
+        if value is True:
+            raise ValueError("use a quantize config ({bits: 8}) or false; true is ambiguous")
+        return value
+
+    @model_validator(mode="after")
+    def _rank_fits_method(self) -> Rule:
+        if self.method is Method.NONE and self.rank is not None:
+            raise ValueError("method none keeps the layer dense; remove rank")
+        if self.activation_aware and self.method is not Method.SVD:
+            raise ValueError(f"activationAware is available for method svd, not {self.method.value}")
+        if self.method is Method.CP and self.rank is not None and self.rank.fixed is None:
+            raise ValueError("cp has no spectrum to read a rank from: use rank.fixed or recipe.target")
+        return self
+
+    def quantize_config(self, default: QuantizeConfig | None) -> QuantizeConfig | None:
+        if self.quantize is False:
+            return None
+        return self.quantize if isinstance(self.quantize, QuantizeConfig) else default
+
+
+class Target(_Model):
+    param_ratio: float = Field(gt=0, lt=1, description="keep this fraction of the selected layers' parameters")
+
+
+class Calibration(_Model):
+    data: str = Field("wikipedia", description="built-in data set name or file:PATH; the calibration half is used")
+    tokens: int = Field(8192, ge=64, description="calibration tokens (text models)")
+    items: int = Field(128, ge=1, description="calibration images or words (vision models)")
+
+
+class Recipe(_Model):
+    target: Target | None = None
+    rules: list[Rule] = Field(min_length=1)
+    quantize: QuantizeConfig | None = None
+    calibration: Calibration | None = None
+
+    @model_validator(mode="after")
+    def _ranks_known(self) -> Recipe:
+        if self.target is None:
+            for index, rule in enumerate(self.rules):
+                if rule.method in FACTORIZING_METHODS and rule.rank is None:
+                    raise ValueError(f"rules[{index}].rank: required for method {rule.method.value} unless target.paramRatio is set")
+        elif not any(rule.method in FACTORIZING_METHODS and rule.rank is None for rule in self.rules):
+            raise ValueError("target.paramRatio needs at least one factorizing rule without its own rank to allocate")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(rule.activation_aware for rule in self.rules)
+
+
+class ModelSource(_Model):
+    source: str = Field(min_length=1, description="zoo:NAME | hf:DIR | file:PATH (+ factory) | models:/NAME/VERSION | models:/NAME@ALIAS")
+    factory: str | None = Field(None, description="module:callable that builds the architecture for a file: source")
+
+
+class Evaluation(_Model):
+    task: str | None = Field(None, description="perplexity | embedding | ocr | image-agreement; default: the model's own")
+    data: str | None = Field(None, description="text for perplexity: wikipedia or file:PATH")
+    tokens: int = Field(4096, ge=64)
+    items: int | None = Field(None, ge=1, description="cap on words or images")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str | None) -> str | None:
+        from pipeline.evaluate.tasks import Task
+
+        if value is not None and value not in {t.value for t in Task}:
+            raise ValueError(f"unknown task {value!r}; choose one of {', '.join(t.value for t in Task)}")
+        return value
+
+
+class Resources(_Model):
+    workers: int = Field(1, ge=1, description="concurrent layer tasks")
+    gpus_per_task: float = Field(0, ge=0, description="GPU fraction per layer task; 0 runs on CPU")
+
+
+class Registry(_Model):
+    name: str = Field(min_length=1, description="registered model name in MLflow")
+    alias: str | None = Field(None, description="alias set on the new version, e.g. candidate")
+
+
+class JobSpec(_Model):
+    model: ModelSource
+    recipe: Recipe
+    evaluation: Evaluation = Evaluation()
+    resources: Resources = Resources()
+    registry: Registry | None = None
+
+
+class Metadata(BaseModel):
+    """Kubernetes metadata: only the name is required; the rest (uid, labels...) is kept as given."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(min_length=1)
+
+
+class CompressionJob(_Model):
+    api_version: Literal["krunch.dev/v1alpha1"]
+    kind: Literal["CompressionJob"]
+    metadata: Metadata
+    spec: JobSpec
+
+
+def field_path(location: tuple[int | str, ...]) -> str:
+    """pydantic's error location as a user reads it: spec.recipe.rules[2].rank."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part[:1].isupper() or "[" in part:  # union member tags such as QuantizeConfig, bool
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path or "(document)"
+
+
+def parse_job(document: Any, source: str = "job") -> CompressionJob:
+    """Validate a job document; raise SpecError naming the first bad field and the reason."""
+    if not isinstance(document, dict):
+        raise SpecError(source, f"expected a CompressionJob mapping, got {type(document).__name__}")
+    try:
+        return CompressionJob.model_validate(document)
+    except ValidationError as err:
+        first = err.errors()[0]
+        location = tuple(first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        if message.startswith("rules[") and ":" in message:  # recipe-level check that names its rule
+            inner, _, message = message.partition(": ")
+            location = (*location, *_split_path(inner))
+        if first["type"] == "literal_error" and location[-1:] in (("apiVersion",), ("kind",)):
+            message = f"{message}; this file is not a {KIND} (apiVersion {API_VERSION})"
+        more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+        raise SpecError(field_path(location), f"{message}{more}") from None
+
+
+def _split_path(text: str) -> tuple[int | str, ...]:
+    parts: list[int | str] = []
+    for piece in text.replace("]", "").split("."):
+        name, _, index = piece.partition("[")
+        parts.append(name)
+        if index:
+            parts.append(int(index))
+    return tuple(parts)
+
+
+def load_job(path: Path) -> CompressionJob:
+    if not path.is_file():
+        raise SpecError(str(path), "job file not found")
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    except yaml.YAMLError as err:
+        raise SpecError(str(path), f"not valid YAML ({' '.join(str(err).split())})") from None
+    if len(documents) != 1:
+        raise SpecError(str(path), f"expected one CompressionJob document, found {len(documents)}")
+    return parse_job(documents[0], str(path))
