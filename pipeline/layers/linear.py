@@ -1,0 +1,99 @@
+"""Factorised replacements for nn.Linear: low-rank (two thin matmuls) and MPO (a chain of small cores)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.decompose.svd import LowRank
+from pipeline.decompose.tt import MPO, mpo_to_dense
+from pipeline.layers.base import CompressedLayer, quantize_config_json
+from pipeline.spec import QuantizeConfig
+
+
+def _copy_bias(layer: CompressedLayer, source: nn.Module) -> None:
+    if source.bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(source.bias)
+
+
+class LowRankLinear(CompressedLayer):
+    """y = left (right x) + b: W (out x in) as (out x r)(r x in)."""
+
+    method = "svd"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, quantize_config: dict | None = None) -> None:
+        super().__init__(quantize_config)
+        self.in_features, self.out_features, self.rank, self.has_bias = in_features, out_features, rank, bias
+        self.add_factor("right", (rank, in_features))
+        self.add_factor("left", (out_features, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_factors(cls, source: nn.Linear, factors: LowRank, quantize: QuantizeConfig | None = None) -> LowRankLinear:
+        layer = cls(source.in_features, source.out_features, factors.rank, source.bias is not None, quantize_config_json(quantize))
+        layer.set_factor("right", factors.right)
+        layer.set_factor("left", factors.left)
+        _copy_bias(layer, source)
+        return layer.to(source.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.factor("right")), self.factor("left"), self.bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bias": self.has_bias, "quantize_config": quantize_config_json(self.quantize_config)}  # fmt: skip
+
+    def to_dense(self) -> torch.Tensor:
+        return self.factor("left") @ self.factor("right")
+
+
+class MPOLinear(CompressedLayer):
+    """Matrix-product operator: cores (r_{k-1}, o_k, i_k, r_k) contracted one at a time with the input."""
+
+    method = "tt"
+
+    def __init__(self, out_factors: list[int], in_factors: list[int], ranks: list[int], bias: bool,
+                 quantize_config: dict | None = None) -> None:  # fmt: skip
+        super().__init__(quantize_config)
+        self.out_factors, self.in_factors, self.ranks = tuple(out_factors), tuple(in_factors), tuple(ranks)
+        self.in_features, self.out_features = math.prod(in_factors), math.prod(out_factors)
+        self.has_bias = bias
+        bonds = (1, *ranks, 1)
+        for k, (o, i) in enumerate(zip(out_factors, in_factors, strict=True)):
+            self.add_factor(f"core{k}", (bonds[k], o, i, bonds[k + 1]))
+        self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_factors(cls, source: nn.Linear, mpo: MPO, quantize: QuantizeConfig | None = None) -> MPOLinear:
+        layer = cls(list(mpo.out_factors), list(mpo.in_factors), list(mpo.ranks), source.bias is not None, quantize_config_json(quantize))
+        for k, core in enumerate(mpo.cores):
+            layer.set_factor(f"core{k}", core)
+        _copy_bias(layer, source)
+        return layer.to(source.weight.device)
+
+    def cores(self) -> list[torch.Tensor]:
+        return [self.factor(f"core{k}") for k in range(len(self.out_factors))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-1]
+        # state: (batch, outputs so far, bond, remaining inputs)
+        state = x.reshape(-1, 1, 1, self.in_features)
+        for core, i in zip(self.cores(), self.in_factors, strict=True):
+            batch, produced, bond, remaining = state.shape
+            state = state.reshape(batch, produced, bond, i, remaining // i)
+            state = torch.einsum("bpriq,rois->bposq", state, core)
+            state = state.reshape(batch, produced * core.shape[1], core.shape[3], remaining // i)
+        out = state.reshape(*leading, self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+    def config(self) -> dict[str, Any]:
+        return {"out_factors": list(self.out_factors), "in_factors": list(self.in_factors), "ranks": list(self.ranks),
+                "bias": self.has_bias, "quantize_config": quantize_config_json(self.quantize_config)}  # fmt: skip
+
+    def to_dense(self) -> torch.Tensor:
+        return mpo_to_dense(self.cores(), self.out_factors, self.in_factors)

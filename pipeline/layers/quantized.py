@@ -1,0 +1,117 @@
+"""Dense layers whose weight is stored quantized (method none + quantize); dequantized on the fly in forward.
+
+Dequantize-then-matmul is what plain PyTorch offers on every device; the
+saving is in storage and memory traffic, not in arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.layers.base import CompressedLayer, QuantizedTensor, quantize_config_json
+from pipeline.spec import QuantizeConfig
+
+
+class QuantizedLinear(CompressedLayer):
+    method = "none"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, quantize_config: dict) -> None:
+        super().__init__(quantize_config)
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
+        self.add_factor("weight_q", (out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_dense(cls, source: nn.Linear, quantize: QuantizeConfig, shared: QuantizedTensor | None = None) -> QuantizedLinear:
+        layer = cls(source.in_features, source.out_features, source.bias is not None, quantize_config_json(quantize))
+        if shared is not None:
+            layer.weight_q = shared  # a tied weight: the same quantized storage as the module it is tied to
+        else:
+            layer.set_factor("weight_q", source.weight)
+        if source.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(source.bias)
+        return layer.to(source.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.factor("weight_q"), self.bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.has_bias,
+                "quantize_config": quantize_config_json(self.quantize_config)}  # fmt: skip
+
+    def to_dense(self) -> torch.Tensor:
+        return self.factor("weight_q")
+
+
+class QuantizedConv2d(CompressedLayer):
+    method = "none"
+
+    def __init__(self, weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                 bias: bool, quantize_config: dict) -> None:  # fmt: skip
+        super().__init__(quantize_config)
+        self.geometry = {"weight_shape": list(weight_shape), "stride": list(stride), "padding": list(padding),
+                         "dilation": list(dilation), "groups": groups, "bias": bias}  # fmt: skip
+        self.add_factor("weight_q", tuple(weight_shape))
+        self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_dense(cls, source: nn.Conv2d, quantize: QuantizeConfig) -> QuantizedConv2d:
+        if not isinstance(source.padding, tuple) or source.padding_mode != "zeros":
+            raise ValueError("only numeric zero padding is supported")
+        layer = cls(list(source.weight.shape), list(source.stride), list(source.padding), list(source.dilation),
+                    source.groups, source.bias is not None, quantize_config_json(quantize))  # fmt: skip
+        layer.set_factor("weight_q", source.weight)
+        if source.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(source.bias)
+        return layer.to(source.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        return F.conv2d(x, self.factor("weight_q"), self.bias, g["stride"], g["padding"], g["dilation"], g["groups"])
+
+    def config(self) -> dict[str, Any]:
+        return {**self.geometry, "quantize_config": quantize_config_json(self.quantize_config)}
+
+    def to_dense(self) -> torch.Tensor:
+        return self.factor("weight_q")
+
+
+class QuantizedEmbedding(CompressedLayer):
+    """Rows are dequantized only for the looked-up tokens."""
+
+    method = "none"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, quantize_config: dict) -> None:
+        super().__init__(quantize_config)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.add_factor("weight_q", (num_embeddings, embedding_dim))
+
+    @classmethod
+    def from_dense(cls, source: nn.Embedding, quantize: QuantizeConfig) -> QuantizedEmbedding:
+        layer = cls(source.num_embeddings, source.embedding_dim, source.padding_idx, quantize_config_json(quantize))
+        layer.set_factor("weight_q", source.weight)
+        return layer.to(source.weight.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.weight_q
+        flat = ids.reshape(-1)
+        values = q.values[flat]
+        scale = q.scale[flat]
+        zero = q.zero_point[flat] if q.zero_point.numel() else q.zero_point
+        from pipeline.quantize import QuantizedData, dequantize
+
+        rows = dequantize(QuantizedData(values, scale, zero, (len(flat), self.embedding_dim), q.config.bits, q.group_size), q.config.symmetric)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx,
+                "quantize_config": quantize_config_json(self.quantize_config)}  # fmt: skip
+
+    def to_dense(self) -> torch.Tensor:
+        return self.factor("weight_q")
