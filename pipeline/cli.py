@@ -39,10 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
     evaluate.set_defaults(handler=run_eval)
 
+    compress = commands.add_parser("compress", help="run a CompressionJob file on this machine")
+    compress.add_argument("job", type=Path, help="CompressionJob YAML (the same file kubectl applies)")
+    compress.add_argument("--out", type=Path, help="output directory (default: results/<metadata.name>)")
+    compress.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    compress.set_defaults(handler=run_compress)
+
     zoo = commands.add_parser("zoo", help="list the packaged pretrained models")
     zoo.set_defaults(handler=run_zoo)
 
-    for sub in (evaluate, zoo):
+    for sub in (evaluate, compress, zoo):
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -56,16 +62,22 @@ def text_data_reference(value: str | None) -> str | None:
     return f"file:{value}"
 
 
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise KrunchError("--threads", f"must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.evaluate import EvalOptions, default_task, evaluate, parse_task
     from pipeline.io import load_model
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise KrunchError("--threads", f"must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.items is not None and args.items < 1:
         raise KrunchError("--items", f"must be at least 1, got {args.items}")
     task = parse_task(args.task) if args.task else None
@@ -98,6 +110,22 @@ def format_table(report: dict) -> str:
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  {'-' * 12}"]
     lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from pipeline.compress import run_compression
+    from pipeline.report import format_summary
+    from pipeline.spec import load_job
+
+    set_threads(args.threads)
+    job = load_job(args.job)
+    out_dir = args.out or Path("results") / job.metadata.name
+    report = run_compression(job, out_dir)
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(format_summary(report))
+    print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
+    return 0
 
 
 def run_zoo(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from pipeline.hf import load_hf_directory
 from pipeline.weights import load_strict, read_state_dict
 from pipeline.zoo import LoadedModel, load_zoo_model
 
-REFERENCE_FORMS = "zoo:NAME, hf:DIR, file:PATH (with a module:callable factory)"
+REFERENCE_FORMS = "zoo:NAME, hf:DIR, file:PATH (with a module:callable factory), krunch:DIR (a compressed model)"
 
 
 def load_model(reference: str, factory: str | None = None) -> LoadedModel:
@@ -31,6 +31,10 @@ def load_model(reference: str, factory: str | None = None) -> LoadedModel:
         return load_hf_directory(Path(rest).expanduser(), reference)
     if scheme == "file":
         return load_file_model(Path(rest).expanduser(), reference, factory)
+    if scheme == "krunch":
+        from pipeline.artifact import load_compressed
+
+        return load_compressed(Path(rest).expanduser(), reference)
     if scheme in ("models", "runs"):
         raise ModelSourceError(reference, "MLflow registry sources are not available in this version of krunch")
     raise ModelSourceError(reference, f"unknown reference scheme {scheme!r}; use {REFERENCE_FORMS}")

@@ -121,7 +121,11 @@ class Recipe(_Model):
             for index, rule in enumerate(self.rules):
                 if rule.method in FACTORIZING_METHODS and rule.rank is None:
                     raise ValueError(f"rules[{index}].rank: required for method {rule.method.value} unless target.paramRatio is set")
-        elif not any(rule.method in FACTORIZING_METHODS and rule.rank is None for rule in self.rules):
+        else:
+            for index, rule in enumerate(self.rules):
+                if rule.method is Method.CP and rule.rank is None:
+                    raise ValueError(f"rules[{index}].rank: cp needs rank.fixed (it has no spectrum to share a budget by)")
+        if self.target is not None and not any(rule.method in FACTORIZING_METHODS and rule.rank is None for rule in self.rules):
             raise ValueError("target.paramRatio needs at least one factorizing rule without its own rank to allocate")
         return self
 

@@ -1,0 +1,79 @@
+"""Calibration statistics: the Gram matrix X^T X of each selected Linear's inputs, from held-out data.
+
+Text models read the calibration half of the corpus (never the evaluation
+half); vision models get photo crops or words drawn with a different seed
+than the evaluation set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.data.text import Split, token_slice
+from pipeline.model import LoadedModel, ModelKind
+from pipeline.spec import Calibration
+
+WINDOW = {ModelKind.CAUSAL_LM: 512, ModelKind.SENTENCE_EMBEDDING: 256}
+
+
+def calibration_batches(model: LoadedModel, calibration: Calibration) -> Iterator[tuple[tuple, dict]]:
+    """(args, kwargs) for model.module, one batch at a time."""
+    if model.kind in WINDOW:
+        window = WINDOW[model.kind]
+        ids = token_slice(model.tokenizer, calibration.data, Split.CALIBRATION, calibration.tokens)
+        for start in range(0, len(ids) - window + 1, window):
+            chunk = torch.tensor(ids[start : start + window])[None]
+            yield (), {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+    elif model.kind is ModelKind.IMAGE_CLASSIFIER:
+        from pipeline.data.images import photo_crops
+
+        crops = photo_crops(crops_per_photo=max(1, calibration.items // 10), seed=1)[: calibration.items]
+        tensors = torch.stack([model.preprocess(crop) for crop in crops])
+        for start in range(0, len(tensors), 16):
+            yield (tensors[start : start + 16],), {}
+    elif model.kind is ModelKind.TEXT_RECOGNIZER:
+        from pipeline.data.ocr_words import word_images
+        from pipeline.evaluate.ocr import pad_right_replicating
+
+        images = word_images(model.charset, count=calibration.items, seed=1)
+        for start in range(0, len(images), 16):
+            yield (pad_right_replicating([model.preprocess(w.image) for w in images[start : start + 16]]),), {}
+    else:
+        raise ValueError(f"{model.reference}: calibration needs a model kind krunch knows how to feed")
+
+
+def collect_grams(model: LoadedModel, names: list[str], calibration: Calibration) -> dict[str, torch.Tensor]:
+    """Accumulate X^T X (float64) over the calibration data for each named Linear."""
+    grams: dict[str, torch.Tensor] = {}
+    # Modules fed the very same tensor (gate_proj and up_proj) share one product; holding the tensor
+    # in `previous` keeps its memory from being reused, so identity cannot be confused with an address.
+    previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple) -> None:
+            tensor = inputs[0]
+            cached = previous.get("last")
+            if cached is not None and cached[0] is tensor:
+                product = cached[1]
+            else:
+                x = tensor.detach().reshape(-1, tensor.shape[-1]).float()
+                product = (x.T @ x).double()
+                previous["last"] = (tensor, product)
+            grams[name] = grams[name] + product if name in grams else product.clone()
+
+        return record
+
+    handles = [model.module.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.inference_mode():
+            for args, kwargs in tqdm(list(calibration_batches(model, calibration)), desc="calibration", unit="batch", leave=False):
+                model.module(*args, **kwargs)
+    finally:
+        previous.clear()
+        for handle in handles:
+            handle.remove()
+    return grams

@@ -1,0 +1,179 @@
+"""The compression job, stage by stage: load -> plan -> calibrate -> allocate -> decompose/quantize ->
+assemble -> evaluate before and after -> save, returning the report.
+
+Each stage is a function of plain inputs, so later issues can move the
+per-layer stage onto Ray and add MLflow around the whole without touching the maths.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.artifact import WEIGHTS, save_compressed
+from pipeline.assemble import assemble
+from pipeline.budget import BudgetError, allocate
+from pipeline.calibrate import collect_grams
+from pipeline.compress_layer import LayerResult, compress_layer
+from pipeline.errors import KrunchError
+from pipeline.evaluate import EvalOptions, Task, default_task, evaluate
+from pipeline.io import load_model
+from pipeline.model import LoadedModel
+from pipeline.plan import Plan, make_plan
+from pipeline.profile import layer_spectra, profile
+from pipeline.sizes import count_params, weight_bytes
+from pipeline.spec import Calibration, CompressionJob, SpecError
+
+ProgressCallback = Callable[[int, int, str], None]  # (layers done, total, layer name)
+
+
+@dataclass
+class Timings:
+    started: float = field(default_factory=time.perf_counter)
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def record(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.stages[f"{stage}_s"] = round(self.stages.get(f"{stage}_s", 0.0) + now - since, 3)
+        return now
+
+
+def load_source(job: CompressionJob) -> LoadedModel:
+    try:
+        return load_model(job.spec.model.source, job.spec.model.factory)
+    except KrunchError as err:
+        raise SpecError("spec.model.source", str(err)) from None
+
+
+def evaluation_task(job: CompressionJob, model: LoadedModel) -> Task:
+    return Task(job.spec.evaluation.task) if job.spec.evaluation.task else default_task(model)
+
+
+def calibration_grams(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, torch.Tensor]:
+    names = [layer.name for layer in plan.layers if layer.activation_aware]
+    if not names:
+        return {}
+    return collect_grams(model, names, job.spec.recipe.calibration or Calibration())
+
+
+def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Ranks for the layers that share the recipe's global budget; empty without a target."""
+    target = job.spec.recipe.target
+    if target is None:
+        return {}
+    layers = plan.allocated
+    profiles = [profile(layer, layer_spectra(layer, model.module.get_submodule(layer.name).weight, grams.get(layer.name))) for layer in layers]
+    biases = sum(layer.params - _weight_numel(layer.weight_shape) for layer in layers)
+    budget = round(target.param_ratio * sum(layer.params for layer in layers)) - biases  # biases stay dense
+    try:
+        chosen = allocate(profiles, budget)
+    except BudgetError as err:
+        raise SpecError("spec.recipe.target.paramRatio", str(err)) from None
+    return {name: option.rank for name, option in chosen.items()}
+
+
+def _weight_numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def compress_layers(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
+                    progress: ProgressCallback | None = None) -> list[LayerResult]:  # fmt: skip
+    """The per-layer stage, in process (issue 4 runs the same function as Ray tasks)."""
+    work = [layer for layer in plan.layers if layer.tied_to is None]
+    results = []
+    bar: Iterable = tqdm(work, desc="compressing", unit="layer")
+    for done, layer in enumerate(bar, start=1):
+        source = model.module.get_submodule(layer.name)
+        results.append(compress_layer(layer, source, grams.get(layer.name), ranks.get(layer.name)))
+        if progress:
+            progress(done, len(work), layer.name)
+    return results
+
+
+def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    timings = Timings()
+    start = timings.started
+    original = load_source(job)
+    task = evaluation_task(job, original)
+    start = timings.record("load", start)
+
+    plan = make_plan(original.module, job.spec.recipe)
+    grams = calibration_grams(job, original, plan)
+    ranks = allocate_ranks(job, original, plan, grams)
+    start = timings.record("plan", start)
+
+    results = compress_layers(original, plan, grams, ranks, progress)
+    compressed = LoadedModel(f"krunch:{out_dir}", copy.deepcopy(original.module), original.kind, original.tokenizer,
+                             original.preprocess, original.charset, dict(original.metadata))  # fmt: skip
+    by_name = {r.name: r for r in results}
+    replacements = {layer.name: by_name[layer.name].module for layer in plan.layers if layer.tied_to is None}
+    tied = {layer.name: layer.tied_to for layer in plan.layers if layer.tied_to}
+    for name, owner in tied.items():
+        replacements[name] = _tied_replacement(plan, name, original, replacements[owner])
+    assemble(compressed.module, replacements, tied)
+    start = timings.record("decompose", start)
+
+    options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
+    metrics_before = evaluate(original, task, options)
+    metrics_after = evaluate(compressed, task, options, reference=original)
+    start = timings.record("evaluate", start)
+
+    source = {"source": job.spec.model.source, "factory": job.spec.model.factory}
+    save_compressed(out_dir, compressed, source, job.spec.recipe.model_dump(by_alias=True, mode="json", exclude_none=True), tied)
+    timings.record("save", start)
+    timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
+    return build_report(job, task, original, compressed, plan, results, ranks, metrics_before, metrics_after, timings, out_dir)
+
+
+def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replacement: torch.nn.Module) -> torch.nn.Module:
+    """A tied layer gets a module of its own type that will point at the owner's quantized weight."""
+    from pipeline.compress_layer import build_replacement
+
+    layer = next(layer for layer in plan.layers if layer.name == name)
+    if layer.quantize is None:
+        return original.module.get_submodule(name)
+    return build_replacement(layer, original.module.get_submodule(name), [], None)
+
+
+def build_report(job: CompressionJob, task: Task, original: LoadedModel, compressed: LoadedModel, plan: Plan,
+                 results: list[LayerResult], ranks: dict[str, int], metrics_before: dict, metrics_after: dict,
+                 timings: Timings, out_dir: Path) -> dict[str, Any]:  # fmt: skip
+    allocated = {layer.name for layer in plan.allocated}
+    rows = [r.row() for r in results]
+    selected_before = sum(r.params_before for r in results)
+    selected_after = sum(r.params_after for r in results)
+    report: dict[str, Any] = {
+        "job": job.metadata.name,
+        "source": job.spec.model.source,
+        "task": task.value,
+        "params_before": count_params(original.module),
+        "params_after": count_params(compressed.module),
+        "bytes_before": weight_bytes(original.module),
+        "bytes_after": weight_bytes(compressed.module),
+        "file_bytes_after": (out_dir / WEIGHTS).stat().st_size,
+        "selected_params_before": selected_before,
+        "selected_params_after": selected_after,
+        "metrics_before": metrics_before,
+        "metrics_after": metrics_after,
+        "timings": timings.stages,
+        "layers": rows,
+        "versions": {"krunch": __version__, "torch": torch.__version__},
+    }
+    if allocated:
+        before = sum(r.params_before for r in results if r.name in allocated)
+        after = sum(r.params_after for r in results if r.name in allocated)
+        report["target"] = {"param_ratio": job.spec.recipe.target.param_ratio, "achieved_ratio": round(after / before, 5),
+                            "layers": len(allocated), "params_before": before, "params_after": after}  # fmt: skip
+    report["compression_ratio"] = round(report["bytes_before"] / report["bytes_after"], 4)
+    return report

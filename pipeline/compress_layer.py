@@ -1,0 +1,122 @@
+"""One layer, start to finish: choose the rank, decompose, quantize, build the replacement, measure the error.
+
+A pure function of (plan, module, calibration Gram, allocated rank): the unit
+of work a Ray task runs, and what the in-process path runs in a loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.decompose.conv import cp_conv, tucker2
+from pipeline.decompose.ranks import error_budget, rank_for_error
+from pipeline.decompose.svd import activation_aware_svd, truncated_svd
+from pipeline.decompose.tt import tt_svd
+from pipeline.layers.base import CompressedLayer
+from pipeline.layers.conv import CPConv2d, TuckerConv2d
+from pipeline.layers.linear import LowRankLinear, MPOLinear
+from pipeline.layers.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
+from pipeline.plan import LayerKind, LayerPlan, check_fixed_rank
+from pipeline.profile import layer_spectra, rank_caps
+from pipeline.spec import Method, SpecError
+
+
+@dataclass
+class LayerResult:
+    name: str
+    method: str
+    rank: int | list[int] | None
+    params_before: int
+    params_after: int
+    rel_error: float
+    seconds: float
+    module: nn.Module
+
+    def row(self) -> dict:
+        return {"name": self.name, "method": self.method, "rank": self.rank, "params_before": self.params_before,
+                "params_after": self.params_after, "rel_error": self.rel_error, "seconds": round(self.seconds, 4)}  # fmt: skip
+
+
+def layer_seed(name: str) -> int:
+    """A seed per layer from its name: the same factors whatever order or worker runs it."""
+    return zlib.crc32(name.encode())
+
+
+def choose_ranks(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | None, allocated: int | None) -> list[int]:
+    """Concrete ranks: [r] for svd/cp, bond dimensions for tt, [r_out, r_in] for tucker."""
+    caps = rank_caps(plan)
+    if allocated is not None:
+        chosen = [min(allocated, cap) for cap in caps]
+    elif plan.rank is not None and plan.rank.fixed is not None:
+        chosen = [plan.rank.fixed] if plan.method is Method.CP else [min(plan.rank.fixed, cap) for cap in caps]
+    else:
+        assert plan.rank is not None
+        spectra = layer_spectra(plan, weight, gram)
+        per_spectrum = error_budget(plan.rank) / math.sqrt(len(spectra))  # errors add in squares
+        chosen = [min(rank_for_error(s, per_spectrum), cap) for s, cap in zip(spectra, caps, strict=True)]
+        _check_saves(plan, chosen)
+    return chosen
+
+
+def _check_saves(plan: LayerPlan, ranks: list[int]) -> None:
+    try:
+        check_fixed_rank(plan, max(ranks))
+    except SpecError as err:
+        rule = "energy" if plan.rank is not None and plan.rank.energy is not None else "maxError"
+        raise SpecError(f"{plan.field}.rank.{rule}", f"keeping that much needs {err.reason}") from None
+
+
+def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram: torch.Tensor | None) -> CompressedLayer:
+    weight, quantize, seed = module.weight, plan.quantize, layer_seed(plan.name)
+    if plan.method is Method.SVD:
+        factors = activation_aware_svd(weight, gram, ranks[0]) if plan.activation_aware else truncated_svd(weight, ranks[0], seed=seed)
+        return LowRankLinear.from_factors(module, factors, quantize)
+    if plan.method is Method.TT:
+        return MPOLinear.from_factors(module, tt_svd(weight, *plan.tt_factors, tuple(ranks)), quantize)
+    if plan.method is Method.TUCKER:
+        return TuckerConv2d.from_factors(module, tucker2(weight, (ranks[0], ranks[1]), seed=seed), quantize)
+    if plan.method is Method.CP:
+        return CPConv2d.from_factors(module, cp_conv(weight, ranks[0], seed=seed), quantize)
+    assert quantize is not None
+    if plan.kind is LayerKind.LINEAR:
+        return QuantizedLinear.from_dense(module, quantize)
+    if plan.kind is LayerKind.CONV2D:
+        return QuantizedConv2d.from_dense(module, quantize)
+    return QuantizedEmbedding.from_dense(module, quantize)
+
+
+def compress_layer(plan: LayerPlan, module: nn.Module, gram: torch.Tensor | None = None, allocated: int | None = None) -> LayerResult:
+    start = time.perf_counter()
+    if plan.activation_aware and gram is None:
+        raise ValueError(f"{plan.name}: activation-aware svd needs calibration statistics")
+    with torch.no_grad():
+        if plan.method is Method.NONE and plan.quantize is None:
+            replacement, ranks = module, None  # matched but left dense and unquantized
+        else:
+            ranks = None if plan.method is Method.NONE else choose_ranks(plan, module.weight, gram, allocated)
+            replacement = build_replacement(plan, module, ranks or [], gram)
+        dense = replacement.to_dense() if isinstance(replacement, CompressedLayer) else module.weight
+        rel_error = float((dense - module.weight).norm() / module.weight.norm().clamp(min=1e-30))
+    rank: int | list[int] | None = ranks if ranks is None or len(ranks) > 1 else ranks[0]
+    if rank is not None and plan.method is Method.NONE:
+        rank = None
+    return LayerResult(plan.name, plan.method.value, rank, plan.params, _logical_params(plan, replacement), rel_error,
+                       time.perf_counter() - start, replacement)  # fmt: skip
+
+
+def _logical_params(plan: LayerPlan, replacement: nn.Module) -> int:
+    """Numbers the layer stores (weights + bias), counting a quantized value as one parameter."""
+    if not isinstance(replacement, CompressedLayer):
+        return plan.params
+    bias = getattr(replacement, "bias", None)
+    total = 0 if bias is None else bias.numel()
+    for name in replacement.factor_names:
+        factor = getattr(replacement, name)
+        total += math.prod(factor.shape) if hasattr(factor, "config") else factor.numel()
+    return total

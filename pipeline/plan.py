@@ -1,0 +1,195 @@
+"""Which layers a recipe touches and how: rules matched to modules, checked before any work starts.
+
+First matching rule wins; modules no rule matches stay exactly as they are.
+Everything that can be checked without decomposing (a rule that selects
+nothing, a method that does not fit the module, a fixed rank that is too big
+or saves nothing, tied weights given different treatment) fails here, naming
+the spec field.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from pipeline.decompose.conv import cp_params, tucker2_params
+from pipeline.decompose.svd import break_even_rank
+from pipeline.decompose.tt import DEFAULT_CORES, factorize, max_ranks, mpo_params
+from pipeline.spec import Method, QuantizeConfig, RankRule, Recipe, SpecError
+
+
+class LayerKind(enum.Enum):
+    LINEAR = "Linear"
+    CONV2D = "Conv2d"
+    EMBEDDING = "Embedding"
+
+
+_KINDS = {nn.Linear: LayerKind.LINEAR, nn.Conv2d: LayerKind.CONV2D, nn.Embedding: LayerKind.EMBEDDING}
+_METHOD_KINDS = {
+    Method.NONE: (LayerKind.LINEAR, LayerKind.CONV2D, LayerKind.EMBEDDING),
+    Method.SVD: (LayerKind.LINEAR,),
+    Method.TT: (LayerKind.LINEAR,),
+    Method.TUCKER: (LayerKind.CONV2D,),
+    Method.CP: (LayerKind.CONV2D,),
+}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    kind: LayerKind
+    method: Method
+    rule_index: int
+    rank: RankRule | None  # None: allocated from recipe.target
+    activation_aware: bool
+    quantize: QuantizeConfig | None
+    weight_shape: tuple[int, ...]
+    params: int  # weight + bias, before
+    tied_to: str | None = None  # an earlier layer whose weight this one shares
+
+    @property
+    def field(self) -> str:
+        return f"spec.recipe.rules[{self.rule_index}]"
+
+    @property
+    def tt_factors(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out_features, in_features = self.weight_shape
+        return factorize(out_features, DEFAULT_CORES), factorize(in_features, DEFAULT_CORES)
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: list[LayerPlan]
+
+    @property
+    def allocated(self) -> list[LayerPlan]:
+        """Factorised layers whose rank comes from the global budget."""
+        return [layer for layer in self.layers if layer.rank is None and layer.method is not Method.NONE]
+
+
+def module_kind(module: nn.Module) -> LayerKind | None:
+    return _KINDS.get(type(module))
+
+
+def layer_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def make_plan(model: nn.Module, recipe: Recipe) -> Plan:
+    candidates = [(name, module) for name, module in model.named_modules() if module_kind(module) is not None]
+    layers: list[LayerPlan] = []
+    claimed: set[str] = set()
+    for index, rule in enumerate(recipe.rules):
+        matched = [(n, m) for n, m in candidates if fnmatch.fnmatchcase(n, rule.match)]
+        fresh = [(n, m) for n, m in matched if n not in claimed]
+        if not fresh:
+            raise SpecError(f"spec.recipe.rules[{index}].match", _nothing_selected(rule.match, matched, candidates))
+        for name, module in fresh:
+            claimed.add(name)
+            layers.append(_layer_plan(name, module, index, rule, recipe.quantize))
+    layers.sort(key=lambda layer: [n for n, _ in candidates].index(layer.name))
+    return Plan(_resolve_ties(model, layers))
+
+
+def _nothing_selected(pattern: str, matched: list, candidates: list) -> str:
+    if matched:
+        return f"{pattern!r} only matches modules an earlier rule already took (first match wins), e.g. {matched[0][0]}"
+    examples = ", ".join(n for n, _ in candidates[:3])
+    return f"{pattern!r} selects no Linear, Conv2d or Embedding module (names look like: {examples})"
+
+
+def _layer_plan(name: str, module: nn.Module, index: int, rule, default_quantize: QuantizeConfig | None) -> LayerPlan:
+    kind = module_kind(module)
+    assert kind is not None
+    if kind not in _METHOD_KINDS[rule.method]:
+        allowed = ", ".join(k.value for k in _METHOD_KINDS[rule.method])
+        raise SpecError(f"spec.recipe.rules[{index}].method", f"{rule.method.value} applies to {allowed}, but {name} is a {kind.value}")
+    if kind is LayerKind.CONV2D and rule.method is not Method.NONE and module.groups != 1:
+        raise SpecError(f"spec.recipe.rules[{index}].method", f"{name} is a grouped/depthwise Conv2d; use method none (quantize only)")
+    plan = LayerPlan(
+        name=name,
+        kind=kind,
+        method=rule.method,
+        rule_index=index,
+        rank=rule.rank,
+        activation_aware=rule.activation_aware,
+        quantize=rule.quantize_config(default_quantize),
+        weight_shape=tuple(module.weight.shape),
+        params=layer_params(module),
+    )
+    if rule.rank is not None and rule.rank.fixed is not None:
+        check_fixed_rank(plan, rule.rank.fixed)
+    return plan
+
+
+def factorised_params(plan: LayerPlan, rank: int) -> int:
+    """Weight parameters after factorising at `rank` (bond dimension for tt, both channel ranks for tucker)."""
+    shape = plan.weight_shape
+    if plan.method is Method.SVD:
+        return rank * (shape[0] + shape[1])
+    if plan.method is Method.TT:
+        out_f, in_f = plan.tt_factors
+        return mpo_params(out_f, in_f, tuple(min(rank, m) for m in max_ranks(out_f, in_f)))
+    if plan.method is Method.TUCKER:
+        return tucker2_params(shape, (min(rank, shape[0]), min(rank, shape[1])))
+    if plan.method is Method.CP:
+        return cp_params(shape, rank)
+    raise AssertionError(plan.method)
+
+
+def largest_saving_rank(plan: LayerPlan) -> int:
+    """The break-even rank: the largest one that still stores fewer numbers than the dense weight."""
+    dense = 1
+    for size in plan.weight_shape:
+        dense *= size
+    if plan.method is Method.SVD:
+        return break_even_rank(*plan.weight_shape)
+    rank = 0
+    while factorised_params(plan, rank + 1) < dense and rank < max(plan.weight_shape):
+        rank += 1
+    return rank
+
+
+def check_fixed_rank(plan: LayerPlan, rank: int) -> None:
+    field = f"{plan.field}.rank.fixed"
+    shape = "x".join(map(str, plan.weight_shape))
+    if plan.method is Method.SVD and rank > min(plan.weight_shape):
+        raise SpecError(field, f"rank {rank} exceeds the largest possible rank {min(plan.weight_shape)} of {plan.name} ({shape})")
+    break_even = largest_saving_rank(plan)
+    if rank > break_even:
+        raise SpecError(
+            field,
+            f"rank {rank} does not reduce {plan.name} ({shape}): {plan.method.value} at that rank stores "
+            f"{factorised_params(plan, rank):,} numbers vs {plan.params - _bias(plan):,} dense; the break-even rank is {break_even}",
+        )
+
+
+def _bias(plan: LayerPlan) -> int:
+    weight = 1
+    for size in plan.weight_shape:
+        weight *= size
+    return plan.params - weight
+
+
+def _resolve_ties(model: nn.Module, layers: list[LayerPlan]) -> list[LayerPlan]:
+    """Layers sharing one weight (SmolLM2's embedding is its LM head) must be treated alike; stored once."""
+    owner: dict[int, LayerPlan] = {}
+    resolved = []
+    for layer in layers:
+        weight = model.get_submodule(layer.name).weight
+        first = owner.get(id(weight))
+        if first is None:
+            owner[id(weight)] = layer
+            resolved.append(layer)
+            continue
+        if layer.method is not Method.NONE or first.method is not Method.NONE or layer.quantize != first.quantize:
+            raise SpecError(
+                f"{layer.field}.method",
+                f"{layer.name} shares its weight with {first.name}; tied weights can only be quantized alike "
+                f"(method none and the same quantize for both)",
+            )
+        resolved.append(LayerPlan(**{**layer.__dict__, "tied_to": first.name}))
+    return resolved

@@ -1,0 +1,45 @@
+"""Rank options of one layer, from the spectra its method truncates: the input to the budget allocator."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.budget import LayerProfile, RankOption
+from pipeline.decompose.conv import channel_spectra
+from pipeline.decompose.ranks import tail_fraction
+from pipeline.decompose.svd import whitened_spectrum
+from pipeline.decompose.tt import max_ranks, unfolding_spectra
+from pipeline.plan import LayerPlan, factorised_params, largest_saving_rank
+from pipeline.spec import Method
+
+
+def layer_spectra(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The spectra whose tails bound the truncation error: one for svd, one per bond (tt) or channel mode (tucker)."""
+    if plan.method is Method.SVD:
+        if plan.activation_aware and gram is not None:
+            return [whitened_spectrum(weight, gram)]
+        return [torch.linalg.svdvals(weight.detach().double())]
+    if plan.method is Method.TT:
+        return unfolding_spectra(weight, *plan.tt_factors)
+    if plan.method is Method.TUCKER:
+        return list(channel_spectra(weight))
+    raise ValueError(f"method {plan.method.value} has no spectrum")
+
+
+def rank_caps(plan: LayerPlan) -> list[int]:
+    """Per-spectrum maximum rank: tt bonds are capped by the unfolding sizes, tucker ranks by the channel counts."""
+    if plan.method is Method.TT:
+        return max_ranks(*plan.tt_factors)
+    if plan.method is Method.TUCKER:
+        return list(plan.weight_shape[:2])
+    return [min(plan.weight_shape)]
+
+
+def profile(plan: LayerPlan, spectra: list[torch.Tensor]) -> LayerProfile:
+    tails = [tail_fraction(s) for s in spectra]
+    caps = rank_caps(plan)
+    options = []
+    for rank in range(1, largest_saving_rank(plan) + 1):
+        error = sum(float(t[min(rank, cap, len(t) - 1)]) for t, cap in zip(tails, caps, strict=True))
+        options.append(RankOption(rank, factorised_params(plan, rank), error))
+    return LayerProfile(plan.name, options)

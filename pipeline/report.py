@@ -1,0 +1,42 @@
+"""The human view of a compression report: a before/after table and the layers that lost most."""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUALITY_KEYS = ("perplexity", "lee50_pearson", "wordsim353_spearman", "fidelity_mean_cosine", "word_accuracy",
+                "character_error_rate", "top1_agreement", "mean_kl")  # fmt: skip
+SPEED_KEYS = ("tokens_per_s", "documents_per_s", "words_per_s", "images_per_s")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def format_summary(report: dict[str, Any], worst: int = 5) -> str:
+    rows: list[tuple[str, Any, Any]] = [
+        ("parameters", report["params_before"], report["params_after"]),
+        ("weight bytes", report["bytes_before"], report["bytes_after"]),
+        ("selected layers' params", report["selected_params_before"], report["selected_params_after"]),
+    ]
+    before, after = report["metrics_before"], report["metrics_after"]
+    rows += [(key, before.get(key, "-"), after[key]) for key in (*QUALITY_KEYS, *SPEED_KEYS) if key in after]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{report['job']}: {report['source']} ({report['task']}), compression ratio {report['compression_ratio']:.3g}x"]
+    lines.append(f"{'':{width}}  {'before':>14}  {'after':>14}")
+    lines += [f"{name:{width}}  {_fmt(b):>14}  {_fmt(a):>14}" for name, b, a in rows]
+    if "target" in report:
+        t = report["target"]
+        lines.append(f"target paramRatio {t['param_ratio']} -> achieved {t['achieved_ratio']} over {t['layers']} layers")
+    timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report["timings"].items())
+    lines.append(f"time: {timings}")
+    layers = sorted(report["layers"], key=lambda row: row["rel_error"], reverse=True)[:worst]
+    if layers:
+        lines.append(f"largest relative weight errors ({len(report['layers'])} layers):")
+        lines += [f"  {r['name']}: {r['method']} rank {r['rank']}, {r['params_before']:,} -> {r['params_after']:,} params, "
+                  f"error {r['rel_error']:.4f}" for r in layers]  # fmt: skip
+    return "\n".join(lines)
