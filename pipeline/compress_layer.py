@@ -22,8 +22,9 @@ from pipeline.layers.base import CompressedLayer
 from pipeline.layers.conv import CPConv2d, TuckerConv2d
 from pipeline.layers.linear import LowRankLinear, MPOLinear
 from pipeline.layers.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
-from pipeline.plan import LayerKind, LayerPlan, check_fixed_rank
-from pipeline.profile import layer_spectra, rank_caps
+from pipeline.plan import LayerKind, LayerPlan, params_for_ranks, saving_problem
+from pipeline.plan import plan_rank_caps
+from pipeline.profile import layer_spectra
 from pipeline.spec import Method, SpecError
 
 
@@ -50,7 +51,7 @@ def layer_seed(name: str) -> int:
 
 def choose_ranks(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | None, allocated: int | None) -> list[int]:
     """Concrete ranks: [r] for svd/cp, bond dimensions for tt, [r_out, r_in] for tucker."""
-    caps = rank_caps(plan)
+    caps = plan_rank_caps(plan)
     if allocated is not None:
         chosen = [min(allocated, cap) for cap in caps]
     elif plan.rank is not None and plan.rank.fixed is not None:
@@ -65,11 +66,11 @@ def choose_ranks(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | Non
 
 
 def _check_saves(plan: LayerPlan, ranks: list[int]) -> None:
-    try:
-        check_fixed_rank(plan, max(ranks))
-    except SpecError as err:
-        rule = "energy" if plan.rank is not None and plan.rank.energy is not None else "maxError"
-        raise SpecError(f"{plan.field}.rank.{rule}", f"keeping that much needs {err.reason}") from None
+    params = params_for_ranks(plan, ranks)
+    if params >= plan.params - plan.bias_params:
+        assert plan.rank is not None
+        rule, value = ("energy", plan.rank.energy) if plan.rank.energy is not None else ("maxError", plan.rank.max_error)
+        raise SpecError(f"{plan.field}.rank.{rule}", f"{rule} {value} needs ranks {ranks}, which {saving_problem(plan, params)}")
 
 
 def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram: torch.Tensor | None) -> CompressedLayer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -53,6 +54,10 @@ class LayerPlan:
     @property
     def field(self) -> str:
         return f"spec.recipe.rules[{self.rule_index}]"
+
+    @property
+    def bias_params(self) -> int:
+        return self.params - math.prod(self.weight_shape)
 
     @property
     def tt_factors(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -126,25 +131,38 @@ def _layer_plan(name: str, module: nn.Module, index: int, rule, default_quantize
 
 
 def factorised_params(plan: LayerPlan, rank: int) -> int:
-    """Weight parameters after factorising at `rank` (bond dimension for tt, both channel ranks for tucker)."""
+    """Weight parameters after factorising at one rank (bond dimension for tt, both channel ranks for tucker)."""
+    if plan.method is Method.SVD or plan.method is Method.CP:
+        return params_for_ranks(plan, [rank])
+    caps = plan_rank_caps(plan)
+    return params_for_ranks(plan, [min(rank, cap) for cap in caps])
+
+
+def plan_rank_caps(plan: LayerPlan) -> list[int]:
+    if plan.method is Method.TT:
+        return max_ranks(*plan.tt_factors)
+    if plan.method is Method.TUCKER:
+        return list(plan.weight_shape[:2])
+    return [min(plan.weight_shape)]
+
+
+def params_for_ranks(plan: LayerPlan, ranks: list[int]) -> int:
+    """Weight parameters for concrete ranks: [r] (svd, cp), bond dimensions (tt), [r_out, r_in] (tucker)."""
     shape = plan.weight_shape
     if plan.method is Method.SVD:
-        return rank * (shape[0] + shape[1])
+        return ranks[0] * (shape[0] + shape[1])
     if plan.method is Method.TT:
-        out_f, in_f = plan.tt_factors
-        return mpo_params(out_f, in_f, tuple(min(rank, m) for m in max_ranks(out_f, in_f)))
+        return mpo_params(*plan.tt_factors, tuple(ranks))
     if plan.method is Method.TUCKER:
-        return tucker2_params(shape, (min(rank, shape[0]), min(rank, shape[1])))
+        return tucker2_params(shape, (ranks[0], ranks[1]))
     if plan.method is Method.CP:
-        return cp_params(shape, rank)
+        return cp_params(shape, ranks[0])
     raise AssertionError(plan.method)
 
 
 def largest_saving_rank(plan: LayerPlan) -> int:
     """The break-even rank: the largest one that still stores fewer numbers than the dense weight."""
-    dense = 1
-    for size in plan.weight_shape:
-        dense *= size
+    dense = math.prod(plan.weight_shape)
     if plan.method is Method.SVD:
         return break_even_rank(*plan.weight_shape)
     rank = 0
@@ -158,20 +176,17 @@ def check_fixed_rank(plan: LayerPlan, rank: int) -> None:
     shape = "x".join(map(str, plan.weight_shape))
     if plan.method is Method.SVD and rank > min(plan.weight_shape):
         raise SpecError(field, f"rank {rank} exceeds the largest possible rank {min(plan.weight_shape)} of {plan.name} ({shape})")
-    break_even = largest_saving_rank(plan)
-    if rank > break_even:
-        raise SpecError(
-            field,
-            f"rank {rank} does not reduce {plan.name} ({shape}): {plan.method.value} at that rank stores "
-            f"{factorised_params(plan, rank):,} numbers vs {plan.params - _bias(plan):,} dense; the break-even rank is {break_even}",
-        )
+    if rank > largest_saving_rank(plan):
+        raise SpecError(field, f"rank {rank} {saving_problem(plan, factorised_params(plan, rank))}")
 
 
-def _bias(plan: LayerPlan) -> int:
-    weight = 1
-    for size in plan.weight_shape:
-        weight *= size
-    return plan.params - weight
+def saving_problem(plan: LayerPlan, params: int) -> str:
+    """Why a factorisation is refused: it stores at least as many numbers as the dense weight."""
+    shape = "x".join(map(str, plan.weight_shape))
+    return (
+        f"does not reduce {plan.name} ({shape}): {plan.method.value} would store {params:,} numbers vs "
+        f"{plan.params - plan.bias_params:,} dense; the break-even rank is {largest_saving_rank(plan)}"
+    )
 
 
 def _resolve_ties(model: nn.Module, layers: list[LayerPlan]) -> list[LayerPlan]:

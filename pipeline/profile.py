@@ -8,8 +8,8 @@ from pipeline.budget import LayerProfile, RankOption
 from pipeline.decompose.conv import channel_spectra
 from pipeline.decompose.ranks import tail_fraction
 from pipeline.decompose.svd import whitened_spectrum
-from pipeline.decompose.tt import max_ranks, unfolding_spectra
-from pipeline.plan import LayerPlan, factorised_params, largest_saving_rank
+from pipeline.decompose.tt import unfolding_spectra
+from pipeline.plan import LayerPlan, factorised_params, largest_saving_rank, plan_rank_caps
 from pipeline.spec import Method
 
 
@@ -26,18 +26,9 @@ def layer_spectra(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | No
     raise ValueError(f"method {plan.method.value} has no spectrum")
 
 
-def rank_caps(plan: LayerPlan) -> list[int]:
-    """Per-spectrum maximum rank: tt bonds are capped by the unfolding sizes, tucker ranks by the channel counts."""
-    if plan.method is Method.TT:
-        return max_ranks(*plan.tt_factors)
-    if plan.method is Method.TUCKER:
-        return list(plan.weight_shape[:2])
-    return [min(plan.weight_shape)]
-
-
 def profile(plan: LayerPlan, spectra: list[torch.Tensor]) -> LayerProfile:
     tails = [tail_fraction(s) for s in spectra]
-    caps = rank_caps(plan)
+    caps = plan_rank_caps(plan)
     options = []
     for rank in range(1, largest_saving_rank(plan) + 1):
         error = sum(float(t[min(rank, cap, len(t) - 1)]) for t, cap in zip(tails, caps, strict=True))
