@@ -45,3 +45,15 @@ def mobilenet(krunch_cache):
 @pytest.fixture(scope="session")
 def easyocr(krunch_cache):
     return _zoo("easyocr-g2")
+
+
+@pytest.fixture(scope="session")
+def minilm_ffn_weight(minilm):
+    """A real 1536x384 feed-forward matrix (MiniLM layer 2 intermediate)."""
+    return minilm.module.encoder.layer[2].intermediate.dense.weight.detach().clone()
+
+
+@pytest.fixture(scope="session")
+def easyocr_conv_weight(easyocr):
+    """A real 3x3 convolution kernel (EasyOCR, 128 -> 256 channels)."""
+    return easyocr.module.FeatureExtraction.ConvNet[11].weight.detach().clone()

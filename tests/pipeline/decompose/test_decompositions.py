@@ -1,0 +1,101 @@
+"""Each method on real weight matrices: error falls as rank grows, full rank reconstructs exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.decompose.conv import channel_spectra, cp_conv, tucker2
+from pipeline.decompose.ranks import rank_for_error, tail_fraction
+from pipeline.decompose.svd import activation_aware_svd, break_even_rank, truncated_svd, whitened_spectrum
+from pipeline.decompose.tt import factorize, max_ranks, mpo_params, tt_svd, unfolding_spectra
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx - exact).norm() / exact.norm())
+
+
+def test_factorize_is_balanced_and_exact():
+    assert factorize(576, 3) == (8, 8, 9)
+    assert factorize(1536, 3) == (8, 12, 16)
+    assert factorize(97, 3) == (1, 1, 97)  # a prime cannot be split
+
+
+def test_rank_for_error_and_tail_fraction():
+    s = torch.tensor([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14
+    assert tail_fraction(s).tolist() == pytest.approx([1.0, 5 / 14, 1 / 14, 0.0])
+    assert rank_for_error(s, (1 / 14) ** 0.5) == 2
+    assert rank_for_error(s, 0.99) == 1
+    assert rank_for_error(s, 0.0) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("randomized", [False, True])
+def test_svd_error_falls_with_rank_and_full_rank_is_exact(minilm_ffn_weight, randomized):
+    w = minilm_ffn_weight
+    errors = [relative_error(truncated_svd(w, r, randomized=randomized).to_dense(), w) for r in (16, 64, 192)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    singular = torch.linalg.svdvals(w.double())
+    expected = float((singular[64:].pow(2).sum() / singular.pow(2).sum()).sqrt())
+    assert errors[1] == pytest.approx(expected, rel=0.02 if randomized else 1e-4)  # Eckart-Young
+    if not randomized:
+        assert relative_error(truncated_svd(w, min(w.shape)).to_dense(), w) < 1e-5
+
+
+@pytest.mark.slow
+def test_activation_aware_svd_lowers_output_error_on_real_activations(minilm, minilm_ffn_weight):
+    from pipeline.calibrate import collect_grams
+    from pipeline.spec import Calibration
+
+    name = "encoder.layer.2.intermediate.dense"
+    gram = collect_grams(minilm, [name], Calibration(tokens=2048))[name]
+    w, rank = minilm_ffn_weight, 64
+    whiten = torch.linalg.cholesky(gram + torch.eye(len(gram), dtype=gram.dtype) * 1e-6 * gram.diagonal().mean())
+
+    def output_error(approx: torch.Tensor) -> float:  # ||(W - W')X^T|| via the Gram factor
+        return float(((approx.double() - w.double()) @ whiten).norm() / (w.double() @ whiten).norm())
+
+    aware = activation_aware_svd(w, gram, rank).to_dense()
+    plain = truncated_svd(w, rank).to_dense()
+    assert output_error(aware) < 0.8 * output_error(plain)
+    tail = tail_fraction(whitened_spectrum(w, gram))[rank].sqrt()
+    assert output_error(aware) == pytest.approx(float(tail), rel=1e-3)
+    assert relative_error(activation_aware_svd(w, gram, min(w.shape)).to_dense(), w) < 1e-4
+
+
+@pytest.mark.slow
+def test_tt_error_falls_with_bond_and_full_bond_is_exact(minilm_ffn_weight):
+    w = minilm_ffn_weight
+    out_f, in_f = factorize(w.shape[0], 3), factorize(w.shape[1], 3)
+    errors = [relative_error(tt_svd(w, out_f, in_f, (r, r)).to_dense(), w) for r in (8, 24, 48)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    full = tt_svd(w, out_f, in_f, tuple(max_ranks(out_f, in_f)))
+    assert relative_error(full.to_dense(), w) < 1e-5
+    # TT-SVD's bound: the error is at most the root of the summed squared bond truncation errors.
+    ranks = (24, 24)
+    bound = sum(float(tail_fraction(s)[r]) for s, r in zip(unfolding_spectra(w, out_f, in_f), ranks, strict=True)) ** 0.5
+    assert errors[1] <= bound + 1e-6
+    assert mpo_params(out_f, in_f, tuple(max_ranks(out_f, in_f))) > w.numel()  # why the parameter guard exists
+
+
+@pytest.mark.slow
+def test_tucker_error_falls_with_rank_and_full_rank_is_exact(easyocr_conv_weight):
+    w = easyocr_conv_weight
+    errors = [relative_error(tucker2(w, (r, r)).to_dense(), w) for r in (16, 48, 96)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    assert relative_error(tucker2(w, tuple(w.shape[:2])).to_dense(), w) < 1e-5
+    out_spectrum, in_spectrum = channel_spectra(w)
+    hosvd_bound = (float(tail_fraction(out_spectrum)[48]) + float(tail_fraction(in_spectrum)[48])) ** 0.5
+    assert errors[1] <= hosvd_bound + 1e-6
+
+
+@pytest.mark.slow
+def test_cp_error_falls_with_rank(easyocr_conv_weight):
+    w = easyocr_conv_weight[:64, :64]  # CP-ALS is slow: a real 64x64x3x3 slice of the kernel
+    errors = [relative_error(cp_conv(w, r).to_dense(), w) for r in (8, 64, 256)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.2
+
+
+def test_break_even_rank():
+    assert break_even_rank(1536, 384) == 307  # 307 * 1920 = 589,440 < 589,824 <= 308 * 1920
