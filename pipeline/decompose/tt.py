@@ -61,9 +61,45 @@ def max_ranks(out_factors: tuple[int, ...], in_factors: tuple[int, ...]) -> list
     return [min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)]
 
 
-def mpo_params(out_factors: tuple[int, ...], in_factors: tuple[int, ...], ranks: tuple[int, ...]) -> int:
+def core_sizes(out_factors: tuple[int, ...], in_factors: tuple[int, ...], ranks: tuple[int, ...]) -> list[int]:
     bonds = (1, *ranks, 1)
-    return sum(bonds[k] * size * bonds[k + 1] for k, size in enumerate(mode_sizes(out_factors, in_factors)))
+    return [bonds[k] * size * bonds[k + 1] for k, size in enumerate(mode_sizes(out_factors, in_factors))]
+
+
+def merge_plan(out_factors: tuple[int, ...], in_factors: tuple[int, ...], ranks: tuple[int, ...]) -> list[int]:
+    """Indices k of the bonds to contract away: those where cores k and k+1 merged are no bigger than both.
+
+    A saturated bond (r_k equal to the size of everything on one side) carries no compression:
+    merging across it costs no storage and removes a contraction step that, with a large
+    middle core, costs many times the dense matmul.
+    """
+    sizes, bonds, modes, merged = core_sizes(out_factors, in_factors, ranks), [1, *ranks, 1], mode_sizes(out_factors, in_factors), []
+    k = 0
+    while k < len(modes) - 1:
+        together = bonds[k] * modes[k] * modes[k + 1] * bonds[k + 2]
+        if together <= sizes[k] + sizes[k + 1]:
+            merged.append(k)
+            modes[k : k + 2] = [modes[k] * modes[k + 1]]
+            sizes[k : k + 2] = [together]
+            del bonds[k + 1]
+        else:
+            k += 1
+    return merged
+
+
+def mpo_params(out_factors: tuple[int, ...], in_factors: tuple[int, ...], ranks: tuple[int, ...]) -> int:
+    """Stored numbers after saturated bonds are merged (see `merge_plan`)."""
+    out_f, in_f, bonds = merged_structure(out_factors, in_factors, ranks)
+    return sum(core_sizes(out_f, in_f, bonds))
+
+
+def merged_structure(out_factors: tuple[int, ...], in_factors: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    out_f, in_f, bonds = list(out_factors), list(in_factors), list(ranks)
+    for k in merge_plan(out_factors, in_factors, ranks):
+        out_f[k : k + 2] = [out_f[k] * out_f[k + 1]]
+        in_f[k : k + 2] = [in_f[k] * in_f[k + 1]]
+        del bonds[k]
+    return tuple(out_f), tuple(in_f), tuple(bonds)
 
 
 def to_tt_tensor(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple[int, ...]) -> torch.Tensor:
@@ -85,10 +121,17 @@ def tt_svd(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple
     tensor = to_tt_tensor(weight.detach().double(), out_factors, in_factors)
     decomposition = tensor_train(tensor, rank=[1, *ranks, 1])
     cores = [
-        core.reshape(core.shape[0], o, i, core.shape[-1]).to(weight.dtype).contiguous()
+        core.reshape(core.shape[0], o, i, core.shape[-1])
         for core, o, i in zip(decomposition.factors, out_factors, in_factors, strict=True)
     ]
-    return MPO(cores, tuple(out_factors), tuple(in_factors))
+    out_f, in_f = list(out_factors), list(in_factors)
+    for k in merge_plan(tuple(out_factors), tuple(in_factors), tuple(ranks)):
+        joined = torch.einsum("aoir,rpjs->aopijs", cores[k], cores[k + 1])
+        a, o, p, i, j, s = joined.shape
+        cores[k : k + 2] = [joined.reshape(a, o * p, i * j, s)]
+        out_f[k : k + 2] = [out_f[k] * out_f[k + 1]]
+        in_f[k : k + 2] = [in_f[k] * in_f[k + 1]]
+    return MPO([core.to(weight.dtype).contiguous() for core in cores], tuple(out_f), tuple(in_f))
 
 
 def mpo_to_dense(cores: list[torch.Tensor], out_factors: tuple[int, ...], in_factors: tuple[int, ...]) -> torch.Tensor:
