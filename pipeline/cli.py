@@ -121,8 +121,6 @@ def run_compress(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     out_dir = args.out or Path("results") / job.metadata.name
     report = run_compression(job, out_dir)
-    report_path = out_dir / "report.json"
-    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(format_summary(report))
     print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
     return 0

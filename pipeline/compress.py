@@ -8,6 +8,7 @@ per-layer stage onto Ray and add MLflow around the whole without touching the ma
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pipeline.profile import layer_spectra, profile
 from pipeline.sizes import count_params, weight_bytes
 from pipeline.spec import Calibration, CompressionJob, SpecError
 
+REPORT = "report.json"
 ProgressCallback = Callable[[int, int, str], None]  # (layers done, total, layer name)
 
 
@@ -136,7 +138,9 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     save_compressed(out_dir, compressed, source, job.spec.recipe.model_dump(by_alias=True, mode="json", exclude_none=True), tied)
     timings.record("save", start)
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
-    return build_report(job, task, original, compressed, plan, results, ranks, metrics_before, metrics_after, timings, out_dir)
+    report = build_report(job, task, original, compressed, plan, results, metrics_before, metrics_after, timings, out_dir)
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
 
 
 def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replacement: torch.nn.Module) -> torch.nn.Module:
@@ -150,7 +154,7 @@ def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replac
 
 
 def build_report(job: CompressionJob, task: Task, original: LoadedModel, compressed: LoadedModel, plan: Plan,
-                 results: list[LayerResult], ranks: dict[str, int], metrics_before: dict, metrics_after: dict,
+                 results: list[LayerResult], metrics_before: dict, metrics_after: dict,
                  timings: Timings, out_dir: Path) -> dict[str, Any]:  # fmt: skip
     allocated = {layer.name for layer in plan.allocated}
     rows = [r.row() for r in results]

@@ -42,11 +42,13 @@ def load_model(reference: str, factory: str | None = None) -> LoadedModel:
 
 def load_file_model(path: Path, reference: str, factory: str | None) -> LoadedModel:
     """Build the architecture with the user's factory, then load the weight file into it, strictly."""
+    state = read_state_dict(path)  # checks existence and safety before any user code runs
     if factory is None:
         raise ModelSourceError(
-            reference, "a weight file holds no architecture; name a factory that builds it (--factory module:callable)"
+            reference,
+            "a weight file holds no architecture; name a module:callable that builds it "
+            "(--factory on the command line, spec.model.factory in a job)",
         )
-    state = read_state_dict(path)  # checks existence and safety before any user code runs
     built = call_factory(factory)
     loaded = built if isinstance(built, LoadedModel) else LoadedModel(reference=reference, module=built)
     loaded.reference = reference

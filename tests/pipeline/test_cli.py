@@ -78,3 +78,44 @@ def test_eval_prints_a_table_and_writes_json(tmp_path):
     assert report["task"] == "image-agreement" and report["parameters"] == 3_504_872
     assert report["metrics"]["top1_agreement"] == 1.0
     assert report["metrics"]["images"] == 20 and report["metrics"]["threads"] == 1
+
+
+JOB = """apiVersion: krunch.dev/v1alpha1
+kind: CompressionJob
+metadata: {{name: bad}}
+spec:
+  model: {{source: {source}}}
+  recipe:
+    rules:
+      - {{match: "classifier.1", method: svd, rank: {{fixed: 64}}}}
+      - {rule}
+    quantize: {{bits: {bits}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "rule", "bits", "fragments"),
+    [
+        ("zoo:mobilenet-v2", '{match: "features.*", method: magic}', 8, ["spec.recipe.rules[1].method", "'svd'"]),
+        ("zoo:mobilenet-v2", '{match: "features.*", method: tucker, rank: {fixed: 4, energy: 0.9}}', 8,
+         ["spec.recipe.rules[1].rank", "exactly one of fixed, energy, maxError"]),
+        ("zoo:mobilenet-v2", '{match: "encoder.*", method: none}', 8, ["spec.recipe.rules[1].match", "selects no"]),
+        ("zoo:mobilenet-v2", '{match: "features.18.0", method: tucker, rank: {fixed: 999}}', 8,
+         ["spec.recipe.rules[1].rank.fixed", "break-even rank"]),
+        ("zoo:mobilenet-v2", '{match: "features.*", method: none}', 3, ["spec.recipe.quantize.bits", "4 or 8"]),
+        ("file:/nonexistent/net.safetensors", '{match: "features.*", method: none}', 8, ["spec.model.source", "file not found"]),
+    ],
+)  # fmt: skip
+def test_compress_rejects_bad_jobs_before_any_work(tmp_path, source, rule, bits, fragments):
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.format(source=source, rule=rule, bits=bits))
+    out = tmp_path / "out"
+    result = krunch("compress", str(job), "--out", str(out))
+    assert_one_line_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_compress_svd_rank_above_the_matrix(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.format(source="zoo:mobilenet-v2", rule='{match: "features.*", method: none}', bits=8).replace("fixed: 64", "fixed: 2000"))
+    assert_one_line_error(krunch("compress", str(job)), "spec.recipe.rules[0].rank.fixed", "exceeds the largest possible rank 1000")

@@ -36,7 +36,7 @@ def test_hf_directory_errors(tmp_path):
 def test_file_reference_needs_a_working_factory(tmp_path):
     weights = tmp_path / "w.safetensors"
     save_file({"weight": torch.ones(2, 2)}, weights)
-    with pytest.raises(ModelSourceError, match="--factory module:callable"):
+    with pytest.raises(ModelSourceError, match="name a module:callable that builds it"):
         load_model(f"file:{weights}")
     with pytest.raises(ModelSourceError, match="must be written module:callable"):
         load_model(f"file:{weights}", "torch.nn.Linear")
