@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.decompose.conv import cp_conv, tucker2
 from pipeline.decompose.ranks import error_budget, rank_for_error
 from pipeline.decompose.svd import activation_aware_svd, truncated_svd
-from pipeline.decompose.tt import tt_svd
+from pipeline.decompose.tt import mode_whitening, tt_svd
 from pipeline.layers.base import CompressedLayer
 from pipeline.layers.conv import CPConv2d, TuckerConv2d
 from pipeline.layers.linear import LowRankLinear, MPOLinear
@@ -79,7 +79,9 @@ def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram
         factors = activation_aware_svd(weight, gram, ranks[0]) if plan.activation_aware else truncated_svd(weight, ranks[0], seed=seed)
         return LowRankLinear.from_factors(module, factors, quantize)
     if plan.method is Method.TT:
-        return MPOLinear.from_factors(module, tt_svd(weight, *plan.tt_factors, tuple(ranks)), quantize)
+        out_f, in_f = plan.tt_factors
+        whitening = mode_whitening(gram, in_f) if plan.activation_aware else None
+        return MPOLinear.from_factors(module, tt_svd(weight, out_f, in_f, tuple(ranks), whitening), quantize)
     if plan.method is Method.TUCKER:
         return TuckerConv2d.from_factors(module, tucker2(weight, (ranks[0], ranks[1]), seed=seed), quantize)
     if plan.method is Method.CP:

@@ -8,7 +8,7 @@ from pipeline.budget import LayerProfile, RankOption
 from pipeline.decompose.conv import channel_spectra
 from pipeline.decompose.ranks import tail_fraction
 from pipeline.decompose.svd import whitened_spectrum
-from pipeline.decompose.tt import unfolding_spectra
+from pipeline.decompose.tt import mode_whitening, unfolding_spectra
 from pipeline.plan import LayerPlan, factorised_params, largest_saving_rank, plan_rank_caps
 from pipeline.spec import Method
 
@@ -20,7 +20,9 @@ def layer_spectra(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | No
             return [whitened_spectrum(weight, gram)]
         return [torch.linalg.svdvals(weight.detach().double())]
     if plan.method is Method.TT:
-        return unfolding_spectra(weight, *plan.tt_factors)
+        out_f, in_f = plan.tt_factors
+        whitening = mode_whitening(gram, in_f) if plan.activation_aware and gram is not None else None
+        return unfolding_spectra(weight, out_f, in_f, whitening)
     if plan.method is Method.TUCKER:
         return list(channel_spectra(weight))
     raise ValueError(f"method {plan.method.value} has no spectrum")

@@ -73,7 +73,7 @@ class Rule(_Model):
     match: str = Field(min_length=1, description="glob on module names, e.g. '*.mlp.*'; the first matching rule wins")
     method: Method
     rank: RankRule | None = Field(None, description="required for factorizing methods unless recipe.target is set")
-    activation_aware: bool = Field(False, description="svd: whiten with calibration activations before truncating (SVD-LLM)")
+    activation_aware: bool = Field(False, description="svd/tt: truncate for the calibration activations, not the weights (whitening)")
     quantize: QuantizeConfig | bool | None = Field(None, description="override recipe.quantize for this rule: a config, or false")
 
     @field_validator("quantize", mode="before")
@@ -87,8 +87,8 @@ class Rule(_Model):
     def _rank_fits_method(self) -> Rule:
         if self.method is Method.NONE and self.rank is not None:
             raise ValueError("method none keeps the layer dense; remove rank")
-        if self.activation_aware and self.method is not Method.SVD:
-            raise ValueError(f"activationAware is available for method svd, not {self.method.value}")
+        if self.activation_aware and self.method not in (Method.SVD, Method.TT):
+            raise ValueError(f"activationAware is available for methods svd and tt, not {self.method.value}")
         if self.method is Method.CP and self.rank is not None and self.rank.fixed is None:
             raise ValueError("cp has no spectrum to read a rank from: use rank.fixed or recipe.target")
         return self

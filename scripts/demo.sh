@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh checkout: install if needed, then run krunch.
-# With no arguments: the baseline evaluation of SmolLM2-135M (perplexity on
-# held-out Wikipedia), table on stdout, JSON in results/.  Any arguments are
+# With no arguments: compress SmolLM2-135M to int8 and evaluate it before and
+# after on held-out Wikipedia; results in results/smollm2-int8/.  Any arguments are
 # passed to the krunch CLI instead, e.g. scripts/demo.sh eval zoo:minilm-l6.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,6 +10,6 @@ cd "$root"
 krunch="${KRUNCH_VENV:-$root/.venv}/bin/krunch"
 if [[ $# -eq 0 ]]; then
   mkdir -p results
-  set -- eval zoo:smollm2-135m --task perplexity --json results/baseline-smollm2-135m.json
+  set -- compress examples/smollm2-int8.yaml --out results/smollm2-int8
 fi
 exec "$krunch" "$@"

@@ -99,7 +99,7 @@ def token_slice(tokenizer, data: str, split: Split, tokens: int) -> list[int]:
     text = split_text(data, split)
     chars = tokens * 6
     while True:
-        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
         # Drop the last few ids: a cut through a word may tokenize differently.
         if chars < len(text):
             ids = ids[:-8]

@@ -108,22 +108,68 @@ def to_tt_tensor(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors:
     return weight.reshape(*out_factors, *in_factors).permute(*interleave).reshape(mode_sizes(out_factors, in_factors))
 
 
-def unfolding_spectra(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple[int, ...]) -> list[torch.Tensor]:
-    """Singular values of each bond's unfolding of the full tensor."""
-    tensor = to_tt_tensor(weight.detach().double(), out_factors, in_factors)
+def unfolding_spectra(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple[int, ...],
+                      whitening: list[torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """Singular values of each bond's unfolding of the full (optionally whitened) tensor."""
+    matrix = weight.detach().double() if whitening is None else whiten_inputs(weight, whitening, in_factors)
+    tensor = to_tt_tensor(matrix, out_factors, in_factors)
     sizes = tensor.shape
     return [torch.linalg.svdvals(tensor.reshape(math.prod(sizes[: k + 1]), -1)) for k in range(len(sizes) - 1)]
 
 
-def tt_svd(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple[int, ...], ranks: tuple[int, ...]) -> MPO:
-    """TT-SVD (tensorly, PyTorch backend) with the given inner bond dimensions."""
+def kronecker_gram_factors(gram: torch.Tensor, in_factors: tuple[int, ...]) -> list[torch.Tensor]:
+    """Per-input-mode Gram matrices (partial traces of X^T X), so that G ~ G_1 (x) G_2 (x) ... (K-FAC style).
+
+    A whitening that is a Kronecker product acts on each core's input mode separately, so
+    the whitened problem is still a TT problem and un-whitening keeps the MPO structure.
+    """
+    d = len(in_factors)
+    letters = "abcdefgh"[:d]
+    tensor = gram.double().reshape(*in_factors, *in_factors)
+    factors = []
+    for k in range(d):
+        columns = "".join("z" if j == k else letters[j] for j in range(d))
+        factor = torch.einsum(f"{letters}{columns}->{letters[k]}z", tensor)
+        factors.append(factor / factor.diagonal().mean().clamp(min=1e-30))
+    return factors
+
+
+def mode_whitening(gram: torch.Tensor, in_factors: tuple[int, ...]) -> list[torch.Tensor]:
+    """Lower Cholesky factors of the per-mode Grams: the Kronecker whitening for activation-aware TT."""
+    from pipeline.decompose.svd import whitening_factor
+
+    return [whitening_factor(factor) for factor in kronecker_gram_factors(gram, in_factors)]
+
+
+def whiten_inputs(weight: torch.Tensor, transforms: list[torch.Tensor], in_factors: tuple[int, ...]) -> torch.Tensor:
+    """W (L_1 (x) L_2 (x) ...): each input mode multiplied by its own matrix."""
+    tensor = weight.detach().double().reshape(weight.shape[0], *in_factors)
+    for k, transform in enumerate(transforms):
+        tensor = torch.movedim(torch.tensordot(tensor, transform.double(), dims=([k + 1], [0])), -1, k + 1)
+    return tensor.reshape(weight.shape[0], -1)
+
+
+def tt_svd(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple[int, ...], ranks: tuple[int, ...],
+           whitening: list[torch.Tensor] | None = None) -> MPO:  # fmt: skip
+    """TT-SVD (tensorly, PyTorch backend) with the given inner bond dimensions.
+
+    With `whitening` (lower Cholesky factors L_k of the per-mode Grams), the whitened
+    weight W (L_1 (x) ...) is decomposed and each core's input mode multiplied by L_k^{-1}:
+    the truncation then minimises the error on the calibration activations, not on the weights.
+    """
     tl.set_backend("pytorch")
-    tensor = to_tt_tensor(weight.detach().double(), out_factors, in_factors)
+    matrix = weight.detach().double() if whitening is None else whiten_inputs(weight, whitening, in_factors)
+    tensor = to_tt_tensor(matrix, out_factors, in_factors)
     decomposition = tensor_train(tensor, rank=[1, *ranks, 1])
     cores = [
         core.reshape(core.shape[0], o, i, core.shape[-1])
         for core, o, i in zip(decomposition.factors, out_factors, in_factors, strict=True)
     ]
+    if whitening is not None:
+        cores = [
+            torch.einsum("roks,ki->rois", core, torch.linalg.inv(factor.double()))
+            for core, factor in zip(cores, whitening, strict=True)
+        ]
     out_f, in_f = list(out_factors), list(in_factors)
     for k in merge_plan(tuple(out_factors), tuple(in_factors), tuple(ranks)):
         joined = torch.einsum("aoir,rpjs->aopijs", cores[k], cores[k + 1])

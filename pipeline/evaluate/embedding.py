@@ -40,22 +40,27 @@ def upper_triangle(matrix: np.ndarray) -> np.ndarray:
     return matrix[np.triu_indices(matrix.shape[0], k=1)]
 
 
+def lee50_pearson(lee_embeddings: torch.Tensor) -> float:
+    """Pearson correlation of the 50 documents' pairwise cosines with the mean human judgements."""
+    cosine = (lee_embeddings @ lee_embeddings.T).numpy()
+    return round(float(pearsonr(upper_triangle(cosine), upper_triangle(lee_human_similarity()))[0]), 4)
+
+
 @evaluator(Task.EMBEDDING, ModelKind.SENTENCE_EMBEDDING, needs_reference=True)
 def embedding_quality(model: LoadedModel, options: EvalOptions, reference: LoadedModel | None) -> Metrics:
+    """Lee-50 always uses all 50 documents; `items` caps the word pairs and the fidelity probe sentences."""
     documents = lee_documents()
     lee, timing = encode(model, documents, options.batch_size)
-    cosine = (lee @ lee.T).numpy()
-    metrics: Metrics = {
-        "lee50_pearson": round(float(pearsonr(upper_triangle(cosine), upper_triangle(lee_human_similarity()))[0]), 4)
-    }
+    metrics: Metrics = {"lee50_pearson": lee50_pearson(lee)}
     for pairs in (wordsim353(), simlex999()):
-        first, _ = encode(model, pairs.first, 64)
-        second, _ = encode(model, pairs.second, 64)
+        count = options.items or len(pairs.scores)
+        first, _ = encode(model, pairs.first[:count], 64)
+        second, _ = encode(model, pairs.second[:count], 64)
         similarity = (first * second).sum(-1).numpy()
-        metrics[f"{pairs.name}_spearman"] = round(float(spearmanr(similarity, pairs.scores)[0]), 4)
+        metrics[f"{pairs.name}_spearman"] = round(float(spearmanr(similarity, pairs.scores[:count])[0]), 4)
 
     if reference is not None:
-        probe = documents + polarity_sentences()
+        probe = documents + polarity_sentences()[: options.items]
         mine = torch.cat([lee, encode(model, probe[len(documents) :], options.batch_size)[0]])
         theirs, _ = encode(reference, probe, options.batch_size)
         fidelity = (mine * theirs).sum(-1)

@@ -11,7 +11,8 @@ import torch
 from pipeline.artifact import load_compressed
 from pipeline.compress import run_compression
 from pipeline.evaluate import EvalOptions, Task, evaluate
-from pipeline.evaluate.embedding import encode
+from pipeline.data.similarity import lee_documents
+from pipeline.evaluate.embedding import encode, lee50_pearson
 from pipeline.spec import load_job, parse_job
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def check_report_shape(report: dict, out: Path) -> None:
 
 
 def test_minilm_tt_meets_the_parameter_target_and_reloads_identically(tmp_path):
-    report = run_compression(example("minilm-tt"), tmp_path)
+    report = run_compression(example("minilm-tt", evaluation__items=100), tmp_path)  # MPO inference is slow: fewer pairs
     check_report_shape(report, tmp_path)
     assert len(report["layers"]) == 12 and {row["method"] for row in report["layers"]} == {"tt"}
     assert report["target"]["achieved_ratio"] == pytest.approx(0.6, abs=0.006)
@@ -53,12 +54,8 @@ def test_minilm_tt_meets_the_parameter_target_and_reloads_identically(tmp_path):
 
     reloaded = load_compressed(tmp_path)
     assert type(reloaded.module.encoder.layer[0].intermediate.dense).__name__ == "MPOLinear"
-    texts = ["Tensor networks compress weight matrices.", "The bushfire reached Hill Top."]
-    again = load_compressed(tmp_path)
     with torch.inference_mode():
-        assert torch.equal(encode(reloaded, texts)[0], encode(again, texts)[0])
-    lee = evaluate(reloaded, Task.EMBEDDING)["lee50_pearson"]
-    assert lee == after["lee50_pearson"]
+        assert lee50_pearson(encode(reloaded, lee_documents())[0]) == after["lee50_pearson"]
 
 
 def test_smollm2_int8_keeps_perplexity_and_quarter_size(tmp_path):

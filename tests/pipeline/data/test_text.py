@@ -11,7 +11,7 @@ from pipeline.errors import DataError
 class CharacterTokenizer:
     """One id per character: enough to test slicing without a model."""
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = True) -> dict:
         return {"input_ids": [ord(c) for c in text]}
 
 
