@@ -18,7 +18,7 @@ from pipeline.decompose.conv import cp_conv, tucker2
 from pipeline.decompose.ranks import error_budget, rank_for_error
 from pipeline.decompose.svd import activation_aware_svd, truncated_svd
 from pipeline.decompose.tt import mode_whitening, tt_svd
-from pipeline.layers.base import CompressedLayer
+from pipeline.layers.base import CompressedLayer, QuantizedTensor
 from pipeline.layers.conv import CPConv2d, TuckerConv2d
 from pipeline.layers.linear import LowRankLinear, MPOLinear
 from pipeline.layers.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
@@ -107,8 +107,6 @@ def compress_layer(plan: LayerPlan, module: nn.Module, gram: torch.Tensor | None
         dense = replacement.to_dense() if isinstance(replacement, CompressedLayer) else module.weight
         rel_error = float((dense - module.weight).norm() / module.weight.norm().clamp(min=1e-30))
     rank: int | list[int] | None = ranks if ranks is None or len(ranks) > 1 else ranks[0]
-    if rank is not None and plan.method is Method.NONE:
-        rank = None
     return LayerResult(plan.name, plan.method.value, rank, plan.params, _logical_params(plan, replacement), rel_error,
                        time.perf_counter() - start, replacement)  # fmt: skip
 
@@ -121,5 +119,5 @@ def _logical_params(plan: LayerPlan, replacement: nn.Module) -> int:
     total = 0 if bias is None else bias.numel()
     for name in replacement.factor_names:
         factor = getattr(replacement, name)
-        total += math.prod(factor.shape) if hasattr(factor, "config") else factor.numel()
+        total += math.prod(factor.shape) if isinstance(factor, QuantizedTensor) else factor.numel()
     return total

@@ -95,7 +95,8 @@ def make_plan(model: nn.Module, recipe: Recipe) -> Plan:
         for name, module in fresh:
             claimed.add(name)
             layers.append(_layer_plan(name, module, index, rule, recipe.quantize))
-    layers.sort(key=lambda layer: [n for n, _ in candidates].index(layer.name))
+    order = {name: index for index, (name, _) in enumerate(candidates)}
+    layers.sort(key=lambda layer: order[layer.name])  # module order, whichever rule claimed them
     return Plan(_resolve_ties(model, layers))
 
 

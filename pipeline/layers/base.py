@@ -83,6 +83,13 @@ class CompressedLayer(nn.Module):
             with torch.no_grad():
                 target.copy_(value)
 
+    def finish_from(self, source: nn.Module) -> CompressedLayer:
+        """Copy the source's bias and move to its device: the last step of every `from_...` constructor."""
+        if getattr(source, "bias", None) is not None:
+            with torch.no_grad():
+                self.bias.copy_(source.bias)
+        return self.to(source.weight.device)
+
     def factor(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
         return value.dequantize() if isinstance(value, QuantizedTensor) else value

@@ -29,12 +29,6 @@ class _FactorisedConv(CompressedLayer):
                          "stride": list(stride), "padding": list(padding), "dilation": list(dilation), "bias": bias}  # fmt: skip
         self.bias = nn.Parameter(torch.zeros(out_channels), requires_grad=False) if bias else None
 
-    def _finish(self, source: nn.Conv2d) -> _FactorisedConv:
-        if source.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(source.bias)
-        return self.to(source.weight.device)
-
 
 class TuckerConv2d(_FactorisedConv):
     method = "tucker"
@@ -53,7 +47,7 @@ class TuckerConv2d(_FactorisedConv):
         layer = cls(list(tucker.ranks), quantize_config_json(quantize), **_geometry(source))
         for name in ("in_factor", "core", "out_factor"):
             layer.set_factor(name, getattr(tucker, name))
-        return layer._finish(source)
+        return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -85,7 +79,7 @@ class CPConv2d(_FactorisedConv):
         layer = cls(cp.rank, quantize_config_json(quantize), **_geometry(source))
         for name in ("in_factor", "height_factor", "width_factor", "out_factor"):
             layer.set_factor(name, getattr(cp, name))
-        return layer._finish(source)
+        return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, r = self.geometry, self.rank

@@ -15,12 +15,6 @@ from pipeline.layers.base import CompressedLayer, quantize_config_json
 from pipeline.spec import QuantizeConfig
 
 
-def _copy_bias(layer: CompressedLayer, source: nn.Module) -> None:
-    if source.bias is not None:
-        with torch.no_grad():
-            layer.bias.copy_(source.bias)
-
-
 class LowRankLinear(CompressedLayer):
     """y = left (right x) + b: W (out x in) as (out x r)(r x in)."""
 
@@ -38,8 +32,7 @@ class LowRankLinear(CompressedLayer):
         layer = cls(source.in_features, source.out_features, factors.rank, source.bias is not None, quantize_config_json(quantize))
         layer.set_factor("right", factors.right)
         layer.set_factor("left", factors.left)
-        _copy_bias(layer, source)
-        return layer.to(source.weight.device)
+        return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.factor("right")), self.factor("left"), self.bias)
@@ -73,8 +66,7 @@ class MPOLinear(CompressedLayer):
         layer = cls(list(mpo.out_factors), list(mpo.in_factors), list(mpo.ranks), source.bias is not None, quantize_config_json(quantize))
         for k, core in enumerate(mpo.cores):
             layer.set_factor(f"core{k}", core)
-        _copy_bias(layer, source)
-        return layer.to(source.weight.device)
+        return layer.finish_from(source)
 
     def cores(self) -> list[torch.Tensor]:
         return [self.factor(f"core{k}") for k in range(len(self.out_factors))]

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.layers.base import CompressedLayer, QuantizedTensor, quantize_config_json
+from pipeline.layers.base import CompressedLayer, quantize_config_json
+from pipeline.quantize import QuantizedData, dequantize
 from pipeline.spec import QuantizeConfig
 
 
@@ -26,16 +27,10 @@ class QuantizedLinear(CompressedLayer):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
-    def from_dense(cls, source: nn.Linear, quantize: QuantizeConfig, shared: QuantizedTensor | None = None) -> QuantizedLinear:
+    def from_dense(cls, source: nn.Linear, quantize: QuantizeConfig) -> QuantizedLinear:
         layer = cls(source.in_features, source.out_features, source.bias is not None, quantize_config_json(quantize))
-        if shared is not None:
-            layer.weight_q = shared  # a tied weight: the same quantized storage as the module it is tied to
-        else:
-            layer.set_factor("weight_q", source.weight)
-        if source.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(source.bias)
-        return layer.to(source.weight.device)
+        layer.set_factor("weight_q", source.weight)
+        return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.factor("weight_q"), self.bias)
@@ -66,10 +61,7 @@ class QuantizedConv2d(CompressedLayer):
         layer = cls(list(source.weight.shape), list(source.stride), list(source.padding), list(source.dilation),
                     source.groups, source.bias is not None, quantize_config_json(quantize))  # fmt: skip
         layer.set_factor("weight_q", source.weight)
-        if source.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(source.bias)
-        return layer.to(source.weight.device)
+        return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -96,7 +88,7 @@ class QuantizedEmbedding(CompressedLayer):
     def from_dense(cls, source: nn.Embedding, quantize: QuantizeConfig) -> QuantizedEmbedding:
         layer = cls(source.num_embeddings, source.embedding_dim, source.padding_idx, quantize_config_json(quantize))
         layer.set_factor("weight_q", source.weight)
-        return layer.to(source.weight.device)
+        return layer.finish_from(source)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q = self.weight_q
@@ -104,8 +96,6 @@ class QuantizedEmbedding(CompressedLayer):
         values = q.values[flat]
         scale = q.scale[flat]
         zero = q.zero_point[flat] if q.zero_point.numel() else q.zero_point
-        from pipeline.quantize import QuantizedData, dequantize
-
         rows = dequantize(QuantizedData(values, scale, zero, (len(flat), self.embedding_dim), q.config.bits, q.group_size), q.config.symmetric)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
