@@ -120,7 +120,7 @@ def run_compress(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     job = load_job(args.job)
     out_dir = args.out or Path("results") / job.metadata.name
-    report = run_compression(job, out_dir)
+    report = run_compression(job, out_dir).report
     print(format_summary(report))
     print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
     return 0

@@ -38,6 +38,12 @@ ProgressCallback = Callable[[int, int, str], None]  # (layers done, total, layer
 
 
 @dataclass
+class CompressionResult:
+    report: dict[str, Any]
+    model: LoadedModel  # the compressed model, as saved
+
+
+@dataclass
 class Timings:
     started: float = field(default_factory=time.perf_counter)
     stages: dict[str, float] = field(default_factory=dict)
@@ -106,7 +112,7 @@ def compress_layers(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tenso
     return results
 
 
-def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None) -> dict[str, Any]:
+def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None) -> CompressionResult:
     timings = Timings()
     start = timings.started
     original = load_source(job)
@@ -140,7 +146,7 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
     report = build_report(job, task, original, compressed, plan, results, metrics_before, metrics_after, timings, out_dir)
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    return CompressionResult(report, compressed)
 
 
 def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replacement: torch.nn.Module) -> torch.nn.Module:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.decompose.conv import CPConv, Tucker2
+from pipeline.decompose.conv import CPConv, Tucker2, cp_conv, tucker2
 from pipeline.layers.base import CompressedLayer, quantize_config_json
 from pipeline.spec import QuantizeConfig
 
@@ -49,6 +49,11 @@ class TuckerConv2d(_FactorisedConv):
             layer.set_factor(name, getattr(tucker, name))
         return layer.finish_from(source)
 
+    @classmethod
+    def from_dense(cls, source: nn.Conv2d, ranks: tuple[int, int], quantize: QuantizeConfig | None = None, seed: int = 0) -> TuckerConv2d:
+        """Tucker-2 of the source's kernel with (output, input) channel ranks."""
+        return cls.from_factors(source, tucker2(source.weight, ranks, seed=seed), quantize)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
         x = F.conv2d(x, self.factor("in_factor").T[:, :, None, None])
@@ -80,6 +85,11 @@ class CPConv2d(_FactorisedConv):
         for name in ("in_factor", "height_factor", "width_factor", "out_factor"):
             layer.set_factor(name, getattr(cp, name))
         return layer.finish_from(source)
+
+    @classmethod
+    def from_dense(cls, source: nn.Conv2d, rank: int, quantize: QuantizeConfig | None = None, seed: int = 0) -> CPConv2d:
+        """CP (ALS) of the source's kernel with `rank` components."""
+        return cls.from_factors(source, cp_conv(source.weight, rank, seed=seed), quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, r = self.geometry, self.rank

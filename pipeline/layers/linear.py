@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.decompose.svd import LowRank
-from pipeline.decompose.tt import MPO, mpo_to_dense
+from pipeline.decompose.svd import LowRank, truncated_svd
+from pipeline.decompose.tt import DEFAULT_CORES, MPO, factorize, mpo_to_dense, tt_svd
 from pipeline.layers.base import CompressedLayer, quantize_config_json
 from pipeline.spec import QuantizeConfig
 
@@ -33,6 +33,11 @@ class LowRankLinear(CompressedLayer):
         layer.set_factor("right", factors.right)
         layer.set_factor("left", factors.left)
         return layer.finish_from(source)
+
+    @classmethod
+    def from_dense(cls, source: nn.Linear, rank: int, quantize: QuantizeConfig | None = None, seed: int = 0) -> LowRankLinear:
+        """Truncated SVD of the source's weight at `rank`."""
+        return cls.from_factors(source, truncated_svd(source.weight, rank, seed=seed), quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.factor("right")), self.factor("left"), self.bias)
@@ -67,6 +72,13 @@ class MPOLinear(CompressedLayer):
         for k, core in enumerate(mpo.cores):
             layer.set_factor(f"core{k}", core)
         return layer.finish_from(source)
+
+    @classmethod
+    def from_dense(cls, source: nn.Linear, ranks: tuple[int, ...], quantize: QuantizeConfig | None = None,
+                   cores: int = DEFAULT_CORES) -> MPOLinear:  # fmt: skip
+        """TT-SVD of the source's weight with the given inner bond dimensions."""
+        out_f, in_f = factorize(source.out_features, cores), factorize(source.in_features, cores)
+        return cls.from_factors(source, tt_svd(source.weight, out_f, in_f, ranks), quantize)
 
     def cores(self) -> list[torch.Tensor]:
         return [self.factor(f"core{k}") for k in range(len(self.out_factors))]

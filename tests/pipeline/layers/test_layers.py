@@ -102,6 +102,14 @@ def test_build_layer_refuses_unknown_types():
         build_layer("os.system", {})
 
 
+def test_from_dense_constructors_decompose_the_source():
+    linear, conv = nn.Linear(96, 64), nn.Conv2d(16, 32, 3, padding=1)
+    assert LowRankLinear.from_dense(linear, 8).rank == 8
+    assert MPOLinear.from_dense(linear, (4, 4)).to_dense().shape == linear.weight.shape
+    assert TuckerConv2d.from_dense(conv, (8, 4)).ranks == (8, 4)
+    assert CPConv2d.from_dense(conv, 6).rank == 6
+
+
 def test_repr_says_what_was_done():
     source = nn.Linear(96, 64)
     layer = LowRankLinear.from_factors(source, truncated_svd(source.weight, 8), QuantizeConfig(bits=8))
