@@ -1,8 +1,8 @@
 """The compression job, stage by stage: load -> plan -> calibrate -> allocate -> decompose/quantize ->
 assemble -> evaluate before and after -> save, returning the report.
 
-Each stage is a function of plain inputs, so later issues can move the
-per-layer stage onto Ray and add MLflow around the whole without touching the maths.
+Each stage is a function of plain inputs; the per-layer stage runs through an
+executor (Ray by default, see pipeline.distributed), the rest in this process.
 """
 
 from __future__ import annotations
@@ -10,20 +10,19 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.artifact import WEIGHTS, save_compressed
 from pipeline.assemble import assemble
 from pipeline.budget import BudgetError, allocate
 from pipeline.calibrate import collect_grams
-from pipeline.compress_layer import LayerResult, compress_layer
+from pipeline.compress_layer import LayerResult
+from pipeline.distributed.executors import Executor, ProgressCallback, RayExecutor
 from pipeline.errors import KrunchError
 from pipeline.evaluate import EvalOptions, Task, default_task, evaluate
 from pipeline.io import load_model
@@ -34,7 +33,6 @@ from pipeline.sizes import count_params, weight_bytes
 from pipeline.spec import Calibration, CompressionJob, SpecError
 
 REPORT = "report.json"
-ProgressCallback = Callable[[int, int, str], None]  # (layers done, total, layer name)
 
 
 @dataclass
@@ -98,21 +96,10 @@ def _weight_numel(shape: tuple[int, ...]) -> int:
     return total
 
 
-def compress_layers(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
-                    progress: ProgressCallback | None = None) -> list[LayerResult]:  # fmt: skip
-    """The per-layer stage, in process (issue 4 runs the same function as Ray tasks)."""
-    work = [layer for layer in plan.layers if layer.tied_to is None]
-    results = []
-    bar: Iterable = tqdm(work, desc="compressing", unit="layer")
-    for done, layer in enumerate(bar, start=1):
-        source = model.module.get_submodule(layer.name)
-        results.append(compress_layer(layer, source, grams.get(layer.name), ranks.get(layer.name)))
-        if progress:
-            progress(done, len(work), layer.name)
-    return results
-
-
-def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None) -> CompressionResult:
+def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None,
+                    executor: Executor | None = None) -> CompressionResult:  # fmt: skip
+    """The whole job. Layer tasks run on Ray (`RAY_ADDRESS`, or a local instance) unless given another executor."""
+    executor = executor or RayExecutor.from_resources(job.spec.resources)
     timings = Timings()
     start = timings.started
     original = load_source(job)
@@ -124,7 +111,8 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     ranks = allocate_ranks(job, original, plan)
     start = timings.record("plan", start)
 
-    results = compress_layers(original, plan, grams, ranks, progress)
+    execution = executor.run(original, plan, grams, ranks, progress)
+    results = execution.results
     compressed = LoadedModel(f"krunch:{out_dir}", copy.deepcopy(original.module), original.kind, original.tokenizer,
                              original.preprocess, original.charset, dict(original.metadata))  # fmt: skip
     by_name = {r.name: r for r in results}
@@ -145,6 +133,7 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     timings.record("save", start)
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
     report = build_report(job, task, original, compressed, plan, results, metrics_before, metrics_after, timings, out_dir)
+    report["execution"] = execution.info
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return CompressionResult(report, compressed)
 

@@ -37,11 +37,14 @@ class LayerResult:
     params_after: int
     rel_error: float
     seconds: float
-    module: nn.Module
+    module: nn.Module | None  # None: the source module, unchanged
+    device: str = "cpu"
+    threads: int = 0  # torch threads the layer ran with
+    resources: dict | None = None  # what Ray assigned the attempt that succeeded (None in process)
 
     def row(self) -> dict:
         return {"name": self.name, "method": self.method, "rank": self.rank, "params_before": self.params_before,
-                "params_after": self.params_after, "rel_error": self.rel_error, "seconds": round(self.seconds, 4)}  # fmt: skip
+                "params_after": self.params_after, "rel_error": self.rel_error, "seconds": round(self.seconds, 4), "device": self.device, "threads": self.threads}  # fmt: skip
 
 
 def layer_seed(name: str) -> int:

@@ -13,6 +13,10 @@ class KrunchError(ValueError):
         self.reason = reason
         super().__init__(f"{subject}: {reason}")
 
+    def __reduce__(self) -> tuple:
+        """Pickle by (subject, reason), so the error crosses process boundaries (Ray tasks) intact."""
+        return (type(self), (self.subject, self.reason))
+
 
 class ModelSourceError(KrunchError):
     """A model reference that cannot be resolved or loaded."""

@@ -66,4 +66,5 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
         kind=kind,
         tokenizer=tokenizer,
         metadata={"architecture": ",".join(config.get("architectures") or [type(module).__name__])},
+        weight_files=tuple(sorted(directory.glob("*.safetensors"))),
     )

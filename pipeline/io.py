@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.errors import ModelSourceError
 from pipeline.hf import load_hf_directory
-from pipeline.weights import load_strict, read_state_dict
+from pipeline.weights import SAFETENSORS_SUFFIXES, load_strict, read_state_dict
 from pipeline.zoo import LoadedModel, load_zoo_model
 
 REFERENCE_FORMS = "zoo:NAME, hf:DIR, file:PATH (with a module:callable factory), krunch:DIR (a compressed model)"
@@ -53,6 +53,8 @@ def load_file_model(path: Path, reference: str, factory: str | None) -> LoadedMo
     loaded = built if isinstance(built, LoadedModel) else LoadedModel(reference=reference, module=built)
     loaded.reference = reference
     load_strict(loaded.module, state, reference)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        loaded.weight_files = (path,)
     loaded.module.eval()
     loaded.metadata.setdefault("factory", factory)
     return loaded

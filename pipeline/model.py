@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,9 @@ class LoadedModel:
     preprocess: Callable[[Any], torch.Tensor] | None = None
     charset: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # safetensors files the module's state dict was loaded from, key for key, unchanged: layer tasks
+    # on Ray read their own tensors from them instead of receiving copies from the driver
+    weight_files: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         self.module.eval()

@@ -156,7 +156,10 @@ class Evaluation(_Model):
 
 
 class Resources(_Model):
-    workers: int = Field(1, ge=1, description="concurrent layer tasks")
+    workers: int = Field(1, ge=1, description="layer tasks in flight at once (Ray also caps them by free CPUs)")
+    cpus_per_task: float = Field(
+        1, gt=0, description="CPUs per layer task; torch uses that many threads (the factors' last bits depend on it)"
+    )
     gpus_per_task: float = Field(0, ge=0, description="GPU fraction per layer task; 0 runs on CPU")
 
 

@@ -57,3 +57,25 @@ def minilm_ffn_weight(minilm):
 def easyocr_conv_weight(easyocr):
     """A real 3x3 convolution kernel (EasyOCR, 128 -> 256 channels)."""
     return easyocr.module.FeatureExtraction.ConvNet[11].weight.detach().clone()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real Ray cluster this test process is connected to: a fresh local head, or KRUNCH_TEST_RAY_ADDRESS."""
+    import ray
+
+    from tests.ray_cluster import local_ray_head
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the head and its clients must agree; tokens are per user home
+    configured = os.environ.get("KRUNCH_TEST_RAY_ADDRESS")
+    if configured:
+        ray.init(address=configured)
+        yield configured
+        ray.shutdown()
+        return
+    with local_ray_head(tmp_path_factory.mktemp("ray") / "t") as address:
+        ray.init(address=address)
+        try:
+            yield address
+        finally:
+            ray.shutdown()

@@ -1,0 +1,238 @@
+"""Run the per-layer stage: in this process, or as one Ray task per layer.
+
+Both executors run the same `run_layer_task` at the same torch thread count,
+so a job's factors are bit-identical whichever runs it and however many
+workers there are. Ray adds what a cluster needs: a concurrency cap
+(`resources.workers`), GPUs when asked for and present, retries of tasks whose
+worker died, retries with a doubled memory request after running out of
+memory, and an immediate failure naming the layer for deterministic errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from pipeline.compress_layer import LayerResult
+from pipeline.distributed.faults import FaultInjection
+from pipeline.distributed.session import RaySession, ray_session
+from pipeline.distributed.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task
+from pipeline.errors import KrunchError
+from pipeline.model import LoadedModel
+from pipeline.plan import Plan
+from pipeline.spec import Resources, SpecError
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, str], None]  # (layers done, total, layer name)
+MIN_TASK_MEMORY = 256 * 2**20
+TASK_MEMORY_PER_BYTE = 6  # working set of an SVD / TT-SVD in float64 relative to the fp32 weights
+
+
+class LayerFailedError(RuntimeError):
+    """A layer that could not be compressed; the message starts with the layer's name."""
+
+    def __init__(self, layer: str, reason: str) -> None:
+        self.layer = layer
+        super().__init__(f"layer {layer}: {reason}")
+
+
+@dataclass
+class Execution:
+    results: list[LayerResult]
+    info: dict[str, Any] = field(default_factory=dict)  # for the report: mode, workers, device, retries...
+
+
+class Executor(Protocol):
+    def run(self, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
+            progress: ProgressCallback | None = None) -> Execution: ...  # fmt: skip
+
+
+class LayerProgress:
+    """A per-layer bar (done / total, elapsed, ETA) plus the caller's callback, e.g. the operator's status."""
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total, self.done, self.callback = total, 0, callback
+        self.bar = tqdm(total=total, desc="compressing", unit="layer")
+
+    def finished(self, name: str) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(1)
+        if self.callback:
+            self.callback(self.done, self.total, name)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def layer_failure(layer: str, err: BaseException) -> Exception:
+    """Input errors keep their field path (and gain the layer); anything else becomes a LayerFailedError."""
+    if isinstance(err, SpecError):
+        return SpecError(err.subject, f"layer {layer}: {err.reason}")
+    if isinstance(err, KrunchError):
+        return type(err)(err.subject, f"layer {layer}: {err.reason}")
+    return LayerFailedError(layer, f"{type(err).__name__}: {err}")
+
+
+def fill_unchanged(model: LoadedModel, results: list[LayerResult]) -> list[LayerResult]:
+    for result in results:
+        if result.module is None:
+            result.module = model.module.get_submodule(result.name)
+    return results
+
+
+@dataclass
+class InProcessExecutor:
+    """Layers one after another in this process: the reference the Ray path must match bit for bit."""
+
+    threads: int = 1
+
+    def run(self, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
+            progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
+        tasks = in_process_tasks(model, plan, grams, ranks, self.threads)
+        bar, results = LayerProgress(len(tasks), progress), []
+        try:
+            for task in tasks:
+                try:
+                    results.append(run_layer_task(task))
+                except Exception as err:
+                    raise layer_failure(task.name, err) from err
+                bar.finished(task.name)
+        finally:
+            bar.close()
+        return Execution(fill_unchanged(model, results), {"mode": "inprocess", "threads": self.threads, "device": "cpu"})
+
+
+@dataclass
+class RayExecutor:
+    """One Ray task per layer, at most `workers` in flight."""
+
+    workers: int = 1
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
+    address: str | None = None
+    max_retries: int = 3  # a task whose worker process dies is rerun by Ray this many times
+    oom_retries: int = 2  # then by us, each time asking for twice the memory
+    fault: FaultInjection | None = None  # tests only
+
+    @classmethod
+    def from_resources(cls, resources: Resources, address: str | None = None) -> RayExecutor:
+        return cls(workers=resources.workers, cpus_per_task=resources.cpus_per_task, gpus_per_task=resources.gpus_per_task,
+                   address=address)  # fmt: skip
+
+    @property
+    def threads(self) -> int:
+        return max(1, math.floor(self.cpus_per_task))
+
+    def run(self, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
+            progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
+        with ray_session(self.address) as session:
+            gpus = self.usable_gpus(session)
+            tasks, travel = remote_tasks(model, plan, grams, ranks, self.threads)
+            schedule = _Schedule(self, session, gpus, LayerProgress(len(tasks), progress))
+            try:
+                results = schedule.run(tasks)
+            finally:
+                schedule.bar.close()
+        devices = sorted({r.device for r in results}) or ["cpu"]
+        info = {"mode": "ray", "address": session.address, "nodes": session.nodes, "workers": self.workers,
+                "cpus_per_task": self.cpus_per_task, "gpus_per_task": gpus, "threads_per_task": self.threads,
+                "device": ",".join(devices), "tensors_read_by_workers": travel["file"],
+                "tensors_via_object_store": travel["object_store"], "retries": schedule.retries}  # fmt: skip
+        return Execution(fill_unchanged(model, results), info)
+
+    def usable_gpus(self, session: RaySession) -> float:
+        if self.gpus_per_task <= 0:
+            return 0.0
+        if session.gpus == 0:
+            log.warning("resources.gpusPerTask is %s but the Ray cluster has no GPUs: running on CPU", self.gpus_per_task)
+            print("krunch: no GPUs in the Ray cluster: layer tasks run on CPU")
+            return 0.0
+        if self.gpus_per_task > session.largest_node_gpus:
+            raise SpecError("resources.gpusPerTask", f"{self.gpus_per_task} exceeds the {session.largest_node_gpus:g} GPUs "
+                            "of the largest node, so no task could ever be scheduled")  # fmt: skip
+        return self.gpus_per_task
+
+
+class _Schedule:
+    """The submit / wait / retry loop of one run; bounded by the task count and the retry limits."""
+
+    def __init__(self, executor: RayExecutor, session: RaySession, gpus: float, bar: LayerProgress) -> None:
+        import ray
+
+        self.ray, self.executor, self.session, self.gpus, self.bar = ray, executor, session, gpus, bar
+        self.remote = ray.remote(_ray_layer_task)
+        self.retries: dict[str, list[dict[str, Any]]] = {}
+
+    def memory_for(self, task: LayerTask) -> int:
+        wanted = max(MIN_TASK_MEMORY, TASK_MEMORY_PER_BYTE * (task.weight_bytes + task.gram_bytes))
+        return int(min(wanted, self.session.largest_node_memory or wanted))
+
+    def submit(self, task: LayerTask, memory: int) -> Any:
+        options = {"num_cpus": self.executor.cpus_per_task, "num_gpus": self.gpus, "memory": memory,
+                   "max_retries": self.executor.max_retries, "retry_exceptions": False, "name": f"compress:{task.name}"}  # fmt: skip
+        return self.remote.options(**options).remote(task, self.executor.fault)
+
+    def run(self, tasks: list[LayerTask]) -> list[LayerResult]:
+        from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
+
+        waiting = deque((task, self.memory_for(task), 0) for task in tasks)
+        in_flight: dict[Any, tuple[LayerTask, int, int]] = {}
+        results: dict[str, LayerResult] = {}
+        try:
+            while waiting or in_flight:
+                while waiting and len(in_flight) < self.executor.workers:
+                    task, memory, ooms = waiting.popleft()
+                    in_flight[self.submit(task, memory)] = (task, memory, ooms)
+                (ref,), _ = self.ray.wait(list(in_flight), num_returns=1)
+                task, memory, ooms = in_flight.pop(ref)
+                try:
+                    results[task.name] = self.ray.get(ref)
+                except (OutOfMemoryError, RayTaskError) as err:
+                    cause = err.cause if isinstance(err, RayTaskError) else err
+                    if not _is_out_of_memory(err, cause):
+                        raise layer_failure(task.name, cause) from None
+                    waiting.appendleft((task, self.more_memory(task, memory, ooms, err), ooms + 1))
+                    continue
+                except RayError as err:  # the worker died more often than max_retries allows
+                    raise LayerFailedError(task.name, f"{type(err).__name__} after {self.executor.max_retries} retries: "
+                                           f"{str(err).splitlines()[0] if str(err) else ''}") from None  # fmt: skip
+                self.bar.finished(task.name)
+        finally:
+            for ref in in_flight:
+                self.ray.cancel(ref, force=True)
+        return [results[task.name] for task in tasks]
+
+    def more_memory(self, task: LayerTask, memory: int, ooms: int, err: BaseException) -> int:
+        cap = int(self.session.largest_node_memory or memory * 2)
+        if ooms >= self.executor.oom_retries or memory >= cap:
+            raise LayerFailedError(task.name, f"out of memory with {memory / 2**30:.2f} GiB requested, "
+                                   f"{ooms} retries: {str(err).splitlines()[0]}")  # fmt: skip
+        bigger = min(memory * 2, cap)
+        self.retries.setdefault(task.name, []).append({"reason": "out_of_memory", "memory_before": memory, "memory_after": bigger})
+        log.warning("%s ran out of memory; retrying with %.2f GiB", task.name, bigger / 2**30)
+        return bigger
+
+
+def _is_out_of_memory(err: BaseException, cause: BaseException | None) -> bool:
+    from ray.exceptions import OutOfMemoryError
+
+    return isinstance(err, OutOfMemoryError) or isinstance(cause, (MemoryError, torch.OutOfMemoryError))
+
+
+def _ray_layer_task(task: LayerTask, fault: FaultInjection | None) -> LayerResult:
+    """Runs in a Ray worker: CUDA when Ray assigned this task a GPU, the assigned CPUs as torch threads."""
+    import ray
+
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    result = run_layer_task(task, device, fault)
+    result.resources = dict(ray.get_runtime_context().get_assigned_resources())
+    return result

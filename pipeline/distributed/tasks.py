@@ -1,0 +1,177 @@
+"""The unit of distributed work: one layer's compression, packaged so that a worker can run it alone.
+
+A `LayerTask` carries the layer's plan, a weightless copy of the source module
+(parameters on the `meta` device), where each of its tensors can be read, the
+calibration Gram matrix and the allocated rank. Tensors are read by the worker
+itself from the source safetensors file when the model came from one; only
+otherwise does the driver `ray.put` them, once. Either way the weights cross
+the driver at most once.
+
+`run_layer_task` is the same code in process and in a Ray worker, at the same
+torch thread count, so the factors are bit-identical wherever a layer runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pipeline.compress_layer import LayerResult, compress_layer
+from pipeline.distributed.faults import FaultInjection
+from pipeline.model import LoadedModel
+from pipeline.plan import LayerPlan, Plan
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """A tensor the worker reads straight from a safetensors file (one tensor, not the whole file)."""
+
+    path: str
+    key: str
+
+    def read(self) -> torch.Tensor:
+        with safe_open(self.path, framework="pt", device="cpu") as handle:
+            return handle.get_tensor(self.key)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor the driver put into Ray's object store once (sources that are not safetensors)."""
+
+    ref: Any  # ray.ObjectRef
+
+    def read(self) -> torch.Tensor:
+        import ray
+
+        return ray.get(self.ref)
+
+
+TensorSource = FileTensor | StoredTensor
+
+
+@dataclass
+class LayerTask:
+    plan: LayerPlan
+    module: nn.Module  # the real module in process; a meta-device shell when `tensors` says where its data is
+    gram: torch.Tensor | None
+    allocated: int | None
+    threads: int
+    tensors: dict[str, TensorSource] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(math.prod(p.shape) * p.element_size() for p in self.module.parameters())
+
+    @property
+    def gram_bytes(self) -> int:
+        return 0 if self.gram is None else self.gram.numel() * self.gram.element_size()
+
+
+def work_layers(plan: Plan) -> list[LayerPlan]:
+    """Layers that need work of their own: tied layers reuse their owner's result."""
+    return [layer for layer in plan.layers if layer.tied_to is None]
+
+
+def in_process_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
+                     threads: int) -> list[LayerTask]:  # fmt: skip
+    return [LayerTask(layer, model.module.get_submodule(layer.name), grams.get(layer.name), ranks.get(layer.name), threads)
+            for layer in work_layers(plan)]  # fmt: skip
+
+
+def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
+                 threads: int) -> tuple[list[LayerTask], dict[str, int]]:  # fmt: skip
+    """Tasks whose modules are weightless shells; returns them and how many tensors each way travels."""
+    import ray
+
+    index = SafetensorsIndex(model.weight_files)
+    tasks, counts = [], {"file": 0, "object_store": 0}
+    for layer in work_layers(plan):
+        module = model.module.get_submodule(layer.name)
+        tensors: dict[str, TensorSource] = {}
+        for param_name, param in module.named_parameters():
+            located = index.locate(f"{layer.name}.{param_name}", tuple(param.shape))
+            tensors[param_name] = located or StoredTensor(ray.put(param.detach()))
+            counts["file" if located else "object_store"] += 1
+        gram = grams.get(layer.name)
+        tasks.append(LayerTask(layer, weightless_copy(module), gram, ranks.get(layer.name), threads, tensors))
+    return tasks, counts
+
+
+class SafetensorsIndex:
+    """Which file holds which key, from the files' headers only (no tensor is read)."""
+
+    def __init__(self, files: tuple[Path, ...]) -> None:
+        self._where: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    self._where[key] = (str(path), tuple(handle.get_slice(key).get_shape()))
+
+    def locate(self, key: str, shape: tuple[int, ...]) -> FileTensor | None:
+        found = self._where.get(key)
+        if found is None or found[1] != shape:
+            return None
+        return FileTensor(found[0], key)
+
+
+def weightless_copy(module: nn.Module) -> nn.Module:
+    """The module's structure with every parameter on the meta device: a few hundred bytes to ship."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def materialise(task: LayerTask) -> nn.Module:
+    if not task.tensors:
+        return task.module
+    module = copy.deepcopy(task.module)  # a retried task must not see a half-filled shell
+    for param_name, source in task.tensors.items():
+        owner_name, _, leaf = param_name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        meta = getattr(owner, leaf)
+        tensor = source.read().to(meta.dtype)  # the cast load_state_dict would have made
+        setattr(owner, leaf, nn.Parameter(tensor, requires_grad=meta.requires_grad))
+    return module
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Pin torch's intra-op threads: results depend on the thread count in their last bits."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_layer_task(task: LayerTask, device: str = "cpu", fault: FaultInjection | None = None) -> LayerResult:
+    """Compress one layer, on CUDA when `device` says so; the result comes back on the CPU.
+
+    A layer left as it was (method none, no quantization) returns no module:
+    the caller already holds it, so it is not shipped back.
+    """
+    if fault is not None:
+        fault.maybe_fail(task.name)
+    with torch_threads(task.threads):
+        module, gram = materialise(task), task.gram
+        if device != "cpu":
+            module = copy.deepcopy(module).to(device)  # never move the caller's own module
+            gram = None if gram is None else gram.to(device)
+        result = compress_layer(task.plan, module, gram, task.allocated)
+        result.module = None if result.module is module else result.module.to("cpu")
+        result.threads = torch.get_num_threads()
+    result.device = device
+    return result

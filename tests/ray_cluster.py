@@ -1,0 +1,88 @@
+"""A real Ray cluster for tests: a head node on a loopback address, started with `ray start --block`.
+
+`ray start --node-ip-address=127.0.0.1` is rewritten to the machine's external
+interface, but 127.0.0.2 sticks. Every wait is bounded; teardown terminates the
+whole process group, so no Ray process outlives the session. Set
+KRUNCH_TEST_RAY_ADDRESS to run the same tests against an existing cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HEAD_IP = "127.0.0.2"
+START_TIMEOUT_S = 90
+STOP_TIMEOUT_S = 30
+
+
+def free_port(host: str = HEAD_IP) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+@contextmanager
+def local_ray_head(temp_dir: Path, cpus: int = 2, object_store_bytes: int = 2**30) -> Iterator[str]:
+    """Start a head node, yield its address, and stop it (and every process it started) afterwards."""
+    port = free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray_bin), "start", "--head", "--block", f"--node-ip-address={HEAD_IP}", f"--port={port}",
+        f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={object_store_bytes}",
+        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]  # fmt: skip
+    log = (temp_dir.parent / "ray-head.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _listening(HEAD_IP, port):
+            if process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {process.returncode}; see {log.name}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray head not listening on {HEAD_IP}:{port} after {START_TIMEOUT_S} s; see {log.name}")
+            time.sleep(0.5)
+        yield f"{HEAD_IP}:{port}"
+    finally:
+        _stop_group(process)
+        log.close()
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the head's process group (raylet, GCS, workers), then SIGKILL whatever is left."""
+    group = process.pid
+    for sig, grace_s in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(group):
+            process.poll()  # reap the ray start process itself
+            time.sleep(0.2)
+        if not _group_alive(group):
+            break
+    process.wait(timeout=10)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
