@@ -156,7 +156,9 @@ class Evaluation(_Model):
 
 
 class Resources(_Model):
-    workers: int = Field(1, ge=1, description="layer tasks in flight at once (Ray also caps them by free CPUs)")
+    workers: int | None = Field(
+        None, ge=1, description="layer tasks running at once; default: as many as the Ray cluster's CPUs (and GPUs) hold"
+    )
     cpus_per_task: float = Field(
         1, gt=0, description="CPUs per layer task; torch uses that many threads (the factors' last bits depend on it)"
     )

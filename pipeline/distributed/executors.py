@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int, str], None]  # (layers done, total, layer name)
 MIN_TASK_MEMORY = 256 * 2**20
 TASK_MEMORY_PER_BYTE = 6  # working set of an SVD / TT-SVD in float64 relative to the fp32 weights
+SUBMIT_AHEAD = 4  # tasks submitted per worker slot: enough to keep slots busy, few enough to bound Grams in flight
 
 
 class LayerFailedError(RuntimeError):
@@ -115,12 +116,13 @@ class InProcessExecutor:
 class RayExecutor:
     """One Ray task per layer, at most `workers` in flight."""
 
-    workers: int = 1
+    workers: int | None = None  # None: as many as the cluster's CPUs (and GPUs) allow
     cpus_per_task: float = 1.0
     gpus_per_task: float = 0.0
     address: str | None = None
     max_retries: int = 3  # a task whose worker process dies is rerun by Ray this many times
     oom_retries: int = 2  # then by us, each time asking for twice the memory
+    reserve_timeout_s: float = 60.0  # to reserve the workers' CPUs/GPUs before giving up with resources.workers
     fault: FaultInjection | None = None  # tests only
 
     @classmethod
@@ -136,18 +138,27 @@ class RayExecutor:
             progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
         with ray_session(self.address) as session:
             gpus = self.usable_gpus(session)
+            workers = self.worker_count(session, gpus)
             tasks, travel = remote_tasks(model, plan, grams, ranks, self.threads)
-            schedule = _Schedule(self, session, gpus, LayerProgress(len(tasks), progress))
+            schedule = _Schedule(self, session, workers, gpus, LayerProgress(len(tasks), progress))
             try:
                 results = schedule.run(tasks)
             finally:
                 schedule.bar.close()
         devices = sorted({r.device for r in results}) or ["cpu"]
-        info = {"mode": "ray", "address": session.address, "nodes": session.nodes, "workers": self.workers,
+        info = {"mode": "ray", "address": session.address, "nodes": session.nodes, "workers": workers,
                 "cpus_per_task": self.cpus_per_task, "gpus_per_task": gpus, "threads_per_task": self.threads,
                 "device": ",".join(devices), "tensors_read_by_workers": travel["file"],
                 "tensors_via_object_store": travel["object_store"], "retries": schedule.retries}  # fmt: skip
         return Execution(fill_unchanged(model, results), info)
+
+    def worker_count(self, session: RaySession, gpus: float) -> int:
+        if self.workers is not None:
+            return self.workers
+        fits = math.floor(session.cpus / self.cpus_per_task)
+        if gpus:
+            fits = min(fits, math.floor(session.gpus / gpus))
+        return max(1, fits)
 
     def usable_gpus(self, session: RaySession) -> float:
         if self.gpus_per_task <= 0:
@@ -163,44 +174,75 @@ class RayExecutor:
 
 
 class _Schedule:
-    """The submit / wait / retry loop of one run; bounded by the task count and the retry limits."""
+    """The submit / wait / retry loop of one run; bounded by the task count and the retry limits.
 
-    def __init__(self, executor: RayExecutor, session: RaySession, gpus: float, bar: LayerProgress) -> None:
+    Concurrency is capped by a placement group of `workers` bundles, not by the
+    driver: tasks queue inside Ray, which starts the next one the moment a bundle
+    frees, with no round trip through this loop. Submission runs a few tasks
+    ahead of the bundles so that calibration Grams enter the object store a
+    window at a time rather than all at once.
+    """
+
+    def __init__(self, executor: RayExecutor, session: RaySession, workers: int, gpus: float, bar: LayerProgress) -> None:
         import ray
 
-        self.ray, self.executor, self.session, self.gpus, self.bar = ray, executor, session, gpus, bar
+        self.ray, self.executor, self.session, self.bar = ray, executor, session, bar
+        self.workers, self.gpus = workers, gpus
         self.remote = ray.remote(_ray_layer_task)
         self.retries: dict[str, list[dict[str, Any]]] = {}
 
-    def memory_for(self, task: LayerTask) -> int:
-        wanted = max(MIN_TASK_MEMORY, TASK_MEMORY_PER_BYTE * (task.weight_bytes + task.gram_bytes))
+    def memory_for(self, tasks: list[LayerTask]) -> int:
+        """One request for every task: one scheduling class, so Ray reuses leased workers between tasks."""
+        wanted = max([MIN_TASK_MEMORY] + [TASK_MEMORY_PER_BYTE * (task.weight_bytes + task.gram_bytes) for task in tasks])
         return int(min(wanted, self.session.largest_node_memory or wanted))
 
-    def submit(self, task: LayerTask, memory: int) -> Any:
+    def bundle_memory(self, memory: int) -> int:
+        """Room in each worker's reservation for the out-of-memory retries' doubled requests, within the node."""
+        node = int(self.session.largest_node_memory / self.workers) if self.session.largest_node_memory else memory
+        return max(memory, min(memory * 2**self.executor.oom_retries, node))
+
+    def reserve(self, memory: int) -> Any:
+        from ray.util.placement_group import placement_group
+
+        bundle = {"CPU": self.executor.cpus_per_task, "memory": self.bundle_memory(memory)} | ({"GPU": self.gpus} if self.gpus else {})
+        group = placement_group([bundle] * self.workers, strategy="PACK", name="krunch-layer-workers")
+        ready, _ = self.ray.wait([group.ready()], timeout=self.executor.reserve_timeout_s)
+        if not ready:
+            self.ray.util.remove_placement_group(group)
+            raise SpecError("resources.workers", f"the Ray cluster cannot hold {self.workers} workers of {bundle} at once "
+                            f"(it has {self.session.cpus:g} CPUs, {self.session.gpus:g} GPUs); ask for fewer")  # fmt: skip
+        return group
+
+    def submit(self, task: LayerTask, memory: int, group: Any) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         options = {"num_cpus": self.executor.cpus_per_task, "num_gpus": self.gpus, "memory": memory,
-                   "max_retries": self.executor.max_retries, "retry_exceptions": False, "name": f"compress:{task.name}"}  # fmt: skip
+                   "max_retries": self.executor.max_retries, "retry_exceptions": False, "name": f"compress:{task.name}",
+                   "scheduling_strategy": PlacementGroupSchedulingStrategy(group)}  # fmt: skip
         return self.remote.options(**options).remote(task, self.executor.fault)
 
     def run(self, tasks: list[LayerTask]) -> list[LayerResult]:
         from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
 
-        waiting = deque((task, self.memory_for(task), 0) for task in tasks)
+        memory = self.memory_for(tasks)
+        group, group_memory = self.reserve(memory), self.bundle_memory(memory)
+        waiting = deque((task, memory, 0) for task in tasks)
         in_flight: dict[Any, tuple[LayerTask, int, int]] = {}
         results: dict[str, LayerResult] = {}
         try:
             while waiting or in_flight:
-                while waiting and len(in_flight) < self.executor.workers:
-                    task, memory, ooms = waiting.popleft()
-                    in_flight[self.submit(task, memory)] = (task, memory, ooms)
+                while waiting and len(in_flight) < self.workers * SUBMIT_AHEAD:
+                    task, task_memory, ooms = waiting.popleft()
+                    in_flight[self.submit(task, task_memory, group)] = (task, task_memory, ooms)
                 (ref,), _ = self.ray.wait(list(in_flight), num_returns=1)
-                task, memory, ooms = in_flight.pop(ref)
+                task, task_memory, ooms = in_flight.pop(ref)
                 try:
                     results[task.name] = self.ray.get(ref)
                 except (OutOfMemoryError, RayTaskError) as err:
                     cause = err.cause if isinstance(err, RayTaskError) else err
                     if not _is_out_of_memory(err, cause):
                         raise layer_failure(task.name, cause) from None
-                    waiting.appendleft((task, self.more_memory(task, memory, ooms, err), ooms + 1))
+                    waiting.appendleft((task, self.more_memory(task, task_memory, ooms, err, group_memory), ooms + 1))
                     continue
                 except RayError as err:  # the worker died more often than max_retries allows
                     raise LayerFailedError(task.name, f"{type(err).__name__} after {self.executor.max_retries} retries: "
@@ -209,10 +251,10 @@ class _Schedule:
         finally:
             for ref in in_flight:
                 self.ray.cancel(ref, force=True)
+            self.ray.util.remove_placement_group(group)
         return [results[task.name] for task in tasks]
 
-    def more_memory(self, task: LayerTask, memory: int, ooms: int, err: BaseException) -> int:
-        cap = int(self.session.largest_node_memory or memory * 2)
+    def more_memory(self, task: LayerTask, memory: int, ooms: int, err: BaseException, cap: int) -> int:
         if ooms >= self.executor.oom_retries or memory >= cap:
             raise LayerFailedError(task.name, f"out of memory with {memory / 2**30:.2f} GiB requested, "
                                    f"{ooms} retries: {str(err).splitlines()[0]}")  # fmt: skip

@@ -2,7 +2,7 @@
 
 `krunch compress` always runs its layer tasks on Ray. With no address it starts
 a local instance sized for the box (all CPUs, an object store that leaves room
-for the model and the evaluation) and shuts it down afterwards; a session that
+for the model and the evaluation), warms its workers, and shuts it down afterwards; a session that
 is already connected (a test fixture, a notebook) is reused and left running.
 """
 
@@ -55,10 +55,23 @@ def ray_session(address: str | None = None) -> Iterator[RaySession]:
             raise KrunchError("RAY_ADDRESS", f"cannot connect to the Ray cluster at {address!r}: {err}") from None
     else:
         ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=local_object_store_bytes(), include_dashboard=False, **quiet)
+        warm_workers(ray, os.cpu_count() or 1)
     try:
         yield describe(ray, address or "local", started_here=True)
     finally:
         ray.shutdown()
+
+
+def _import_layer_code() -> int:
+    import pipeline.distributed.tasks  # noqa: F401 - torch, tensorly and the decompositions
+
+    return os.getpid()
+
+
+def warm_workers(ray, count: int) -> None:  # noqa: ANN001 - the ray module
+    """Have each local worker import the layer code now (~3 s each, in parallel), not during the first layers."""
+    warm = ray.remote(num_cpus=1)(_import_layer_code)
+    ray.get([warm.remote() for _ in range(count)], timeout=120)
 
 
 def describe(ray, address: str, started_here: bool) -> RaySession:  # noqa: ANN001 - the ray module

@@ -15,9 +15,9 @@ from pipeline.data.similarity import lee_documents
 from pipeline.evaluate.embedding import encode
 from pipeline.spec import load_job, parse_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]  # layer tasks run on a real Ray cluster
 EXAMPLES = Path(__file__).parents[2] / "examples"
-REPORT_KEYS = {"params_before", "params_after", "bytes_before", "bytes_after", "metrics_before", "metrics_after", "timings", "layers"}
+REPORT_KEYS = {"execution", "params_before", "params_after", "bytes_before", "bytes_after", "metrics_before", "metrics_after", "timings", "layers"}
 LAYER_KEYS = {"name", "method", "rank", "params_before", "params_after", "rel_error", "seconds"}
 
 
@@ -40,6 +40,7 @@ def check_report_shape(report: dict, out: Path) -> None:
     assert {"plan_s", "decompose_s", "evaluate_s", "total_s"} <= report["timings"].keys()
     assert all(LAYER_KEYS <= row.keys() for row in report["layers"])
     assert json.loads((out / "report.json").read_text()) == report
+    assert report["execution"]["mode"] == "ray" and report["execution"]["retries"] == {}
 
 
 def test_minilm_tt_meets_the_parameter_target_and_reloads_identically(tmp_path):

@@ -90,6 +90,13 @@ def test_object_store_path_and_seeded_tucker_are_deterministic(easyocr):
     assert remote.info["tensors_via_object_store"] == 8 and remote.info["tensors_read_by_workers"] == 0  # a .pth source
 
 
+def test_workers_default_to_the_cluster_and_more_than_it_holds_is_refused(easyocr):
+    stage = stage_inputs(easyocr, EASYOCR_RECIPE)
+    assert RayExecutor().run(easyocr, *stage).info["workers"] == 2  # the fixture's head has 2 CPUs
+    with pytest.raises(SpecError, match=r"^resources\.workers: the Ray cluster cannot hold 3 workers"):
+        RayExecutor(workers=3, reserve_timeout_s=3).run(easyocr, *stage)
+
+
 def test_threads_follow_the_cpus_ray_assigns(minilm, minilm_stage):
     executor = RayExecutor(workers=1, cpus_per_task=2)
     execution = executor.run(minilm, *minilm_stage)

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Scaling of the decomposition stage: in process vs Ray at 1..N workers, on SmolLM2's 210 linears.
+
+One run, one machine, each row in a fresh process (a local Ray instance
+started per Ray row, its start-up time reported separately), the same fixed
+recipe for every row: truncated SVD at
+rank 128 plus int8 on every linear of the 30 decoder layers. Reports wall time,
+speedup over Ray at 1 worker, parallel efficiency, Ray's overhead at 1 worker
+over in-process, whether the factors are bit-identical to in-process, and the
+driver's peak RSS while decomposing next to the fp32 size of the source
+weights and the driver's fixed overhead (RSS before the model is loaded). The
+weights are paged in before the stage, as a real job's calibration would:
+the driver itself never reads them on the Ray path, so this is the worst case.
+
+    .venv/bin/python scripts/bench_scaling.py [--json results/bench_scaling.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.distributed.executors import Execution, InProcessExecutor, RayExecutor  # noqa: E402
+from pipeline.distributed.session import ray_session  # noqa: E402
+from pipeline.plan import make_plan  # noqa: E402
+from pipeline.spec import Recipe  # noqa: E402
+
+ROW_TIMEOUT_S = 900
+RECIPE = {"rules": [{"match": "model.layers.*", "method": "svd", "rank": {"fixed": 128}}], "quantize": {"bits": 8}}
+
+
+class PeakRss:
+    """Samples this process's RSS every few milliseconds while active: the driver's peak during a stage."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._process = psutil.Process()
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def digest(execution: Execution) -> str:
+    """A hash of every factor, bit for bit: rows run in separate processes compare through it."""
+    sha = hashlib.sha256()
+    for result in execution.results:
+        for key, value in sorted(result.module.state_dict().items()):
+            sha.update(key.encode())
+            sha.update(value.contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def measure_row(mode: str, workers: int) -> dict:
+    """One row, in a fresh process, so that no row's memory or warm caches leak into another's."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from pipeline.zoo import load_zoo_model
+
+    process = psutil.Process()
+    ray_start = time.perf_counter()
+    with ray_session() if mode == "ray" else nullcontext():
+        ray_start_s = time.perf_counter() - ray_start if mode == "ray" else 0.0
+        gc.collect()
+        baseline_rss = process.memory_info().rss  # interpreter, torch, transformers, the Ray driver
+        model = load_zoo_model("smollm2-135m")
+        resident = sum(float(p.detach().abs().sum()) for p in model.module.parameters())  # page the weights in,
+        assert resident > 0  # as calibration or the before-evaluation of a real job would (the worst case)
+        plan = make_plan(model.module, Recipe.model_validate(RECIPE))
+        executor = RayExecutor(workers=workers) if mode == "ray" else InProcessExecutor(threads=1)
+        gc.collect()
+        with PeakRss() as rss:
+            start = time.perf_counter()
+            execution = executor.run(model, plan, {}, {})
+            wall = time.perf_counter() - start
+    return {"mode": mode, "workers": workers, "wall_s": round(wall, 3), "task_s": round(sum(r.seconds for r in execution.results), 3),
+            "driver_peak_rss_bytes": rss.peak, "driver_baseline_rss_bytes": baseline_rss, "ray_start_s": round(ray_start_s, 2),
+            "layers": len(execution.results), "factors_sha256": digest(execution),
+            "source_weight_bytes": sum(p.numel() for p in model.module.parameters()) * 4}  # fmt: skip
+
+
+def run_row_in_subprocess(mode: str, workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "row.json"
+        command = [sys.executable, __file__, "--row", f"{mode}:{workers}", "--json", str(out)]
+        subprocess.run(command, check=True, timeout=ROW_TIMEOUT_S)
+        return json.loads(out.read_text())
+
+
+def combine(runs: list[dict]) -> dict:
+    """Repeats of one row: the fastest wall time (noise only ever adds), the worst memory."""
+    fastest = min(runs, key=lambda run: run["wall_s"])
+    return fastest | {"wall_s_all": [run["wall_s"] for run in runs], "factors_sha256": [run["factors_sha256"] for run in runs],
+                      "driver_peak_rss_bytes": max(run["driver_peak_rss_bytes"] for run in runs),
+                      "driver_baseline_rss_bytes": max(run["driver_baseline_rss_bytes"] for run in runs)}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the table as JSON here")
+    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1, help="largest Ray worker count (default: CPUs)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per row, interleaved; the fastest counts (default 2)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: MODE:WORKERS, one row in this process
+    args = parser.parse_args()
+    if args.row:
+        mode, workers = args.row.split(":")
+        args.json.write_text(json.dumps(measure_row(mode, int(workers))))
+        return 0
+
+    configs = [("inprocess", 1)] + [("ray", n) for n in range(1, args.max_workers + 1)]
+    runs = [run_row_in_subprocess(mode, workers) for _ in range(args.repeat) for mode, workers in configs]  # interleaved
+    rows = [combine([run for run in runs if (run["mode"], run["workers"]) == config]) for config in configs]
+    one_worker = next(row["wall_s"] for row in rows if row["mode"] == "ray" and row["workers"] == 1)
+    inprocess = rows[0]
+    source_weight_bytes = inprocess["source_weight_bytes"]
+    for row in rows:
+        row["speedup"] = round(one_worker / row["wall_s"], 3)
+        row["efficiency"] = round(row["speedup"] / row["workers"], 3)
+        row["vs_inprocess"] = round(row["wall_s"] / inprocess["wall_s"], 3)
+        row["peak_over_baseline_per_source_byte"] = round((row["driver_peak_rss_bytes"] - row["driver_baseline_rss_bytes"]) / source_weight_bytes, 3)
+        row["identical_to_inprocess"] = row["factors_sha256"] == [inprocess["factors_sha256"][0]] * len(row["factors_sha256"])
+
+    result = {"model": "zoo:smollm2-135m", "layers": inprocess["layers"], "recipe": RECIPE, "cpus": os.cpu_count(),
+              "source_weight_bytes": source_weight_bytes, "rows": rows}  # fmt: skip
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_table(result: dict) -> str:
+    header = f"{'mode':<10} {'workers':>7} {'wall s':>8} {'task s':>8} {'speedup':>8} {'effic.':>7} {'vs inproc':>9} {'peak RSS MiB':>12} {'(peak-base)/src':>15} {'identical':>9}"
+    lines = [header, "-" * len(header)]
+    for row in result["rows"]:
+        lines.append(f"{row['mode']:<10} {row['workers']:>7} {row['wall_s']:>8.2f} {row['task_s']:>8.2f} {row['speedup']:>8.2f} {row['efficiency']:>7.2f} "
+                     f"{row['vs_inprocess']:>9.2f} {row['driver_peak_rss_bytes'] / 2**20:>12.0f} "
+                     f"{row['peak_over_baseline_per_source_byte']:>15.2f} {str(row['identical_to_inprocess']):>9}")  # fmt: skip
+    ray_rows = [row for row in result["rows"] if row["mode"] == "ray"]
+    lines.append(f"each run in a fresh process, fastest of {len(result['rows'][0]['wall_s_all'])} per row; source weights {result['source_weight_bytes'] / 2**20:.0f} MiB fp32; "
+                 f"driver baseline RSS before loading the model (the fixed overhead) "
+                 f"{max(row['driver_baseline_rss_bytes'] for row in result['rows']) / 2**20:.0f} MiB at most; "
+                 f"Ray start-up {max(row['ray_start_s'] for row in ray_rows):.1f} s at most (not in wall s); "
+                 "task s: sum of the layers' own compute time")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
