@@ -62,7 +62,7 @@ def quantize(tensor: torch.Tensor, config: QuantizeConfig) -> QuantizedData:
         qmax = 2 ** (config.bits - 1) - 1
         scale = (grouped.abs().amax(-1) / qmax).clamp(min=1e-8).half()
         q = torch.round(grouped / scale.float()[..., None]).clamp(-qmax, qmax)
-        zero_point = torch.empty(0, dtype=torch.uint8)
+        zero_point = torch.empty(0, dtype=torch.uint8, device=tensor.device)
         stored = q + 2 ** (config.bits - 1) if config.bits == 4 else q  # int4 kept as 1..15 for packing
     else:
         qmax = 2**config.bits - 1

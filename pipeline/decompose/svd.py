@@ -69,7 +69,7 @@ def whitening_factor(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
     """Lower Cholesky factor of the (damped) Gram matrix; damping grows until it is positive definite."""
     gram = gram.double()
     scale = gram.diagonal().mean().clamp(min=1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for attempt in range(8):
         factor, info = torch.linalg.cholesky_ex(gram + eye * scale * damping * 10**attempt)
         if int(info) == 0:

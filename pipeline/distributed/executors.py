@@ -114,7 +114,7 @@ class InProcessExecutor:
 
 @dataclass
 class RayExecutor:
-    """One Ray task per layer, at most `workers` in flight."""
+    """One Ray task per layer, at most `workers` running at once."""
 
     workers: int | None = None  # None: as many as the cluster's CPUs (and GPUs) allow
     cpus_per_task: float = 1.0
@@ -164,8 +164,7 @@ class RayExecutor:
         if self.gpus_per_task <= 0:
             return 0.0
         if session.gpus == 0:
-            log.warning("resources.gpusPerTask is %s but the Ray cluster has no GPUs: running on CPU", self.gpus_per_task)
-            print("krunch: no GPUs in the Ray cluster: layer tasks run on CPU")
+            print(f"krunch: resources.gpusPerTask is {self.gpus_per_task:g} but the Ray cluster has no GPUs: layer tasks run on CPU")
             return 0.0
         if self.gpus_per_task > session.largest_node_gpus:
             raise SpecError("resources.gpusPerTask", f"{self.gpus_per_task} exceeds the {session.largest_node_gpus:g} GPUs "

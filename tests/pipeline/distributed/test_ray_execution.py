@@ -147,4 +147,4 @@ def test_gpus_requested_on_a_cpu_only_cluster_run_on_cpu_and_say_so(easyocr, cap
     stage = stage_inputs(easyocr, EASYOCR_RECIPE)
     execution = RayExecutor(workers=2, gpus_per_task=0.5).run(easyocr, *stage)
     assert execution.info["gpus_per_task"] == 0 and execution.info["device"] == "cpu"
-    assert "no GPUs in the Ray cluster" in capsys.readouterr().out
+    assert "but the Ray cluster has no GPUs: layer tasks run on CPU" in capsys.readouterr().out
