@@ -12,7 +12,13 @@ weights and the driver's fixed overhead (RSS before the model is loaded). The
 weights are paged in before the stage, as a real job's calibration would:
 the driver itself never reads them on the Ray path, so this is the worst case.
 
+With `--gpus-per-task G` (on a machine with GPUs) it adds Ray rows whose tasks
+each ask for G GPUs and decompose in CUDA; GPU factors are not bit-identical to
+CPU ones (different kernels), so every row also reports how far its per-layer
+relative reconstruction errors are from in-process ones.
+
     .venv/bin/python scripts/bench_scaling.py [--json results/bench_scaling.json]
+    python scripts/bench_scaling.py --workers 1,4,16 --gpus-per-task 0.25 --gpu-workers 4 --repeat 1
 """
 
 from __future__ import annotations
@@ -79,15 +85,17 @@ def digest(execution: Execution) -> str:
     return sha.hexdigest()
 
 
-def measure_row(mode: str, workers: int) -> dict:
+def measure_row(mode: str, workers: int, gpus_per_task: float) -> dict:
     """One row, in a fresh process, so that no row's memory or warm caches leak into another's."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from pipeline.zoo import load_zoo_model
 
     process = psutil.Process()
     ray_start = time.perf_counter()
-    with ray_session() if mode == "ray" else nullcontext():
-        ray_start_s = time.perf_counter() - ray_start if mode == "ray" else 0.0
+    with ray_session() if mode.startswith("ray") else nullcontext():
+        ray_start_s = time.perf_counter() - ray_start if mode.startswith("ray") else 0.0
+        import transformers.models.llama.modeling_llama  # noqa: F401  the model's code is fixed overhead, its weights are not
+
         gc.collect()
         baseline_rss = process.memory_info().rss  # interpreter, torch, transformers, the Ray driver
         model = load_zoo_model("smollm2-135m")
@@ -96,7 +104,7 @@ def measure_row(mode: str, workers: int) -> dict:
         gc.collect()
         ready_rss = process.memory_info().rss
         plan = make_plan(model.module, Recipe.model_validate(RECIPE))
-        executor = RayExecutor(workers=workers) if mode == "ray" else InProcessExecutor(threads=1)
+        executor = RayExecutor(workers=workers, gpus_per_task=gpus_per_task if mode == "ray-gpu" else 0) if mode.startswith("ray") else InProcessExecutor(threads=1)
         gc.collect()
         with PeakRss() as rss:
             start = time.perf_counter()
@@ -104,14 +112,15 @@ def measure_row(mode: str, workers: int) -> dict:
             wall = time.perf_counter() - start
     return {"mode": mode, "workers": workers, "wall_s": round(wall, 3), "task_s": round(sum(r.seconds for r in execution.results), 3),
             "driver_peak_rss_bytes": rss.peak, "driver_baseline_rss_bytes": baseline_rss, "driver_ready_rss_bytes": ready_rss, "ray_start_s": round(ray_start_s, 2),
-            "layers": len(execution.results), "factors_sha256": digest(execution),
+            "layers": len(execution.results), "factors_sha256": digest(execution), "device": execution.info["device"],
+            "rel_errors": [result.rel_error for result in execution.results],
             "source_weight_bytes": sum(p.numel() for p in model.module.parameters()) * 4}  # fmt: skip
 
 
-def run_row_in_subprocess(mode: str, workers: int) -> dict:
+def run_row_in_subprocess(mode: str, workers: int, gpus_per_task: float) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "row.json"
-        command = [sys.executable, __file__, "--row", f"{mode}:{workers}", "--json", str(out)]
+        command = [sys.executable, __file__, "--row", f"{mode}:{workers}:{gpus_per_task}", "--json", str(out)]
         subprocess.run(command, check=True, timeout=ROW_TIMEOUT_S)
         return json.loads(out.read_text())
 
@@ -128,17 +137,23 @@ def combine(runs: list[dict]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
-    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1, help="largest Ray worker count (default: CPUs)")
+    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1, help="Ray worker counts 1..N (default: CPUs)")
+    parser.add_argument("--workers", help="Ray worker counts to run instead, comma-separated (1 is always added)")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, help="add Ray rows whose tasks ask for this many GPUs")
+    parser.add_argument("--gpu-workers", default="1", help="worker counts for the GPU rows, comma-separated (default 1)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per row, interleaved; the fastest counts (default 2)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: MODE:WORKERS, one row in this process
     args = parser.parse_args()
     if args.row:
-        mode, workers = args.row.split(":")
-        args.json.write_text(json.dumps(measure_row(mode, int(workers))))
+        mode, workers, gpus = args.row.split(":")
+        args.json.write_text(json.dumps(measure_row(mode, int(workers), float(gpus))))
         return 0
 
-    configs = [("inprocess", 1)] + [("ray", n) for n in range(1, args.max_workers + 1)]
-    runs = [run_row_in_subprocess(mode, workers) for _ in range(args.repeat) for mode, workers in configs]  # interleaved
+    counts = sorted({1, *map(int, args.workers.split(","))}) if args.workers else range(1, args.max_workers + 1)
+    configs = [("inprocess", 1)] + [("ray", n) for n in counts]
+    if args.gpus_per_task > 0:
+        configs += [("ray-gpu", int(n)) for n in args.gpu_workers.split(",")]
+    runs = [run_row_in_subprocess(mode, workers, args.gpus_per_task) for _ in range(args.repeat) for mode, workers in configs]  # interleaved
     rows = [combine([run for run in runs if (run["mode"], run["workers"]) == config]) for config in configs]
     one_worker = next(row["wall_s"] for row in rows if row["mode"] == "ray" and row["workers"] == 1)
     inprocess = rows[0]
@@ -150,9 +165,10 @@ def main() -> int:
         row["peak_over_baseline_per_source_byte"] = round((row["driver_peak_rss_bytes"] - row["driver_baseline_rss_bytes"]) / source_weight_bytes, 3)
         row["stage_added_per_source_byte"] = round((row["driver_peak_rss_bytes"] - row["driver_ready_rss_bytes"]) / source_weight_bytes, 3)
         row["identical_to_inprocess"] = row["factors_sha256"] == [inprocess["factors_sha256"][0]] * len(row["factors_sha256"])
+        row["max_rel_error_diff_vs_inprocess"] = max(abs(a - b) for a, b in zip(row["rel_errors"], inprocess["rel_errors"], strict=True))
 
     result = {"model": "zoo:smollm2-135m", "layers": inprocess["layers"], "recipe": RECIPE, "cpus": os.cpu_count(),
-              "source_weight_bytes": source_weight_bytes, "rows": rows}  # fmt: skip
+              "gpus_per_task": args.gpus_per_task, "source_weight_bytes": source_weight_bytes, "rows": rows}  # fmt: skip
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -162,20 +178,21 @@ def main() -> int:
 
 
 def format_table(result: dict) -> str:
-    header = f"{'mode':<10} {'workers':>7} {'wall s':>8} {'task s':>8} {'speedup':>8} {'effic.':>7} {'vs inproc':>9} {'peak RSS MiB':>12} {'(peak-base)/src':>15} {'stage/src':>9} {'identical':>9}"
+    header = f"{'mode':<10} {'workers':>7} {'device':>6} {'wall s':>8} {'task s':>8} {'speedup':>8} {'effic.':>7} {'vs inproc':>9} {'peak RSS MiB':>12} {'(peak-base)/src':>15} {'stage/src':>9} {'identical':>9} {'|d rel err|':>11}"
     lines = [header, "-" * len(header)]
     for row in result["rows"]:
-        lines.append(f"{row['mode']:<10} {row['workers']:>7} {row['wall_s']:>8.2f} {row['task_s']:>8.2f} {row['speedup']:>8.2f} {row['efficiency']:>7.2f} "
+        lines.append(f"{row['mode']:<10} {row['workers']:>7} {row['device']:>6} {row['wall_s']:>8.2f} {row['task_s']:>8.2f} {row['speedup']:>8.2f} {row['efficiency']:>7.2f} "
                      f"{row['vs_inprocess']:>9.2f} {row['driver_peak_rss_bytes'] / 2**20:>12.0f} "
                      f"{row['peak_over_baseline_per_source_byte']:>15.2f} {row['stage_added_per_source_byte']:>9.2f} "
-                     f"{str(row['identical_to_inprocess']):>9}")  # fmt: skip
-    ray_rows = [row for row in result["rows"] if row["mode"] == "ray"]
+                     f"{str(row['identical_to_inprocess']):>9} {row['max_rel_error_diff_vs_inprocess']:>11.1e}")  # fmt: skip
+    ray_rows = [row for row in result["rows"] if row["mode"].startswith("ray")]
     lines.append(f"each run in a fresh process, fastest of {len(result['rows'][0]['wall_s_all'])} per row; source weights {result['source_weight_bytes'] / 2**20:.0f} MiB fp32; "
                  f"driver baseline RSS before loading the model (the fixed overhead) "
                  f"{max(row['driver_baseline_rss_bytes'] for row in result['rows']) / 2**20:.0f} MiB at most; "
                  f"Ray start-up {max(row['ray_start_s'] for row in ray_rows):.1f} s at most (not in wall s); "
                  "task s: sum of the layers' own compute time; stage/src: what the decomposition stage adds to the "
-                 "driver's RSS once the model is loaded and resident, per source byte")  # fmt: skip
+                 "driver's RSS once the model is loaded and resident, per source byte; |d rel err|: largest difference of a layer's "
+                 "relative reconstruction error from in-process")  # fmt: skip
     return "\n".join(lines)
 
 
