@@ -49,7 +49,7 @@ def _svd(matrix: torch.Tensor, rank: int, randomized: bool | None, seed: int) ->
     if randomized is None:
         randomized = use_randomized(tuple(matrix.shape), rank)
     if randomized:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[matrix.device] if matrix.is_cuda else []):  # leave every global RNG as found
             torch.manual_seed(seed)
             u, s, v = torch.svd_lowrank(matrix, q=min(rank + OVERSAMPLES, min(matrix.shape)), niter=POWER_ITERATIONS)
         return u[:, :rank], s[:rank], v[:, :rank].T

