@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     evaluate = commands.add_parser("eval", help="evaluate a model on real data and print its metrics")
-    evaluate.add_argument("model", help="zoo:NAME, hf:DIR or file:PATH (with --factory)")
+    evaluate.add_argument("model", help="zoo:NAME, hf:DIR, file:PATH (with --factory), krunch:DIR or models:/NAME@ALIAS")
     evaluate.add_argument("--task", help="perplexity, embedding, ocr or image-agreement (default: the model's own)")
     evaluate.add_argument("--data", help="text for perplexity: 'wikipedia' (default) or a path to a UTF-8 text file")
     evaluate.add_argument("--tokens", type=int, default=4096, help="perplexity tokens from the evaluation split (default 4096)")
@@ -43,12 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("job", type=Path, help="CompressionJob YAML (the same file kubectl applies)")
     compress.add_argument("--out", type=Path, help="output directory (default: results/<metadata.name>)")
     compress.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    compress.add_argument("--no-track", action="store_true", help="skip MLflow: no run, no registered version")
     compress.set_defaults(handler=run_compress)
+
+    models = commands.add_parser("models", help="registered models in MLflow (MLFLOW_TRACKING_URI, or ./mlflow.db)")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = models_commands.add_parser("list", help="the versions of a registered model: aliases, ratio, quality, source")
+    listing.add_argument("name", help="registered model name (spec.registry.name)")
+    listing.add_argument("--json", type=Path, metavar="OUT", help="also write the rows as JSON to OUT")
+    listing.set_defaults(handler=run_models_list)
 
     zoo = commands.add_parser("zoo", help="list the packaged pretrained models")
     zoo.set_defaults(handler=run_zoo)
 
-    for sub in (evaluate, compress, zoo):
+    for sub in (evaluate, compress, zoo, listing):
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -120,9 +128,42 @@ def run_compress(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     job = load_job(args.job)
     out_dir = args.out or Path("results") / job.metadata.name
-    report = run_compression(job, out_dir).report
-    print(format_summary(report))
+    checked = None
+    if not args.no_track:
+        from pipeline.tracking import preflight
+
+        checked = preflight(job)  # the server answers and the job is new, before any work
+        if checked.existing_version:
+            print(f"{job.metadata.name}: already registered as {job.spec.registry.name} version {checked.existing_version} "
+                  f"(job {checked.identity}); nothing to do. Change the job to make a new version.")  # fmt: skip
+            return 0
+    result = run_compression(job, out_dir)
+    print(format_summary(result.report))
     print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
+    if checked is not None:
+        from pipeline.tracking import track
+
+        tracked = track(job, result, out_dir, checked)
+        print(f"MLflow run {tracked.run_id} at {checked.tracking_uri}")
+        if tracked.version:
+            at = f"@{tracked.alias}" if tracked.alias else f"/{tracked.version}"
+            print(f"registered {job.spec.registry.name} version {tracked.version}; load with "
+                  f"mlflow.pytorch.load_model('models:/{job.spec.registry.name}{at}')")  # fmt: skip
+    return 0
+
+
+def run_models_list(args: argparse.Namespace) -> int:
+    from pipeline.tracking import list_versions
+
+    rows = list_versions(args.name)
+    columns = ("version", "aliases", "ratio", "metric", "before", "after", "delta", "source", "methods")
+    widths = {c: max([len(c)] + [len(str(row[c])) for row in rows]) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -3,7 +3,8 @@
 References: `zoo:NAME` (packaged pretrained models), `hf:DIR` (a local Hugging
 Face directory with safetensors), `file:PATH` plus a `module:callable` factory
 that builds the architecture (weights from .safetensors, or .pt/.pth read with
-`weights_only=True`). Nothing is ever unpickled beyond plain tensors.
+`weights_only=True`), `krunch:DIR` and `models:/...` (compressed models, from
+safetensors and a manifest). Nothing is ever unpickled beyond plain tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pipeline.hf import load_hf_directory
 from pipeline.weights import SAFETENSORS_SUFFIXES, load_strict, read_state_dict
 from pipeline.zoo import LoadedModel, load_zoo_model
 
-REFERENCE_FORMS = "zoo:NAME, hf:DIR, file:PATH (with a module:callable factory), krunch:DIR (a compressed model)"
+REFERENCE_FORMS = ("zoo:NAME, hf:DIR, file:PATH (with a module:callable factory), krunch:DIR (a compressed model), "
+                   "models:/NAME/VERSION or models:/NAME@ALIAS (a version krunch registered in MLflow)")
 
 
 def load_model(reference: str, factory: str | None = None) -> LoadedModel:
@@ -35,8 +37,10 @@ def load_model(reference: str, factory: str | None = None) -> LoadedModel:
         from pipeline.artifact import load_compressed
 
         return load_compressed(Path(rest).expanduser(), reference)
-    if scheme in ("models", "runs"):
-        raise ModelSourceError(reference, "MLflow registry sources are not available in this version of krunch")
+    if scheme == "models":
+        from pipeline.registry_source import load_registered
+
+        return load_registered(reference)
     raise ModelSourceError(reference, f"unknown reference scheme {scheme!r}; use {REFERENCE_FORMS}")
 
 

@@ -9,6 +9,7 @@ field path as a user sees it, e.g. `spec.recipe.rules[2].rank`.
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,9 +166,32 @@ class Resources(_Model):
     gpus_per_task: float = Field(0, ge=0, description="GPU fraction per layer task; 0 runs on CPU")
 
 
+REGISTRY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+
 class Registry(_Model):
-    name: str = Field(min_length=1, description="registered model name in MLflow")
-    alias: str | None = Field(None, description="alias set on the new version, e.g. candidate")
+    """Where the compressed model is registered. Names are checked here, before any work, with rules
+    a little stricter than MLflow's own (no '/', ':', spaces or path tricks; aliases not 'latest' or vN)."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=REGISTRY_NAME_PATTERN,
+                      description="registered model name in MLflow: letters, digits, '.', '_', '-'")  # fmt: skip
+    alias: str | None = Field(None, max_length=255, pattern=ALIAS_PATTERN,
+                              description="alias set on the new version, e.g. candidate (not 'latest', not v<N>)")  # fmt: skip
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_path(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError(f"{value!r} contains '..'; registered model names must not look like paths")
+        return value
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, value: str | None) -> str | None:
+        if value is not None and (value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value)):
+            raise ValueError(f"{value!r} is reserved by MLflow ('latest' and v<N> name versions, not aliases)")
+        return value
 
 
 class JobSpec(_Model):

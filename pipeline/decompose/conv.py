@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import parafac, partial_tucker
+
+from pipeline.decompose import tensorly_pytorch
 
 TUCKER_ITERATIONS = 20
 CP_ITERATIONS = 100
@@ -65,15 +65,16 @@ def channel_spectra(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tucker2(weight: torch.Tensor, ranks: tuple[int, int], seed: int = 0) -> Tucker2:
-    tl.set_backend("pytorch")
-    (core, (out_factor, in_factor)), _ = partial_tucker(
+    tl = tensorly_pytorch()
+    (core, (out_factor, in_factor)), _ = tl.decomposition.partial_tucker(
         weight.detach().double(), rank=list(ranks), modes=[0, 1], n_iter_max=TUCKER_ITERATIONS, init="svd", random_state=seed
     )
     return Tucker2(*(t.to(weight.dtype).contiguous() for t in (core, out_factor, in_factor)))
 
 
 def cp_conv(weight: torch.Tensor, rank: int, seed: int = 0) -> CPConv:
-    tl.set_backend("pytorch")
-    cp = parafac(weight.detach().double(), rank=rank, n_iter_max=CP_ITERATIONS, init="random", random_state=seed, tol=1e-7)
+    tl = tensorly_pytorch()
+    cp = tl.decomposition.parafac(weight.detach().double(), rank=rank, n_iter_max=CP_ITERATIONS, init="random", random_state=seed, tol=1e-7)
     out_factor, in_factor, height, width = cp.factors
     return CPConv(*(t.to(weight.dtype).contiguous() for t in (out_factor * cp.weights, in_factor, height, width)))
+

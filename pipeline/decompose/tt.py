@@ -13,9 +13,9 @@ import itertools
 import math
 from dataclasses import dataclass
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import tensor_train
+
+from pipeline.decompose import tensorly_pytorch
 
 DEFAULT_CORES = 3
 
@@ -157,10 +157,10 @@ def tt_svd(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple
     weight W (L_1 (x) ...) is decomposed and each core's input mode multiplied by L_k^{-1}:
     the truncation then minimises the error on the calibration activations, not on the weights.
     """
-    tl.set_backend("pytorch")
+    tl = tensorly_pytorch()
     matrix = weight.detach().double() if whitening is None else whiten_inputs(weight, whitening, in_factors)
     tensor = to_tt_tensor(matrix, out_factors, in_factors)
-    decomposition = tensor_train(tensor, rank=[1, *ranks, 1])
+    decomposition = tl.decomposition.tensor_train(tensor, rank=[1, *ranks, 1])
     cores = [
         core.reshape(core.shape[0], o, i, core.shape[-1])
         for core, o, i in zip(decomposition.factors, out_factors, in_factors, strict=True)
@@ -189,3 +189,4 @@ def mpo_to_dense(cores: list[torch.Tensor], out_factors: tuple[int, ...], in_fac
         result = result.reshape(a, o * p, i * j, s)
     # Each step merged (o, p) and (i, j) row-major, so rows index (o1 o2 ..) and columns (i1 i2 ..).
     return result.reshape(math.prod(out_factors), math.prod(in_factors))
+

@@ -1,0 +1,37 @@
+"""`models:/NAME/VERSION` and `models:/NAME@ALIAS` as a source: a registered krunch version, reloaded
+from the safetensors + manifest it carries, never by unpickling its MLflow pickle."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pipeline.artifact import MANIFEST, load_compressed
+from pipeline.errors import ModelSourceError
+from pipeline.model import LoadedModel
+
+KRUNCH_FILES = "extra_files"  # where mlflow.pytorch.log_model puts the extra files inside the model
+
+
+def load_registered(reference: str) -> LoadedModel:
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import configure, parse_models_uri, registry_version, wait_reachable
+
+    parse_models_uri(reference)  # the shape first: a clear error without touching the server
+    uri = configure()
+    wait_reachable(uri)
+    with tempfile.TemporaryDirectory(prefix="krunch-registered-") as scratch:
+        try:
+            version = registry_version(reference)
+            local = Path(download_artifacts(artifact_uri=reference, dst_path=scratch))
+        except MlflowException as err:
+            raise ModelSourceError(reference, " ".join(str(err.message).split())[:300]) from None
+        files = local / KRUNCH_FILES
+        if not (files / MANIFEST).is_file():
+            raise ModelSourceError(reference, f"this registered version carries no krunch {MANIFEST}; krunch loads registered "
+                                   "models only from their safetensors and manifest, never by unpickling")  # fmt: skip
+        loaded = load_compressed(files, reference)
+    loaded.metadata["registry_version"] = str(version)
+    return loaded

@@ -1,0 +1,309 @@
+"""MLflow, the system of record: one run per compression, one registered version per job.
+
+The only module that talks to MLflow's tracking API. `preflight` runs before
+any compression (the server answers, the job has not been registered already);
+`track` logs the run and registers the version after evaluation. Registration
+creates the version and all its lineage tags in one call, then sets the alias;
+if the alias cannot be set the version is deleted again, so a failure never
+leaves a half-registered version behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from pipeline.artifact import MANIFEST, WEIGHTS
+from pipeline.compress import REPORT, CompressionResult
+from pipeline.errors import KrunchError
+from pipeline.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
+from pipeline.portable import pip_requirements, runtime_code
+from pipeline.spec import CompressionJob
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded default: a file in the working directory
+EXPERIMENT = "krunch"
+MODEL_NAME = "model"  # the logged model's name inside the run
+# MLflow's HTTP client retries 7 times with a backoff factor of 2 (minutes against a dead server);
+# krunch bounds it unless the user chose otherwise.
+BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}  # fmt: skip
+PREFLIGHT_TRIES = 3
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+class TrackingError(KrunchError):
+    """The tracking server or registry cannot do what the job needs."""
+
+
+@dataclass(frozen=True)
+class Preflight:
+    tracking_uri: str
+    identity: str
+    existing_version: str | None  # this job's version, when an earlier attempt registered it
+    source_version: str | None  # the registry version of the source model, when it came from the registry
+
+
+@dataclass(frozen=True)
+class Tracked:
+    run_id: str
+    experiment_id: str
+    version: str | None
+    alias: str | None
+
+
+def configure() -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI, or at the embedded sqlite default; bound its HTTP retries."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for name, value in BOUNDED_HTTP.items():
+        os.environ.setdefault(name, value)
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def use_experiment(uri: str) -> None:
+    """MLFLOW_EXPERIMENT_NAME or 'krunch'; created with its artifacts next to a sqlite store's file
+    (MLflow would put them under the working directory, wherever that happens to be)."""
+    import mlflow
+
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+    if _client().get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+        _client().create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def wait_reachable(uri: str, tries: int = PREFLIGHT_TRIES, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """An HTTP tracking server must answer /health within `tries` attempts (1 s, 2 s apart)."""
+    import requests
+
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    started, reason = time.monotonic(), ""
+    for attempt in range(tries):
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+            if response.ok:
+                return
+            reason = f"HTTP {response.status_code} from /health"
+        except requests.RequestException as err:
+            reason = type(err).__name__ + (": connection refused" if "refused" in str(err).lower() else "")
+        if attempt + 1 < tries:
+            time.sleep(2**attempt)
+    raise TrackingError(f"MLFLOW_TRACKING_URI={uri}", f"the tracking server did not answer after {tries} tries "
+                        f"in {time.monotonic() - started:.0f} s ({reason}); start it or unset the variable to use {DEFAULT_TRACKING_URI}")  # fmt: skip
+
+
+def find_version(name: str, identity: str) -> str | None:
+    """The version of `name` that job `identity` registered, if any (the tag is set with the version)."""
+    versions = _client().search_model_versions(f"name='{name}' and tags.`{TAG_PREFIX}job_id` = '{identity}'")
+    return str(min(int(v.version) for v in versions)) if versions else None
+
+
+def registry_version(reference: str) -> str | None:
+    """models:/NAME/VERSION or models:/NAME@ALIAS -> the version number; None for other sources."""
+    if not reference.startswith("models:/"):
+        return None
+    name, version, alias = parse_models_uri(reference)
+    if version:
+        return version
+    return str(_client().get_model_version_by_alias(name, alias).version)
+
+
+def parse_models_uri(reference: str) -> tuple[str, str | None, str | None]:
+    """('NAME', VERSION, None) or ('NAME', None, ALIAS)."""
+    body = reference.removeprefix("models:/")
+    if "@" in body:
+        name, _, alias = body.partition("@")
+        return name, None, alias
+    name, _, version = body.rpartition("/")
+    if not name or not version.isdigit():
+        raise TrackingError(reference, "expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    return name, version, None
+
+
+def preflight(job: CompressionJob) -> Preflight:
+    """Everything about MLflow that can fail before compression starts, checked before it starts."""
+    from mlflow.exceptions import MlflowException
+
+    uri = configure()
+    wait_reachable(uri)
+    identity = job_identity(job)
+    try:
+        existing = find_version(job.spec.registry.name, identity) if job.spec.registry else None
+        source_version = registry_version(job.spec.model.source)
+    except MlflowException as err:
+        raise TrackingError(f"MLFLOW_TRACKING_URI={uri}", _mlflow_reason(err)) from None
+    return Preflight(uri, identity, existing, source_version)
+
+
+def _mlflow_reason(err: Exception) -> str:
+    return " ".join(str(getattr(err, "message", err)).split())[:300]
+
+
+def run_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Before/after numbers of the report as flat MLflow metrics."""
+    metrics: dict[str, float] = {
+        "params_before": report["params_before"], "params_after": report["params_after"],
+        "bytes_before": report["bytes_before"], "bytes_after": report["bytes_after"],
+        "file_bytes_after": report["file_bytes_after"], "compression_ratio": report["compression_ratio"],
+        "selected_params_before": report["selected_params_before"], "selected_params_after": report["selected_params_after"],
+    }  # fmt: skip
+    for stage in ("before", "after"):
+        for key, value in report[f"metrics_{stage}"].items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[f"{stage}.{key}"] = value
+    metrics |= {f"time.{key.removesuffix('_s')}_s": value for key, value in report["timings"].items()}
+    if "target" in report:
+        metrics["target.achieved_ratio"] = report["target"]["achieved_ratio"]
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def layers_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["name"])
+    writer.writeheader()
+    writer.writerows({**row, "rank": row["rank"] if not isinstance(row["rank"], list) else "x".join(map(str, row["rank"]))} for row in rows)
+    return out.getvalue()
+
+
+def _model_files(out_dir: Path, result: CompressionResult, scratch: Path) -> list[str]:
+    """The krunch reload files (manifest + safetensors: no pickle) and, for text models, the tokenizer."""
+    files = [str(out_dir / MANIFEST), str(out_dir / WEIGHTS)]
+    tokenizer = result.model.tokenizer
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        saved = tokenizer.save_pretrained(str(scratch / "tokenizer"))
+        files += [path for path in map(str, saved) if Path(path).is_file()]
+    return files
+
+
+def track(job: CompressionJob, result: CompressionResult, out_dir: Path, checked: Preflight) -> Tracked:
+    """Log the run (params, metrics, tables, plots, the model) and register the version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.plots import layer_figure
+
+    report = result.report
+    try:
+        use_experiment(checked.tracking_uri)
+        run_tags = {f"{TAG_PREFIX}job_id": checked.identity, f"{TAG_PREFIX}job_name": job.metadata.name,
+                    f"{TAG_PREFIX}source": job.spec.model.source}  # fmt: skip
+        with mlflow.start_run(run_name=job.metadata.name, tags=run_tags) as run, tempfile.TemporaryDirectory() as scratch:
+            spec = job.spec.model_dump(by_alias=True, mode="json", exclude_none=True)
+            params = flatten({"source": spec["model"], "recipe": spec["recipe"], "evaluation": spec["evaluation"]})
+            params = {key: value[:6000] for key, value in params.items()}
+            mlflow.log_params(params)
+            mlflow.log_metrics(run_metrics(report))
+            document = job.model_dump(by_alias=True, mode="json", exclude_none=True)
+            mlflow.log_text(yaml.safe_dump(document, sort_keys=False), "job.yaml")
+            mlflow.log_dict(report, REPORT)
+            mlflow.log_dict(report["layers"], "layers.json")
+            mlflow.log_text(layers_csv(report["layers"]), "layers.csv")
+            if report["layers"]:
+                mlflow.log_figure(layer_figure(report["layers"], f"{job.metadata.name}: per-layer rank, size and error"),
+                                  "plots/layers.png")  # fmt: skip
+            model_info = mlflow.pytorch.log_model(
+                result.model.module, name=MODEL_NAME, serialization_format="pickle",
+                code_paths=[str(runtime_code(Path(scratch) / "code"))],
+                pip_requirements=pip_requirements(result.model.module),
+                extra_files=_model_files(out_dir, result, Path(scratch)),
+                metadata={"krunch_format": "krunch-compressed/1", "krunch_job_id": checked.identity},
+            )  # fmt: skip
+            version = None
+            if job.spec.registry:
+                version = register(job, model_info.model_uri, version_tags(job, report, checked.source_version))
+                mlflow.set_tag(f"{TAG_PREFIX}model_version", version)
+                _log_quality_size(job, report, version)
+            return Tracked(run.info.run_id, run.info.experiment_id, version, job.spec.registry.alias if job.spec.registry else None)
+    except MlflowException as err:
+        raise TrackingError(f"MLFLOW_TRACKING_URI={checked.tracking_uri}", _mlflow_reason(err)) from None
+
+
+def register(job: CompressionJob, model_uri: str, tags: dict[str, str]) -> str:
+    """One version per job identity, created together with its tags; the alias follows or the version goes."""
+    import mlflow
+
+    registry = job.spec.registry
+    identity = tags[f"{TAG_PREFIX}job_id"]
+    version = find_version(registry.name, identity)
+    if version is None:
+        version = str(mlflow.register_model(model_uri, registry.name, tags=tags).version)
+        created = True
+    else:
+        created = False
+    if registry.alias:
+        try:
+            _client().set_registered_model_alias(registry.name, registry.alias, version)
+        except Exception:
+            if created:
+                _client().delete_model_version(registry.name, version)
+            raise
+    return version
+
+
+def _log_quality_size(job: CompressionJob, report: dict[str, Any], version: str) -> None:
+    """This version next to the registered model's other versions, on size and quality."""
+    import mlflow
+
+    from pipeline.plots import VersionPoint, quality_size_figure
+
+    metric, before, _ = quality(report)
+    if not metric:
+        return
+    points = []
+    for other in _client().search_model_versions(f"name='{job.spec.registry.name}'"):
+        tags = other.tags
+        if tags.get(f"{TAG_PREFIX}quality_metric") != metric or not tags.get(f"{TAG_PREFIX}quality_after"):
+            continue
+        points.append(VersionPoint(str(other.version), float(tags[f"{TAG_PREFIX}bytes_after"]),
+                                   float(tags[f"{TAG_PREFIX}quality_after"]), str(other.version) == version))  # fmt: skip
+    baseline = (report["bytes_before"], before) if before is not None else None
+    better = "higher" if PRIMARY_METRIC[report["task"]][1] else "lower"
+    figure = quality_size_figure(points, baseline, f"{metric} ({better} is better)", f"{job.spec.registry.name}: quality vs size")
+    mlflow.log_figure(figure, "plots/quality_vs_size.png")
+
+
+def list_versions(name: str) -> list[dict[str, Any]]:
+    """The versions of a registered model with their lineage, newest first, for `krunch models list`."""
+    from mlflow.exceptions import MlflowException
+
+    uri = configure()
+    wait_reachable(uri)
+    try:
+        client = _client()
+        aliases: dict[str, list[str]] = {}
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as err:
+        raise TrackingError(f"registered model {name!r}", _mlflow_reason(err)) from None
+    rows = []
+    for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        tag = {key.removeprefix(TAG_PREFIX): value for key, value in version.tags.items() if key.startswith(TAG_PREFIX)}
+        rows.append({"version": str(version.version), "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
+                     "ratio": tag.get("compression_ratio", ""), "metric": tag.get("quality_metric", ""),
+                     "before": tag.get("quality_before", ""), "after": tag.get("quality_after", ""),
+                     "delta": tag.get("quality_delta", ""), "source": tag.get("source", "") + (f" (v{tag['source_version']})" if tag.get("source_version") else ""),
+                     "methods": tag.get("methods", ""), "run_id": version.run_id or ""})  # fmt: skip
+    return rows
