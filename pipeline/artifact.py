@@ -86,4 +86,6 @@ def load_compressed(directory: Path, reference: str | None = None) -> LoadedMode
     loaded.module.eval()
     loaded.reference = reference
     loaded.metadata["compressed_from"] = source["source"]
+    for key in ("pinned_reference", "registry_version"):  # those described the source, not this model
+        loaded.metadata.pop(key, None)
     return loaded

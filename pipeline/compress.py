@@ -128,7 +128,8 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     metrics_after = evaluate(compressed, task, options, reference=original)
     start = timings.record("evaluate", start)
 
-    source = {"source": job.spec.model.source, "factory": job.spec.model.factory}
+    # a registry alias is pinned to the version it named: the compressed model must reload the same weights later
+    source = {"source": original.metadata.get("pinned_reference", job.spec.model.source), "factory": job.spec.model.factory}
     save_compressed(out_dir, compressed, source, job.spec.recipe.model_dump(by_alias=True, mode="json", exclude_none=True), tied)
     timings.record("save", start)
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)

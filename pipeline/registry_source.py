@@ -33,5 +33,7 @@ def load_registered(reference: str) -> LoadedModel:
             raise ModelSourceError(reference, f"this registered version carries no krunch {MANIFEST}; krunch loads registered "
                                    "models only from their safetensors and manifest, never by unpickling")  # fmt: skip
         loaded = load_compressed(files, reference)
+    name, _, _ = parse_models_uri(reference)
     loaded.metadata["registry_version"] = str(version)
+    loaded.metadata["pinned_reference"] = f"models:/{name}/{version}"  # what a model built on it records: aliases move
     return loaded

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import tempfile
 import time
@@ -63,6 +64,8 @@ class Tracked:
 def configure() -> str:
     """Point MLflow at MLFLOW_TRACKING_URI, or at the embedded sqlite default; bound its HTTP retries."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for logger in ("mlflow", "alembic"):  # their INFO lines (schema migrations, "registered") are krunch's to say
+        logging.getLogger(logger).setLevel(logging.WARNING)
     for name, value in BOUNDED_HTTP.items():
         os.environ.setdefault(name, value)
     import mlflow

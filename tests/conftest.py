@@ -79,3 +79,25 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
             yield address
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`krunch compress` tracks to MLflow by default: a session sqlite store (the embedded default's kind),
+    so no test writes mlflow.db into the checkout. Tests of the server use `mlflow_server`."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-embedded') / 'mlflow.db'}"
+    os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow tracking server: a fresh local one, or KRUNCH_TEST_MLFLOW_URI."""
+    configured = os.environ.get("KRUNCH_TEST_MLFLOW_URI")
+    if configured:
+        yield configured
+        return
+    from tests.mlflow_server import local_mlflow_server
+
+    with local_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
