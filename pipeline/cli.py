@@ -141,9 +141,12 @@ def run_compress(args: argparse.Namespace) -> int:
     print(format_summary(result.report))
     print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
     if checked is not None:
-        from pipeline.tracking import track
+        from pipeline.tracking import TrackingError, track
 
-        tracked = track(job, result, out_dir, checked)
+        try:
+            tracked = track(job, result, out_dir, checked)
+        except TrackingError as err:  # the work is not lost: the model is on disk and the job can be re-run
+            raise TrackingError(err.subject, f"{err.reason}; the compressed model is kept in {out_dir}/") from None
         print(f"MLflow run {tracked.run_id} at {checked.tracking_uri}")
         if tracked.version:
             at = f"@{tracked.alias}" if tracked.alias else f"/{tracked.version}"

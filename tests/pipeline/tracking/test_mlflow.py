@@ -164,3 +164,21 @@ def test_without_a_tracking_uri_the_store_is_a_sqlite_file_here_with_artifacts_b
     experiment = MlflowClient("sqlite:///mlflow.db").get_experiment_by_name("krunch")
     assert (tmp_path / "mlflow.db").is_file()
     assert experiment.artifact_location == (tmp_path / "mlruns").as_uri()
+
+
+def test_a_server_lost_after_compression_fails_the_job_and_registers_nothing(ray_cluster, tmp_path_factory, monkeypatch):
+    from pipeline.compress import run_compression
+    from pipeline.tracking import TrackingError, preflight, track
+    from tests.mlflow_server import local_mlflow_server
+
+    root = tmp_path_factory.mktemp("lost-server")
+    job = load_job(ocr_job(root / "job.yaml", "lost", "zoo:easyocr-g2", "FeatureExtraction.ConvNet.11", "candidate"))
+    with local_mlflow_server(root) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        checked = preflight(job)
+        result = run_compression(job, root / "out")
+    with pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI="):  # the server is gone; MLflow's retries are bounded
+        track(job, result, root / "out", checked)
+    assert (root / "out" / "model.safetensors").is_file()  # the work is kept
+    with local_mlflow_server(root) as uri:  # the same store, back up
+        assert MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{REGISTERED}'") == []
