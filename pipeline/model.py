@@ -45,11 +45,8 @@ class LoadedModel:
 
     @property
     def parameter_count(self) -> int:
-        """Distinct parameters: tied weights (an embedding reused as LM head) count once."""
-        seen: set[int] = set()
-        total = 0
-        for p in self.module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-        return total
+        """Distinct stored numbers: tied weights (an embedding reused as LM head) once, each quantized value
+        as one (quantized weights are buffers, so counting nn.Parameters alone would miss them)."""
+        from pipeline.sizes import count_params
+
+        return count_params(self.module)

@@ -64,11 +64,13 @@ class Tracked:
 def configure() -> str:
     """Point MLflow at MLFLOW_TRACKING_URI, or at the embedded sqlite default; bound its HTTP retries."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    for logger in ("mlflow", "alembic"):  # their INFO lines (schema migrations, "registered") are krunch's to say
-        logging.getLogger(logger).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name, value in BOUNDED_HTTP.items():
         os.environ.setdefault(name, value)
     import mlflow
+
+    for logger in ("mlflow", "alembic"):  # their INFO lines (schema migrations, "registered") are krunch's to say
+        logging.getLogger(logger).setLevel(logging.WARNING)
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
