@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", type=Path, help="output directory (default: results/<metadata.name>)")
     compress.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     compress.add_argument("--no-track", action="store_true", help="skip MLflow: no run, no registered version")
+    compress.add_argument("--dry-run", action="store_true", help="validate the job and print the plan; no Ray, no MLflow, nothing written")
     compress.set_defaults(handler=run_compress)
 
     models = commands.add_parser("models", help="registered models in MLflow (MLFLOW_TRACKING_URI, or ./mlflow.db)")
@@ -128,6 +129,8 @@ def run_compress(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     job = load_job(args.job)
     out_dir = args.out or Path("results") / job.metadata.name
+    if args.dry_run:
+        return dry_run(job)
     checked = None
     if not args.no_track:
         from pipeline.tracking import preflight
@@ -152,6 +155,20 @@ def run_compress(args: argparse.Namespace) -> int:
             at = f"@{tracked.alias}" if tracked.alias else f"/{tracked.version}"
             print(f"registered {job.spec.registry.name} version {tracked.version}; load with "
                   f"mlflow.pytorch.load_model('models:/{job.spec.registry.name}{at}')")  # fmt: skip
+    return 0
+
+
+def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
+    """Everything that can be checked without compressing: the spec, the source model, the rules' matches,
+    fixed ranks against break-even. The same job file `kubectl apply` takes."""
+    from pipeline.compress import load_source
+    from pipeline.plan import make_plan
+    from pipeline.report import format_plan
+
+    model = load_source(job)
+    plan = make_plan(model.module, job.spec.recipe)
+    print(format_plan(job.metadata.name, job.spec.model.source, plan))
+    print("dry run: the job is valid; nothing was compressed, tracked or written")
     return 0
 
 

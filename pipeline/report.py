@@ -40,3 +40,28 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
         lines += [f"  {r['name']}: {r['method']} rank {r['rank']}, {r['params_before']:,} -> {r['params_after']:,} params, "
                   f"error {r['rel_error']:.4f}" for r in layers]  # fmt: skip
     return "\n".join(lines)
+
+
+def format_plan(job_name: str, source: str, plan: Any) -> str:
+    """What a job would do, grouped by the rule that selected each layer (`krunch compress --dry-run`)."""
+    groups: dict[int, list[Any]] = {}
+    for layer in plan.layers:
+        groups.setdefault(layer.rule_index, []).append(layer)
+    def params(layers: list[Any]) -> int:
+        return sum(layer.params for layer in layers if not layer.tied_to)  # a tied weight is stored once
+
+    def count(layers: list[Any]) -> str:
+        return f"{len(layers)} layer" + ("s" if len(layers) != 1 else "")
+
+    lines = [f"{job_name}: {source}, {count(plan.layers)} selected, {params(plan.layers):,} parameters"]
+    for index, layers in sorted(groups.items()):
+        first = layers[0]
+        rank = "from target" if first.rank is None and first.method.value != "none" else (
+            first.rank.model_dump(by_alias=True, exclude_none=True) if first.rank else "-")
+        quantize = f"int{first.quantize.bits}" if first.quantize else "no quantization"
+        aware = ", activation-aware" if first.activation_aware else ""
+        tied = sum(1 for layer in layers if layer.tied_to)
+        lines.append(f"  rules[{index}] {first.method.value}{aware}, rank {rank}, {quantize}: {count(layers)}, "
+                     f"{params(layers):,} params" + (f" ({tied} tied, stored once)" if tied else "")
+                     + f"; e.g. {first.name} {'x'.join(map(str, first.weight_shape))}")  # fmt: skip
+    return "\n".join(lines)

@@ -119,3 +119,20 @@ def test_compress_svd_rank_above_the_matrix(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(JOB.format(source="zoo:mobilenet-v2", rule='{match: "features.*", method: none}', bits=8).replace("fixed: 64", "fixed: 2000"))
     assert_one_line_error(krunch("compress", str(job)), "spec.recipe.rules[0].rank.fixed", "exceeds the largest possible rank 1000")
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "easyocr-tucker.yaml"
+    result = krunch("compress", str(example), "--dry-run", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("easyocr-tucker: zoo:easyocr-g2, 7 layers selected")
+    assert any(line.startswith("  rules[2] tucker, rank from target") and "5 layers" in line for line in lines)
+    assert "nothing was compressed" in lines[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_rejects_what_compress_would(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.format(source="zoo:mobilenet-v2", rule='{match: "features.18.0", method: tucker, rank: {fixed: 999}}', bits=8))
+    assert_one_line_error(krunch("compress", str(job), "--dry-run"), "spec.recipe.rules[1].rank.fixed", "break-even rank")
