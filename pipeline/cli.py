@@ -106,10 +106,15 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     print(format_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
+
+
+def write_json(path: Path, document: object) -> None:
+    """`--json OUT` of every command and script: indented, UTF-8, parent directories created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
 
 
 def format_table(report: dict) -> str:
@@ -128,9 +133,9 @@ def run_compress(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     job = load_job(args.job)
-    out_dir = args.out or Path("results") / job.metadata.name
     if args.dry_run:
         return dry_run(job)
+    out_dir = args.out or Path("results") / job.metadata.name
     checked = None
     if not args.no_track:
         from pipeline.tracking import preflight
@@ -182,8 +187,7 @@ def run_models_list(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, rows)
     return 0
 
 

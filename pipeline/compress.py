@@ -159,6 +159,7 @@ def build_report(job: CompressionJob, task: Task, original: LoadedModel, compres
     report: dict[str, Any] = {
         "job": job.metadata.name,
         "source": job.spec.model.source,
+        "source_version": original.metadata.get("registry_version"),  # the version a models:/ alias named when loaded
         "task": task.value,
         "params_before": count_params(original.module),
         "params_after": count_params(compressed.module),

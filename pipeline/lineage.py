@@ -68,12 +68,13 @@ def quality_delta(report: dict[str, Any]) -> float | None:
     return round(change if higher_is_better else -change, 6)
 
 
-def version_tags(job: CompressionJob, report: dict[str, Any], source_version: str | None) -> dict[str, str]:
+def version_tags(job: CompressionJob, report: dict[str, Any]) -> dict[str, str]:
     """Tags set on the registered version in the same call that creates it."""
     metric, before, after = quality(report)
+    delta = quality_delta(report)
     tags = {
         "source": job.spec.model.source,
-        "source_version": source_version or "",
+        "source_version": report.get("source_version") or "",
         "recipe_hash": recipe_hash(job),
         "methods": method_summary(job, report),
         "compression_ratio": f"{report['compression_ratio']}",
@@ -81,7 +82,7 @@ def version_tags(job: CompressionJob, report: dict[str, Any], source_version: st
         "quality_metric": metric,
         "quality_before": "" if before is None else f"{before}",
         "quality_after": "" if after is None else f"{after}",
-        "quality_delta": "" if quality_delta(report) is None else f"{quality_delta(report)}",
+        "quality_delta": "" if delta is None else f"{delta}",
         "krunch_version": __version__,
         "job_name": job.metadata.name,
         "job_id": job_identity(job),

@@ -6,12 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures go to files and MLflow, never to a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.figure import Figure  # not pyplot: no window, and no global registry keeping every figure alive
 
 
 def _short(name: str) -> str:
@@ -20,13 +15,14 @@ def _short(name: str) -> str:
 
 
 def layer_figure(rows: list[dict[str, Any]], title: str) -> Figure:
-    """Two stacked panels over the layers in model order: kept rank (or parameter ratio) and relative error."""
+    """Three stacked panels over the layers in model order: kept rank, parameters after / before, relative error."""
     names = [_short(row["name"]) for row in rows]
     ranks = [row["rank"][0] if isinstance(row["rank"], list) else (row["rank"] or 0) for row in rows]
     ratios = [row["params_after"] / row["params_before"] if row["params_before"] else 1.0 for row in rows]
     errors = [row["rel_error"] for row in rows]
     positions = range(len(rows))
-    figure, (top, middle, bottom) = plt.subplots(3, 1, figsize=(max(8, len(rows) * 0.09), 9), sharex=True)
+    figure = Figure(figsize=(max(8, len(rows) * 0.09), 9))
+    top, middle, bottom = figure.subplots(3, 1, sharex=True)
     top.bar(positions, ranks, color="#4c72b0")
     top.set_ylabel("rank (first bond)")
     middle.bar(positions, ratios, color="#55a868")
@@ -52,7 +48,8 @@ class VersionPoint:
 def quality_size_figure(points: list[VersionPoint], baseline: tuple[float, float] | None, metric: str, title: str) -> Figure:
     """Every version of the registered model as a point (size, quality); this one highlighted, the source
     model as a reference point, so the trade-off of this version reads against its siblings."""
-    figure, axes = plt.subplots(figsize=(7, 5))
+    figure = Figure(figsize=(7, 5))
+    axes = figure.subplots()
     others = [p for p in points if not p.current]
     if others:
         axes.scatter([p.size_bytes / 1e6 for p in others], [p.quality for p in others], color="#8c8c8c", label="earlier versions")

@@ -17,23 +17,22 @@ def load_registered(reference: str) -> LoadedModel:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import configure, parse_models_uri, registry_version, wait_reachable
+    from pipeline.tracking import configure, parse_models_uri, registry_version, version_files_uri
 
-    parse_models_uri(reference)  # the shape first: a clear error without touching the server
-    uri = configure()
-    wait_reachable(uri)
+    name, version, alias = parse_models_uri(reference)  # the shape first: a clear error without touching the server
+    configure()
     with tempfile.TemporaryDirectory(prefix="krunch-registered-") as scratch:
         try:
-            version = registry_version(reference)
-            local = Path(download_artifacts(artifact_uri=reference, dst_path=scratch))
+            version = registry_version(name, version, alias)
+            pinned = f"models:/{name}/{version}"  # what a model built on it records: aliases move
+            # only krunch's files: the consumers' pickle beside them is as large as the weights and never read here
+            files = Path(download_artifacts(artifact_uri=f"{version_files_uri(name, version)}/{KRUNCH_FILES}", dst_path=scratch))
         except MlflowException as err:
             raise ModelSourceError(reference, " ".join(str(err.message).split())[:300]) from None
-        files = local / KRUNCH_FILES
         if not (files / MANIFEST).is_file():
             raise ModelSourceError(reference, f"this registered version carries no krunch {MANIFEST}; krunch loads registered "
                                    "models only from their safetensors and manifest, never by unpickling")  # fmt: skip
         loaded = load_compressed(files, reference)
-    name, _, _ = parse_models_uri(reference)
-    loaded.metadata["registry_version"] = str(version)
-    loaded.metadata["pinned_reference"] = f"models:/{name}/{version}"  # what a model built on it records: aliases move
+    loaded.metadata["registry_version"] = version
+    loaded.metadata["pinned_reference"] = pinned
     return loaded

@@ -56,8 +56,10 @@ def format_plan(job_name: str, source: str, plan: Any) -> str:
     lines = [f"{job_name}: {source}, {count(plan.layers)} selected, {params(plan.layers):,} parameters"]
     for index, layers in sorted(groups.items()):
         first = layers[0]
-        rank = "from target" if first.rank is None and first.method.value != "none" else (
-            first.rank.model_dump(by_alias=True, exclude_none=True) if first.rank else "-")
+        if first.rank is not None:
+            rank = first.rank.model_dump(by_alias=True, exclude_none=True)
+        else:
+            rank = "-" if first.method.value == "none" else "from target"
         quantize = f"int{first.quantize.bits}" if first.quantize else "no quantization"
         aware = ", activation-aware" if first.activation_aware else ""
         tied = sum(1 for layer in layers if layer.tied_to)

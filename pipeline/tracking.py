@@ -50,7 +50,6 @@ class Preflight:
     tracking_uri: str
     identity: str
     existing_version: str | None  # this job's version, when an earlier attempt registered it
-    source_version: str | None  # the registry version of the source model, when it came from the registry
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,8 @@ class Tracked:
 
 
 def configure() -> str:
-    """Point MLflow at MLFLOW_TRACKING_URI, or at the embedded sqlite default; bound its HTTP retries."""
+    """Point MLflow at MLFLOW_TRACKING_URI, or at the embedded sqlite default; bound its HTTP retries and
+    make sure a server answers before anything is asked of it."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name, value in BOUNDED_HTTP.items():
@@ -75,6 +75,7 @@ def configure() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    wait_reachable(uri)
     return uri
 
 
@@ -84,11 +85,12 @@ def use_experiment(uri: str) -> None:
     import mlflow
 
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
-    if _client().get_experiment_by_name(name) is None:
+    client = _client()
+    if client.get_experiment_by_name(name) is None:
         location = None
         if uri.startswith("sqlite:///"):
             location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
-        _client().create_experiment(name, artifact_location=location)
+        client.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
 
 
@@ -125,14 +127,14 @@ def find_version(name: str, identity: str) -> str | None:
     return str(min(int(v.version) for v in versions)) if versions else None
 
 
-def registry_version(reference: str) -> str | None:
-    """models:/NAME/VERSION or models:/NAME@ALIAS -> the version number; None for other sources."""
-    if not reference.startswith("models:/"):
-        return None
-    name, version, alias = parse_models_uri(reference)
-    if version:
-        return version
-    return str(_client().get_model_version_by_alias(name, alias).version)
+def registry_version(name: str, version: str | None, alias: str | None) -> str:
+    """The version number a parsed models:/ reference names (an alias is looked up now: aliases move)."""
+    return version or str(_client().get_model_version_by_alias(name, alias).version)
+
+
+def version_files_uri(name: str, version: str) -> str:
+    """Where a version's model directory is stored, so that one of its folders can be fetched alone."""
+    return _client().get_model_version_download_uri(name, version).rstrip("/")
 
 
 def parse_models_uri(reference: str) -> tuple[str, str | None, str | None]:
@@ -152,14 +154,12 @@ def preflight(job: CompressionJob) -> Preflight:
     from mlflow.exceptions import MlflowException
 
     uri = configure()
-    wait_reachable(uri)
     identity = job_identity(job)
     try:
         existing = find_version(job.spec.registry.name, identity) if job.spec.registry else None
-        source_version = registry_version(job.spec.model.source)
     except MlflowException as err:
         raise TrackingError(f"MLFLOW_TRACKING_URI={uri}", _mlflow_reason(err)) from None
-    return Preflight(uri, identity, existing, source_version)
+    return Preflight(uri, identity, existing)
 
 
 def _mlflow_reason(err: Exception) -> str:
@@ -237,7 +237,7 @@ def track(job: CompressionJob, result: CompressionResult, out_dir: Path, checked
             )  # fmt: skip
             version = None
             if job.spec.registry:
-                version = register(job, model_info.model_uri, version_tags(job, report, checked.source_version))
+                version = register(job, model_info.model_uri, version_tags(job, report))
                 mlflow.set_tag(f"{TAG_PREFIX}model_version", version)
                 _log_quality_size(job, report, version)
             return Tracked(run.info.run_id, run.info.experiment_id, version, job.spec.registry.alias if job.spec.registry else None)
@@ -293,8 +293,7 @@ def list_versions(name: str) -> list[dict[str, Any]]:
     """The versions of a registered model with their lineage, newest first, for `krunch models list`."""
     from mlflow.exceptions import MlflowException
 
-    uri = configure()
-    wait_reachable(uri)
+    configure()
     try:
         client = _client()
         aliases: dict[str, list[str]] = {}

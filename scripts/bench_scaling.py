@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.cli import write_json  # noqa: E402
 from pipeline.distributed.executors import Execution, InProcessExecutor, RayExecutor  # noqa: E402
 from pipeline.distributed.session import ray_session  # noqa: E402
 from pipeline.plan import make_plan  # noqa: E402
@@ -171,9 +172,7 @@ def main() -> int:
               "gpus_per_task": args.gpus_per_task, "source_weight_bytes": source_weight_bytes, "rows": rows}  # fmt: skip
     print(format_table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

@@ -77,4 +77,3 @@ def cp_conv(weight: torch.Tensor, rank: int, seed: int = 0) -> CPConv:
     cp = tl.decomposition.parafac(weight.detach().double(), rank=rank, n_iter_max=CP_ITERATIONS, init="random", random_state=seed, tol=1e-7)
     out_factor, in_factor, height, width = cp.factors
     return CPConv(*(t.to(weight.dtype).contiguous() for t in (out_factor * cp.weights, in_factor, height, width)))
-

@@ -189,4 +189,3 @@ def mpo_to_dense(cores: list[torch.Tensor], out_factors: tuple[int, ...], in_fac
         result = result.reshape(a, o * p, i * j, s)
     # Each step merged (o, p) and (i, j) row-major, so rows index (o1 o2 ..) and columns (i1 i2 ..).
     return result.reshape(math.prod(out_factors), math.prod(in_factors))
-

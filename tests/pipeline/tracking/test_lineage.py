@@ -45,7 +45,7 @@ def test_quality_delta_is_negative_when_worse_whichever_way_the_metric_points():
 
 
 def test_version_tags_carry_lineage():
-    tags = version_tags(job(metadata__uid="u-1"), REPORT, source_version="3")
+    tags = version_tags(job(metadata__uid="u-1"), REPORT | {"source_version": "3"})
     assert tags["krunch.source"] == "zoo:easyocr-g2" and tags["krunch.source_version"] == "3"
     assert tags["krunch.k8s_uid"] == "u-1" and tags["krunch.job_id"] == "uid:u-1"
     assert tags["krunch.methods"] == "svd x2, none x1; int8" == method_summary(job(), REPORT)
