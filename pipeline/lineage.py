@@ -30,6 +30,9 @@ def _digest(document: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+SCHEDULING_FIELDS = ("priority", "activeDeadlineSeconds", "backoffLimit", "executor", "rayAddress")
+
+
 def job_identity(job: CompressionJob) -> str:
     """The Kubernetes UID when the operator runs the job; otherwise a digest of the whole job document and
     the krunch version, so that re-running the same file with the same krunch (the pipeline is
@@ -37,7 +40,10 @@ def job_identity(job: CompressionJob) -> str:
     uid = getattr(job.metadata, "uid", None)
     if uid:
         return f"uid:{uid}"
-    return f"spec:{_digest([job.model_dump(by_alias=True, mode='json', exclude_none=True), __version__])}"
+    document = job.model_dump(by_alias=True, mode="json", exclude_none=True)
+    for field in SCHEDULING_FIELDS:  # where and when a job runs does not change what it makes
+        document["spec"].pop(field, None)
+    return f"spec:{_digest([document, __version__])}"
 
 
 def recipe_hash(job: CompressionJob) -> str:

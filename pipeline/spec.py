@@ -194,12 +194,27 @@ class Registry(_Model):
         return value
 
 
+class Executor(str, enum.Enum):
+    RAY_CLUSTER = "rayCluster"  # submit through the Ray Jobs API to an existing cluster
+    RAY_JOB = "rayJob"  # create a KubeRay RayJob with its own ephemeral cluster
+
+
 class JobSpec(_Model):
     model: ModelSource
     recipe: Recipe
     evaluation: Evaluation = Evaluation()
     resources: Resources = Resources()
     registry: Registry | None = None
+    # Scheduling on a cluster: read by the operator, ignored by `krunch compress` (one file works both ways).
+    priority: int = Field(0, ge=-1000, le=1000, description="operator: among queued jobs, higher starts first (then older first)")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="operator: fail the job (DeadlineExceeded) and stop its Ray job after this many seconds running"
+    )
+    backoff_limit: int = Field(0, ge=0, le=10, description="operator: resubmit a failed Ray job this many times before Failed")
+    executor: Executor | None = Field(None, description="operator: rayCluster or rayJob; default: the operator's setting")
+    ray_address: str | None = Field(
+        None, min_length=1, pattern=r"^https?://", description="operator, rayCluster: Ray dashboard URL for this job, e.g. http://ray-head:8265"
+    )
 
 
 class Metadata(BaseModel):

@@ -61,10 +61,11 @@ def easyocr_conv_weight(easyocr):
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A real Ray cluster this test process is connected to: a fresh local head, or KRUNCH_TEST_RAY_ADDRESS."""
+    """A real Ray cluster this test process is connected to: a fresh local head (dashboard and Jobs API on),
+    or KRUNCH_TEST_RAY_ADDRESS (with KRUNCH_TEST_RAY_DASHBOARD for the Jobs API tests)."""
     import ray
 
-    from tests.ray_cluster import local_ray_head
+    from tests.ray_cluster import HEAD_IP, free_port, local_ray_head
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the head and its clients must agree; tokens are per user home
     configured = os.environ.get("KRUNCH_TEST_RAY_ADDRESS")
@@ -73,12 +74,26 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         yield configured
         ray.shutdown()
         return
-    with local_ray_head(tmp_path_factory.mktemp("ray") / "t") as address:
+    dashboard_port = free_port()
+    with local_ray_head(tmp_path_factory.mktemp("ray") / "t", dashboard_port=dashboard_port) as address:
+        os.environ.setdefault("KRUNCH_TEST_RAY_DASHBOARD", f"http://{HEAD_IP}:{dashboard_port}")
         ray.init(address=address)
         try:
             yield address
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_jobs_api(ray_cluster) -> str:
+    """The Ray Jobs API (dashboard URL) of `ray_cluster`, once it answers."""
+    from tests.ray_cluster import wait_for_jobs_api
+
+    address = os.environ.get("KRUNCH_TEST_RAY_DASHBOARD")
+    if not address:
+        pytest.fail("KRUNCH_TEST_RAY_ADDRESS is set but KRUNCH_TEST_RAY_DASHBOARD (its Jobs API URL) is not")
+    wait_for_jobs_api(address)
+    return address
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -36,19 +36,25 @@ def _listening(host: str, port: int) -> bool:
 
 
 @contextmanager
-def local_ray_head(temp_dir: Path, cpus: int = 2, object_store_bytes: int = 2**30) -> Iterator[str]:
-    """Start a head node, yield its address, and stop it (and every process it started) afterwards."""
+def local_ray_head(temp_dir: Path, cpus: int = 2, object_store_bytes: int = 2**30,
+                   dashboard_port: int | None = None) -> Iterator[str]:  # fmt: skip
+    """Start a head node, yield its address, and stop it (and every process it started) afterwards.
+    With `dashboard_port`, the dashboard (and so the Ray Jobs API) listens there."""
     port = free_port()
+    dashboard = (["--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dashboard_port}"]
+                 if dashboard_port else ["--include-dashboard=false"])  # fmt: skip
     ray_bin = Path(sys.executable).with_name("ray")
     command = [
         str(ray_bin), "start", "--head", "--block", f"--node-ip-address={HEAD_IP}", f"--port={port}",
         f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={object_store_bytes}",
-        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        *dashboard, "--disable-usage-stats", f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
         f"--metrics-export-port={free_port()}",
     ]  # fmt: skip
     log = (temp_dir.parent / "ray-head.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+    # Ray Jobs run `python ...` entry points in the head's environment: this interpreter's bin first
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _listening(HEAD_IP, port):
@@ -86,3 +92,19 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def wait_for_jobs_api(url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """The dashboard starts after the GCS: wait (bounded) until its Jobs API answers."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{url}/api/version", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Ray Jobs API not answering at {url} after {timeout_s} s")
+        time.sleep(0.5)

@@ -1,0 +1,78 @@
+"""Operator settings: one typed object read from the environment at start-up.
+
+A bad value stops the operator at once with a message naming the variable,
+instead of a job failing later for a reason nobody connects to the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pipeline.spec import Executor
+
+
+class SettingsError(ValueError):
+    """A setting from the environment is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    ray_address: str | None  # Ray dashboard URL (Jobs API), e.g. http://ray-head:8265; a job's spec.rayAddress wins
+    mlflow_tracking_uri: str | None  # passed to every job; the job registers its model there
+    max_concurrent_jobs: int = 2
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    default_executor: Executor = Executor.RAY_CLUSTER
+    poll_seconds: float = 2.0  # how often a running job's status and progress are read
+    submit_retries: int = 5  # Ray unreachable: retries before Failed/SubmissionFailed
+    retry_delay_seconds: float = 5.0
+    ray_image: str = "ghcr.io/krunch-dev/krunch-ray:0.1.0"  # image of a RayJob's ephemeral cluster
+    metrics_port: int = 9090  # Prometheus /metrics; 0 turns it off
+    metrics_host: str = "0.0.0.0"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if env is None else env
+        return cls(
+            ray_address=_url(env, "RAY_ADDRESS"),
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
+            max_concurrent_jobs=_number(env, "KRUNCH_MAX_CONCURRENT_JOBS", int, cls.max_concurrent_jobs, minimum=1),
+            namespaces=tuple(ns.strip() for ns in env.get("KRUNCH_NAMESPACES", "").split(",") if ns.strip()),
+            default_executor=_executor(env),
+            poll_seconds=_number(env, "KRUNCH_POLL_SECONDS", float, cls.poll_seconds, minimum=0.1),
+            submit_retries=_number(env, "KRUNCH_SUBMIT_RETRIES", int, cls.submit_retries, minimum=0),
+            retry_delay_seconds=_number(env, "KRUNCH_RETRY_DELAY_SECONDS", float, cls.retry_delay_seconds, minimum=0.1),
+            ray_image=env.get("KRUNCH_RAY_IMAGE") or cls.ray_image,
+            metrics_port=_number(env, "KRUNCH_METRICS_PORT", int, cls.metrics_port, minimum=0),
+            metrics_host=env.get("KRUNCH_METRICS_HOST") or cls.metrics_host,
+        )
+
+
+def _url(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name) or None
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise SettingsError(f"{name}={value!r}: the operator talks to Ray's Jobs API, so give the dashboard URL, "
+                            f"e.g. http://ray-head:8265 (not a GCS address like ray://... or host:6379)")  # fmt: skip
+    return value.rstrip("/") if value else None
+
+
+def _number(env: Mapping[str, str], name: str, kind: type, default: float, minimum: float) -> float:
+    text = env.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise SettingsError(f"{name}={text!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={text!r}: must be at least {minimum}")
+    return value
+
+
+def _executor(env: Mapping[str, str]) -> Executor:
+    text = env.get("KRUNCH_DEFAULT_EXECUTOR") or Executor.RAY_CLUSTER.value
+    try:
+        return Executor(text)
+    except ValueError:
+        raise SettingsError(f"KRUNCH_DEFAULT_EXECUTOR={text!r}: choose one of {', '.join(e.value for e in Executor)}") from None

@@ -1,0 +1,79 @@
+"""The entry point a Ray job runs: one CompressionJob in, a registered model version out.
+
+    KRUNCH_JOB='{"apiVersion": ..., "metadata": {"name": ..., "uid": ...}, "spec": {...}}' python -m pipeline.job
+
+The operator submits this through the Ray Jobs API (or a KubeRay RayJob). The
+job is the same pipeline `krunch compress` runs; it reports through
+`krunch-event` lines (pipeline.job_events) and is idempotent: the version it
+registers carries the resource's UID, so a resubmission finds it and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import KrunchError
+from pipeline.job_events import emit
+from pipeline.spec import CompressionJob, SpecError, parse_job
+
+JOB_ENV = "KRUNCH_JOB"
+
+
+def read_job() -> CompressionJob:
+    text = os.environ.get(JOB_ENV)
+    if not text:
+        raise SpecError(JOB_ENV, "not set: the job document (JSON) goes in this environment variable")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SpecError(JOB_ENV, f"not valid JSON ({err})") from None
+    return parse_job(document, JOB_ENV)
+
+
+def run(job: CompressionJob, out_dir: Path) -> dict:
+    """Compress, track and register; return the result event's payload."""
+    from pipeline.compress import run_compression
+    from pipeline.lineage import quality
+    from pipeline.tracking import preflight, track
+
+    emit("stage", stage="preflight")
+    checked = preflight(job)
+    if checked.existing_version:  # an earlier submission of this resource finished: report it, do nothing
+        return {"modelVersion": checked.existing_version, "identity": checked.identity, "reused": True}
+
+    def progress(done: int, total: int, _layer: str) -> None:
+        emit("progress", done=done, total=total)
+        if done == total:
+            emit("stage", stage="evaluate")
+
+    emit("stage", stage="compress")
+    result = run_compression(job, out_dir, progress=progress)
+    emit("stage", stage="register")
+    tracked = track(job, result, out_dir, checked)
+    metric, before, after = quality(result.report)
+    return {
+        "mlflowRunId": tracked.run_id, "modelVersion": tracked.version, "alias": tracked.alias, "identity": checked.identity,
+        "compressionRatio": result.report["compression_ratio"], "qualityMetric": metric,
+        "qualityBefore": before, "qualityAfter": after, "reused": False,
+    }  # fmt: skip
+
+
+def main() -> int:
+    try:
+        job = read_job()
+        emit("started", name=job.metadata.name)
+        with tempfile.TemporaryDirectory(prefix=f"krunch-{job.metadata.name}-") as out:
+            emit("result", **run(job, Path(out)))
+        return 0
+    except KrunchError as err:
+        emit("error", subject=err.subject, reason=err.reason)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

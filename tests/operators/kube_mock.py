@@ -1,0 +1,135 @@
+"""KMock (the Kubernetes API mock by kopf's author), made to behave enough like a real API server.
+
+No API server installs on the CI machine, so the operator's end-to-end tests
+run the real `kopf run` process and real `kubectl` against this over HTTP.
+Stock kmock 0.8 lacks what a real server does and kopf or kubectl rely on; this
+subclass adds it:
+
+- objects get `uid`, `resourceVersion` (bumped on every change), `generation`,
+  `creationTimestamp`, their namespace from the URL, and a name from `generateName`;
+- a POSTed CustomResourceDefinition registers its resource (kind, short names,
+  subresources), so the test applies the chart's CRD file like on a cluster;
+- list responses carry `kind: <Kind>List` and `apiVersion`;
+- `/api/v1/namespaces[/NAME]` addresses Namespace objects (stock kmock reads
+  "namespaces" there as the start of a namespaced path and fails).
+
+Run as a process (`python -m tests.operators.kube_mock --port N`): it prints
+`ready http://127.0.0.1:N` when it serves, and stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import itertools
+import signal
+import sys
+import uuid
+from typing import Any
+
+import kmock
+from kmock._internal import enums, parsing, rendering
+
+CORE = {"v1/namespaces": ("Namespace", False), "v1/events": ("Event", True),
+        "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False)}  # fmt: skip
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+
+_parse_path = parsing.parse_path
+
+
+def parse_path(path: str) -> parsing.ParsedPath:
+    """kmock's path parser, plus the cluster-scoped Namespace resource itself."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 5 and (len(parts) < 5 or parts[4] in ("status", "finalize")):
+        name = parts[3] if len(parts) > 3 else None
+        return parsing.ParsedPath("", "v1", "namespaces", None, name, parts[4] if len(parts) > 4 else None)
+    return _parse_path(path)
+
+
+parsing.parse_path = parse_path  # kmock's request parsing looks it up on the module
+
+
+class KubernetesAPI(kmock.KubernetesEmulator):
+    """KMock's emulator plus object metadata, CRD registration and typed lists."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1)
+        self._kinds: dict[tuple[str, str, str], str] = {}
+        for name, (kind, namespaced) in CORE.items():
+            self.declare(name, kind=kind, namespaced=namespaced)
+
+    def declare(self, name: str, kind: str, namespaced: bool, singular: str | None = None,
+                shortnames: tuple[str, ...] = (), subresources: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.resources[name] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, singular=singular or kind.lower(),
+                                                  verbs=VERBS, shortnames=set(shortnames), subresources=set(subresources))  # fmt: skip
+        resource = kmock.resource(name)
+        self._kinds[(resource.group or "", resource.version or "", resource.plural or "")] = kind
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        if request.resource is not None and isinstance(request.data, dict):
+            if request.action == enums.action.CREATE:
+                self._stamp_new(request)
+                if request.resource.group == "apiextensions.k8s.io":
+                    self._register_crd(request.data)
+            elif request.action == enums.action.UPDATE:
+                request.data.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
+        return await super()._handle(request)
+
+    def _stamp_new(self, request: rendering.Request) -> None:
+        meta = request.data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
+        if request.namespace and not meta.get("namespace"):
+            meta["namespace"] = request.namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["resourceVersion"] = str(next(self._versions))
+        meta["generation"] = 1
+        meta["creationTimestamp"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def _register_crd(self, crd: dict[str, Any]) -> None:
+        spec = crd.get("spec", {})
+        names = spec.get("names", {})
+        for version in spec.get("versions", []):
+            self.declare(
+                f"{spec['group']}/{version['name']}/{names['plural']}", kind=names["kind"],
+                namespaced=spec.get("scope") == "Namespaced", singular=names.get("singular"),
+                shortnames=tuple(names.get("shortNames", [])), subresources=tuple(version.get("subresources", {})),
+            )  # fmt: skip
+
+    async def _serve_version(self, request: rendering.Request) -> Any:
+        payload = await super()._serve_version(request)
+        payload["groupVersion"] = payload["groupVersion"].lstrip("/")  # the core group is "v1", not "/v1"
+        for entry in payload["resources"]:
+            if "/" in entry["name"]:  # subresources have no short names of their own
+                entry["shortNames"] = []
+        return payload
+
+    async def _serve_list(self, request: rendering.Request) -> Any:
+        payload = await super()._serve_list(request)
+        resource = request.resource
+        kind = self._kinds.get((resource.group or "", resource.version or "", resource.plural or ""))
+        group_version = f"{resource.group}/{resource.version}" if resource.group else resource.version
+        return {"apiVersion": group_version, "kind": f"{kind or 'Unknown'}List", **payload}
+
+
+async def serve(port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with KubernetesAPI() as api, kmock.Server(api, host="127.0.0.1", port=port) as server:
+        print(f"ready {server.url}", flush=True)
+        await stop.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    asyncio.run(serve(parser.parse_args().port))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
