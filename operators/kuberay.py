@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from operators.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment
+from operators.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment, job_metadata
 from operators.settings import OperatorSettings
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -52,7 +52,9 @@ def build_rayjob_manifest(job: dict[str, Any], submission_id: str, settings: Ope
         },
         "spec": {
             "entrypoint": JOB_ENTRYPOINT,
+            "entrypointNumCpus": 0,  # the driver only coordinates; the layers' tasks take the CPUs and GPUs
             "jobId": submission_id,
+            "metadata": job_metadata(job),
             "runtimeEnvYAML": json.dumps({"env_vars": job_environment(job, settings.mlflow_tracking_uri)}),  # JSON is YAML
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,

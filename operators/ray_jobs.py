@@ -12,7 +12,7 @@ from typing import Any
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from operators.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment
+from operators.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment, job_metadata
 from pipeline.job_events import parse_events
 
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 5, 30
@@ -64,13 +64,11 @@ class RayJobsBackend:
     def submit(self, submission_id: str, job: dict[str, Any], body: dict[str, Any]) -> None:
         if self.exists(submission_id):  # submitted before a restart or a retried handler: adopt it
             return
-        metadata = body.get("metadata", {})
         try:
             self._call(
                 "submit_job", entrypoint=JOB_ENTRYPOINT, submission_id=submission_id, entrypoint_num_cpus=0,
                 runtime_env={"env_vars": job_environment(job, self.mlflow_tracking_uri)},
-                metadata={"krunch.dev/uid": str(metadata.get("uid")), "krunch.dev/name": str(metadata.get("name")),
-                          "krunch.dev/namespace": str(metadata.get("namespace"))},
+                metadata=job_metadata(body),
             )  # fmt: skip
         except RuntimeError as err:
             if "already exists" not in str(err):

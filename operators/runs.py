@@ -62,6 +62,12 @@ def submission_id(uid: str, attempt: int) -> str:
     return f"krunch-{uid}-{attempt}"
 
 
+def job_metadata(body: dict[str, Any]) -> dict[str, str]:
+    """Stored with the Ray job: which resource it runs for (how an operator or a person finds it in Ray)."""
+    meta = body.get("metadata", {})
+    return {f"krunch.dev/{key}": str(meta.get(key)) for key in ("uid", "name", "namespace")}
+
+
 def job_environment(job: dict[str, Any], mlflow_tracking_uri: str | None) -> dict[str, str]:
     """Environment of the job's driver: the job document, where to register, no progress bars (events instead)."""
     import json

@@ -26,8 +26,14 @@ class Entry:
         return (-self.priority, self.created, self.key)
 
 
+# Pending jobs queue too: at start-up every job is Pending in the index until its create handler admits
+# it, and the first job admitted must not take a slot ahead of a higher-priority one admitted a moment later.
+# An invalid Pending job leaves the queue within one handler call (Failed/InvalidSpec).
+WAITING = (Phase.PENDING, Phase.QUEUED)
+
+
 def queue_order(entries: Iterable[Entry]) -> list[Entry]:
-    return sorted((e for e in entries if e.phase is Phase.QUEUED), key=lambda e: e.order)
+    return sorted((e for e in entries if e.phase in WAITING), key=lambda e: e.order)
 
 
 def may_start(key: Key, entries: Iterable[Entry], claimed: Iterable[Key], limit: int) -> bool:

@@ -29,6 +29,7 @@ from operators.crd import CRD_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+RAYJOB_CRD_PATH = Path(__file__).parent / "crds" / "rayjobs.ray.io.yaml"  # KubeRay's, for KMock
 START_TIMEOUT_S = 60
 
 
@@ -42,6 +43,7 @@ def free_port() -> int:
 class KubeAPI:
     kubeconfig: Path
     apply_flags: tuple[str, ...] = ()  # KMock has no /openapi: --validate=false there
+    mock: bool = False  # KMock: no controllers run (no KubeRay, no garbage collection); tests play them
 
     @property
     def env(self) -> dict[str, str]:
@@ -90,6 +92,11 @@ class KubeAPI:
         status = (last or {}).get("status")
         raise AssertionError(f"{kind}/{name}: not {what} after {timeout} s; last status: {json.dumps(status)}")
 
+    def patch_status(self, kind: str, name: str, namespace: str, status: dict[str, Any]) -> None:
+        """What a controller does: a merge patch of the status subresource."""
+        self.kubectl("patch", kind, name, "-n", namespace, "--subresource=status", "--type=merge",
+                     "-p", json.dumps({"status": status}))  # fmt: skip
+
     def events(self, name: str, namespace: str) -> list[dict[str, Any]]:
         items = json.loads(self.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
         return [e for e in items if e.get("involvedObject", {}).get("name") == name]
@@ -117,8 +124,9 @@ def kube_api(workdir: Path) -> Iterator[KubeAPI]:
             "users": [{"name": "kmock", "user": {"token": "kmock"}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": "default"}}],
         }))  # fmt: skip
-        api = KubeAPI(kubeconfig, apply_flags=("--validate=false",))
+        api = KubeAPI(kubeconfig, apply_flags=("--validate=false",), mock=True)
         api.kubectl("apply", "--validate=false", "-f", str(CRD_PATH))
+        api.kubectl("apply", "--validate=false", "-f", str(RAYJOB_CRD_PATH))
         yield api
     finally:
         _stop(process)

@@ -87,7 +87,7 @@ class KubernetesAPI(kmock.KubernetesEmulator):
         meta["uid"] = str(uuid.uuid4())
         meta["resourceVersion"] = str(next(self._versions))
         meta["generation"] = 1
-        meta["creationTimestamp"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        meta["creationTimestamp"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def _register_crd(self, crd: dict[str, Any]) -> None:
         spec = crd.get("spec", {})

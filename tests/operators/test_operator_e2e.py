@@ -7,9 +7,12 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
+from operators.kuberay import rayjob_name
+from operators.runs import submission_id
 from tests.operators.cluster import KubeAPI, OperatorProcess
 
 pytestmark = pytest.mark.slow
@@ -92,7 +95,7 @@ def test_queue_starts_one_job_at_a_time_by_priority_then_age(kube: KubeAPI, star
     names = {"first-low": 0, "high": 10, "last-low": 0}
     for name, priority in names.items():  # applied before the operator starts: it sees all three queued
         kube.apply(minilm_job(name, ns, layers="encoder.layer.0.*", priority=priority), ns)
-        time.sleep(0.05)  # distinct creation times
+        time.sleep(1.05)  # distinct creation times: creationTimestamp has one-second resolution
     operator.start()
     most_running, saw_one_running_two_queued = 0, False
     deadline = time.monotonic() + 3 * JOB_TIMEOUT_S
@@ -200,3 +203,54 @@ def test_failed_ray_job_is_resubmitted_up_to_backoff_limit(kube: KubeAPI, start_
     uid = failed["metadata"]["uid"]
     assert sorted(job.submission_id for job in ray_jobs_of(ray_jobs_api, uid)) == [f"krunch-{uid}-0", f"krunch-{uid}-1"]
     assert "Retrying" in [event["reason"] for event in kube.events("backoff", ns)]
+
+
+def wait_ray_job_done(ray_jobs_api: str, sid: str, timeout: float = JOB_TIMEOUT_S) -> str:
+    client, deadline = JobSubmissionClient(ray_jobs_api), time.monotonic() + timeout
+    while (status := client.get_job_status(sid).value) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(1)
+    return status
+
+
+def test_rayjob_executor_creates_an_owned_rayjob_and_follows_its_status(kube: KubeAPI, start_operator, ray_jobs_api: str,
+                                                                         mlflow_server: str) -> None:  # fmt: skip
+    """executor: rayJob. On KMock no KubeRay runs, so the test does its part (create the job on the Ray cluster
+    from the RayJob's spec, report its state in the RayJob's status) against the real local Ray cluster."""
+    if not kube.mock:
+        pytest.skip("on a real cluster KubeRay's own controller runs the RayJob; run this test there with KubeRay installed")
+    image = "registry.example/krunch-ray:test"
+    operator = start_operator(KRUNCH_RAY_IMAGE=image)
+    ns = operator.namespace
+    kube.apply(minilm_job("on-kuberay", ns, executor="rayJob", resources={"workers": 2}), ns)
+    running = wait_phase(kube, operator, "on-kuberay", {"Running", "Failed"}, timeout=60)
+    uid = running["metadata"]["uid"]
+    sid = submission_id(uid, 0)
+    assert (running["status"]["phase"], running["status"]["rayJobId"], running["status"]["executor"]) == ("Running", sid, "rayJob")
+
+    name = rayjob_name(sid)
+    rayjob = kube.wait_for(name, ns, lambda o: o is not None, 30, "created", kind="rayjobs")
+    [owner] = rayjob["metadata"]["ownerReferences"]  # Kubernetes deletes the RayJob (and its cluster) with the job
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("CompressionJob", "on-kuberay", uid, True)
+    spec = rayjob["spec"]
+    assert spec["jobId"] == sid and spec["metadata"]["krunch.dev/uid"] == uid
+    [workers] = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == 2 and workers["template"]["spec"]["containers"][0]["image"] == image
+
+    # KubeRay's part: submit the entry point with the RayJob's runtime env under its jobId, report Running
+    JobSubmissionClient(ray_jobs_api).submit_job(
+        entrypoint=spec["entrypoint"], submission_id=spec["jobId"], runtime_env=yaml.safe_load(spec["runtimeEnvYAML"]),
+        metadata=spec["metadata"], entrypoint_num_cpus=spec["entrypointNumCpus"])  # fmt: skip
+    kube.patch_status("rayjobs", name, ns, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "jobId": sid,
+                                            "dashboardURL": ray_jobs_api.removeprefix("http://")})  # fmt: skip
+    # progress comes from the job's logs through the dashboard KubeRay reported
+    progressed = kube.wait_for("on-kuberay", ns, lambda o: bool(((o or {}).get("status") or {}).get("progress")),
+                               JOB_TIMEOUT_S, "showing progress")  # fmt: skip
+    assert progressed["status"]["phase"] == "Running"
+    assert wait_ray_job_done(ray_jobs_api, sid) == "SUCCEEDED"
+    assert phase(kube.get("on-kuberay", ns)) == "Running"  # KubeRay's status, not Ray's, ends the job
+    kube.patch_status("rayjobs", name, ns, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+
+    status = wait_phase(kube, operator, "on-kuberay", {"Succeeded", "Failed"}, timeout=60)["status"]
+    assert status["phase"] == "Succeeded", status
+    version = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_model_version(f"{ns}-on-kuberay", status["modelVersion"])
+    assert version.tags["krunch.job_id"] == f"uid:{uid}"

@@ -29,6 +29,16 @@ def test_queue_prefers_priority_then_age_and_respects_the_limit() -> None:
     assert may_start(("ns", "old"), entries, {("ns", "urgent")}, 2)
 
 
+def test_a_job_admitted_first_at_start_up_waits_for_higher_priority_jobs_still_pending() -> None:
+    # the operator starts with three jobs it has not admitted yet; "low" is admitted (Queued) first
+    entries = [entry("low", Phase.QUEUED, 0, "2026-01-01T00:00:01Z"), entry("high", Phase.PENDING, 10, "2026-01-01T00:00:02Z")]
+    assert not may_start(("ns", "low"), entries, set(), 1)
+    assert queue_position(("ns", "low"), entries) == 2
+    # once "high" fails validation it leaves the queue, and "low" starts
+    entries[1] = entry("high", Phase.FAILED, 10, "2026-01-01T00:00:02Z")
+    assert may_start(("ns", "low"), entries, set(), 1)
+
+
 @pytest.mark.parametrize(("env", "variable"), [
     ({"RAY_ADDRESS": "127.0.0.1:6379"}, "RAY_ADDRESS"),
     ({"KRUNCH_MAX_CONCURRENT_JOBS": "0"}, "KRUNCH_MAX_CONCURRENT_JOBS"),
