@@ -1,7 +1,7 @@
 """The kopf operator for CompressionJobs: decorators and start-up settings only; each step is in
 `operators.reconcile`.
 
-    kopf run --standalone -m operators.handlers --all-namespaces --liveness=http://0.0.0.0:8080/healthz
+    python -m operators      # or: kopf run --standalone -m operators.handlers --all-namespaces --liveness=http://0.0.0.0:8080/healthz
 
 Settings come from the environment (operators.settings). Run one replica: the
 concurrency limit is kept by this process (`--standalone`, no peering).
@@ -48,6 +48,9 @@ def configure(settings: kopf.OperatorSettings, jobs: kopf.Index, logger: logging
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
     settings.posting.level = logging.WARNING  # Events come from the lifecycle, not from kopf's log lines
     settings.watching.server_timeout = 300
+    # Least privilege: no cluster-wide watching of CRDs and namespaces. The chart installs the CRD before the
+    # operator starts, and KRUNCH_NAMESPACES are exact names; the RBAC test holds the chart to these calls.
+    settings.scanning.disabled = True
     if SETTINGS.metrics_port:
         metrics.serve(SETTINGS.metrics_port, SETTINGS.metrics_host, lambda: _entries(jobs))
     logger.info(f"krunch operator: {SETTINGS}")

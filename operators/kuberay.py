@@ -9,6 +9,7 @@ from the job's logs like the rayCluster executor does.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -24,6 +25,7 @@ RAY_VERSION = "2.60.0"
 HEAD_CPUS, HEAD_MEMORY = "2", "8Gi"
 WORKER_MEMORY_PER_CPU = "4Gi"
 DEFAULT_WORKERS = 2
+USER_AGENT = "krunch-operator/0.1.0"
 
 
 def rayjob_name(submission_id: str) -> str:
@@ -102,6 +104,16 @@ def map_status(status: dict[str, Any] | None) -> tuple[RunPhase, str]:
     return RunPhase.PENDING, message or f"RayJob {deployment or 'New'}"
 
 
+@functools.cache
+def _custom_objects_api():  # noqa: ANN202 - kubernetes.client.CustomObjectsApi
+    """One client for the process, made after start-up loaded the credentials."""
+    from kubernetes import client
+
+    api_client = client.ApiClient()
+    api_client.user_agent = USER_AGENT  # tells the operator's own calls apart in the API server's audit log
+    return client.CustomObjectsApi(api_client)
+
+
 class KubeRayBackend:
     """Creates, reads and deletes RayJobs through the Kubernetes API (the `kubernetes` client)."""
 
@@ -112,9 +124,7 @@ class KubeRayBackend:
 
     @staticmethod
     def _api():  # noqa: ANN205 - kubernetes.client.CustomObjectsApi
-        from kubernetes import client
-
-        return client.CustomObjectsApi()
+        return _custom_objects_api()
 
     def submit(self, submission_id: str, job: dict[str, Any], body: dict[str, Any]) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -71,7 +71,12 @@ def executor_of(job: CompressionJob, settings: OperatorSettings) -> Executor:
 
 def backend_for(body: dict[str, Any], settings: OperatorSettings) -> Backend:
     job = parse_job(job_document(body), "spec")
-    if executor_of(job, settings) is Executor.RAY_JOB:
+    executor = executor_of(job, settings)
+    if executor not in settings.executors:
+        allowed = ", ".join(e.value for e in settings.executors)
+        raise SpecError("spec.executor", f"{executor.value!r} is not enabled in this operator (enabled: {allowed}; "
+                                         f"KRUNCH_EXECUTORS, Helm value operator.executors)")  # fmt: skip
+    if executor is Executor.RAY_JOB:
         from operators.kuberay import KubeRayBackend
 
         return KubeRayBackend(settings, body["metadata"]["namespace"], body)

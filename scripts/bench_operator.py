@@ -39,7 +39,7 @@ from ray.job_submission import JobSubmissionClient  # noqa: E402
 
 from operators.crd import GROUP, PLURAL, VERSION  # noqa: E402
 from operators.reconcile import job_document  # noqa: E402
-from operators.runs import JOB_ENTRYPOINT, job_environment  # noqa: E402
+from operators.runs import JOB_ENTRYPOINT, job_environment, submission_id  # noqa: E402
 from pipeline.cli import write_json  # noqa: E402
 from pipeline.job_events import PREFIX, parse_events  # noqa: E402
 from tests.mlflow_server import local_mlflow_server  # noqa: E402
@@ -97,8 +97,9 @@ def run_one_job(api: k8s.CustomObjectsApi, jobs_api: str, namespace: str, name: 
     """Create one job and watch it to the end: submission latency and per-progress lags, both ways."""
     ray = JobSubmissionClient(jobs_api)
     applied = time.time()
-    created = api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, minilm_job(name, namespace))
-    sid = f"krunch-{created['metadata']['uid']}-0"
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, minilm_job(name, namespace))
+    created = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)  # KMock answers a create with no body
+    sid = submission_id(created["metadata"]["uid"], 0)
     stop = threading.Event()
     direct = RayLogWatcher(jobs_api, sid, stop)
     direct.start()
@@ -157,7 +158,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as scratch:
         work = Path(scratch)
-        (work / "ray").mkdir()
+        for part in ("ray", "mlflow"):
+            (work / part).mkdir()
         dashboard_port = free_port()
         with (local_ray_head(work / "ray" / "t", dashboard_port=dashboard_port), local_mlflow_server(work / "mlflow") as mlflow_uri,
               kube_api(work) as kube):  # fmt: skip

@@ -103,8 +103,9 @@ class KubeAPI:
 
 
 @contextmanager
-def kube_api(workdir: Path) -> Iterator[KubeAPI]:
-    """KRUNCH_TEST_KUBECONFIG's cluster, or a KMock API server on 127.0.0.1; the CRD applied either way."""
+def kube_api(workdir: Path, record: Path | None = None) -> Iterator[KubeAPI]:
+    """KRUNCH_TEST_KUBECONFIG's cluster, or a KMock API server on 127.0.0.1; the CRD applied either way.
+    With `record`, KMock appends every resource request it serves there (tests/operators/kube_mock.py)."""
     configured = os.environ.get("KRUNCH_TEST_KUBECONFIG")
     if configured:
         api = KubeAPI(Path(configured))
@@ -113,7 +114,8 @@ def kube_api(workdir: Path) -> Iterator[KubeAPI]:
         return
     port = free_port()
     log = (workdir / "kube-mock.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "tests.operators.kube_mock", "--port", str(port)], cwd=ROOT,
+    recording = ["--record", str(record)] if record else []
+    process = subprocess.Popen([sys.executable, "-m", "tests.operators.kube_mock", "--port", str(port), *recording], cwd=ROOT,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         _wait_ready(process, f"http://127.0.0.1:{port}", START_TIMEOUT_S, log.name)
@@ -164,7 +166,7 @@ def _stop(process: subprocess.Popen, grace_s: float = 15) -> None:
 
 @dataclass
 class OperatorProcess:
-    """The real operator: `kopf run -m operators.handlers`, watching one namespace."""
+    """The real operator process (`python -m operators`, i.e. kopf), watching one namespace."""
 
     api: KubeAPI
     namespace: str
@@ -178,9 +180,10 @@ class OperatorProcess:
     def start(self) -> None:
         self.starts += 1
         log = (self.workdir / f"operator-{self.starts}.log").open("w")
-        command = [str(BIN / "kopf"), "run", "--standalone", "-m", "operators.handlers", f"--namespace={self.namespace}",
-                   f"--liveness=http://127.0.0.1:{self.health_port}/healthz", "--verbose"]  # fmt: skip
-        env = self.api.env | {"KRUNCH_METRICS_PORT": str(self.metrics_port), "KRUNCH_METRICS_HOST": "127.0.0.1"} | self.settings
+        command = [sys.executable, "-m", "operators"]  # what the chart's Deployment runs
+        env = self.api.env | {"KRUNCH_NAMESPACES": self.namespace, "KRUNCH_HEALTH_PORT": str(self.health_port),
+                              "KRUNCH_HEALTH_HOST": "127.0.0.1", "KRUNCH_METRICS_PORT": str(self.metrics_port),
+                              "KRUNCH_METRICS_HOST": "127.0.0.1", "KRUNCH_LOG_LEVEL": "DEBUG"} | self.settings  # fmt: skip
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         self.wait_healthy()

@@ -13,6 +13,10 @@ subclass adds it:
 - `/api/v1/namespaces[/NAME]` addresses Namespace objects (stock kmock reads
   "namespaces" there as the start of a namespaced path and fails).
 
+With `--record FILE` it appends one JSON line per resource request (client
+user agent, RBAC verb, group, resource/subresource, namespace): the RBAC test
+derives the operator's permissions from such a session.
+
 Run as a process (`python -m tests.operators.kube_mock --port N`): it prints
 `ready http://127.0.0.1:N` when it serves, and stops on SIGTERM.
 """
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import datetime as dt
 import itertools
+import json
 import signal
 import sys
 import uuid
@@ -34,6 +39,8 @@ from kmock._internal import enums, parsing, rendering
 CORE = {"v1/namespaces": ("Namespace", False), "v1/events": ("Event", True),
         "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False)}  # fmt: skip
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+RBAC_VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get", enums.action.CREATE: "create",
+              enums.action.UPDATE: "update", enums.action.PATCH: "patch", enums.action.DELETE: "delete"}  # fmt: skip
 
 
 _parse_path = parsing.parse_path
@@ -52,7 +59,9 @@ parsing.parse_path = parse_path  # kmock's request parsing looks it up on the mo
 
 
 class KubernetesAPI(kmock.KubernetesEmulator):
-    """KMock's emulator plus object metadata, CRD registration and typed lists."""
+    """KMock's emulator plus object metadata, CRD registration, typed lists and a request record."""
+
+    record_path: str | None = None  # set before serving: where to append the request record
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -68,7 +77,19 @@ class KubernetesAPI(kmock.KubernetesEmulator):
         resource = kmock.resource(name)
         self._kinds[(resource.group or "", resource.version or "", resource.plural or "")] = kind
 
+    def _record(self, request: rendering.Request) -> None:
+        resource = request.resource
+        verb = RBAC_VERBS.get(request.action)
+        if not self.record_path or resource is None or verb is None:
+            return  # discovery and other non-resource URLs: every authenticated client may read them
+        plural = f"{resource.plural}/{request.subresource}" if request.subresource else resource.plural
+        entry = {"agent": request.headers.get("User-Agent", ""), "verb": verb, "group": resource.group or "",
+                 "resource": plural, "namespace": request.namespace}  # fmt: skip
+        with open(self.record_path, "a") as record:
+            record.write(json.dumps(entry) + "\n")
+
     async def _handle(self, request: rendering.Request) -> Any:
+        self._record(request)
         if request.resource is not None and isinstance(request.data, dict):
             if request.action == enums.action.CREATE:
                 self._stamp_new(request)
@@ -115,12 +136,14 @@ class KubernetesAPI(kmock.KubernetesEmulator):
         return {"apiVersion": group_version, "kind": f"{kind or 'Unknown'}List", **payload}
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, record: str | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with KubernetesAPI() as api, kmock.Server(api, host="127.0.0.1", port=port) as server:
+    api = KubernetesAPI()
+    api.record_path = record
+    async with api, kmock.Server(api, host="127.0.0.1", port=port) as server:
         print(f"ready {server.url}", flush=True)
         await stop.wait()
 
@@ -128,7 +151,9 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    asyncio.run(serve(parser.parse_args().port))
+    parser.add_argument("--record", help="append a JSON line per resource request to this file")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.record))
 
 
 if __name__ == "__main__":
