@@ -42,7 +42,7 @@ def build_rayjob_manifest(job: dict[str, Any], submission_id: str, settings: Ope
     cpus = resources.get("cpusPerTask", 1)
     gpus = math.ceil(resources.get("gpusPerTask", 0) or 0)  # a pod gets whole GPUs; Ray shares them by fraction
     worker_limits = {"cpu": str(cpus), "memory": _memory(cpus)} | ({"nvidia.com/gpu": str(gpus)} if gpus else {})
-    image = settings.ray_image
+    image, secret = settings.ray_image, settings.mlflow_credentials_secret
     metadata = job["metadata"]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -65,13 +65,13 @@ def build_rayjob_manifest(job: dict[str, Any], submission_id: str, settings: Ope
                 "rayVersion": RAY_VERSION,
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},  # the head only runs the driver
-                    "template": {"spec": {"containers": [_container("ray-head", image, {"cpu": HEAD_CPUS, "memory": HEAD_MEMORY})]}},
+                    "template": {"spec": {"containers": [_container("ray-head", image, {"cpu": HEAD_CPUS, "memory": HEAD_MEMORY}, secret)]}},
                 },
                 "workerGroupSpecs": [{
                     "groupName": "gpu-workers" if gpus else "cpu-workers",
                     "replicas": workers, "minReplicas": workers, "maxReplicas": workers,
                     "rayStartParams": {},
-                    "template": {"spec": {"containers": [_container("ray-worker", image, worker_limits)]}},
+                    "template": {"spec": {"containers": [_container("ray-worker", image, worker_limits, secret)]}},
                 }],
             },
         },
@@ -83,8 +83,12 @@ def _memory(cpus: float) -> str:
     return f"{max(gib, math.ceil(cpus * gib))}Gi"
 
 
-def _container(name: str, image: str, limits: dict[str, str]) -> dict[str, Any]:
-    return {"name": name, "image": image, "resources": {"requests": dict(limits), "limits": dict(limits)}}
+def _container(name: str, image: str, limits: dict[str, str], secret: str | None) -> dict[str, Any]:
+    """A Ray container; MLflow credentials come from the Secret in the pod, never through the Jobs API."""
+    container = {"name": name, "image": image, "resources": {"requests": dict(limits), "limits": dict(limits)}}
+    if secret:
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
+    return container
 
 
 def map_status(status: dict[str, Any] | None) -> tuple[RunPhase, str]:

@@ -29,6 +29,7 @@ class OperatorSettings:
     submit_retries: int = 5  # Ray unreachable: retries before Failed/SubmissionFailed
     retry_delay_seconds: float = 5.0
     ray_image: str = "ghcr.io/krunch-dev/krunch-ray:0.1.0"  # image of a RayJob's ephemeral cluster
+    mlflow_credentials_secret: str | None = None  # Secret whose keys become MLflow env vars in RayJob pods
     metrics_port: int = 9090  # Prometheus /metrics; 0 turns it off
     metrics_host: str = "0.0.0.0"
     health_port: int = 8080  # kopf's liveness endpoint, /healthz
@@ -49,6 +50,7 @@ class OperatorSettings:
             submit_retries=_number(env, "KRUNCH_SUBMIT_RETRIES", int, cls.submit_retries, minimum=0),
             retry_delay_seconds=_number(env, "KRUNCH_RETRY_DELAY_SECONDS", float, cls.retry_delay_seconds, minimum=0.1),
             ray_image=env.get("KRUNCH_RAY_IMAGE") or cls.ray_image,
+            mlflow_credentials_secret=env.get("KRUNCH_MLFLOW_CREDENTIALS_SECRET") or None,
             metrics_port=_number(env, "KRUNCH_METRICS_PORT", int, cls.metrics_port, minimum=0),
             metrics_host=env.get("KRUNCH_METRICS_HOST") or cls.metrics_host,
             health_port=_number(env, "KRUNCH_HEALTH_PORT", int, cls.health_port, minimum=1),

@@ -9,6 +9,9 @@ subclass adds it:
   `creationTimestamp`, their namespace from the URL, and a name from `generateName`;
 - a POSTed CustomResourceDefinition registers its resource (kind, short names,
   subresources), so the test applies the chart's CRD file like on a cluster;
+- custom resources are pruned by their CRD's structural schema on create and
+  patch (fields the schema does not declare are dropped, as a real API server
+  does), so an undeclared status field fails the tests here as it would there;
 - list responses carry `kind: <Kind>List` and `apiVersion`;
 - `/api/v1/namespaces[/NAME]` addresses Namespace objects (stock kmock reads
   "namespaces" there as the start of a namespaced path and fails).
@@ -39,8 +42,9 @@ from kmock._internal import enums, parsing, rendering
 CORE = {"v1/namespaces": ("Namespace", False), "v1/events": ("Event", True),
         "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False)}  # fmt: skip
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+# kmock's UPDATE action is RBAC's patch (or update, for PUT): told apart by the HTTP method in _record
 RBAC_VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get", enums.action.CREATE: "create",
-              enums.action.UPDATE: "update", enums.action.PATCH: "patch", enums.action.DELETE: "delete"}  # fmt: skip
+              enums.action.DELETE: "delete"}  # fmt: skip
 
 
 _parse_path = parsing.parse_path
@@ -58,6 +62,23 @@ def parse_path(path: str) -> parsing.ParsedPath:
 parsing.parse_path = parse_path  # kmock's request parsing looks it up on the module
 
 
+def prune(value: Any, schema: dict[str, Any]) -> None:
+    """Drop the object fields `schema` does not declare, in place (a real API server's pruning of custom
+    resources). Only where the schema lists `properties`: `metadata` and preserve-unknown parts stay whole."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(value, dict) and "properties" in schema:
+        declared = schema["properties"]
+        for key in list(value):
+            if key not in declared:
+                del value[key]
+            elif isinstance(value[key], dict | list):
+                prune(value[key], declared[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            prune(item, schema["items"])
+
+
 class KubernetesAPI(kmock.KubernetesEmulator):
     """KMock's emulator plus object metadata, CRD registration, typed lists and a request record."""
 
@@ -67,6 +88,7 @@ class KubernetesAPI(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
         self._kinds: dict[tuple[str, str, str], str] = {}
+        self._schemas: dict[tuple[str, str, str], dict[str, Any]] = {}
         for name, (kind, namespaced) in CORE.items():
             self.declare(name, kind=kind, namespaced=namespaced)
 
@@ -80,6 +102,8 @@ class KubernetesAPI(kmock.KubernetesEmulator):
     def _record(self, request: rendering.Request) -> None:
         resource = request.resource
         verb = RBAC_VERBS.get(request.action)
+        if request.action == enums.action.UPDATE:
+            verb = "update" if request.method == enums.method.PUT else "patch"
         if not self.record_path or resource is None or verb is None:
             return  # discovery and other non-resource URLs: every authenticated client may read them
         plural = f"{resource.plural}/{request.subresource}" if request.subresource else resource.plural
@@ -91,6 +115,10 @@ class KubernetesAPI(kmock.KubernetesEmulator):
     async def _handle(self, request: rendering.Request) -> Any:
         self._record(request)
         if request.resource is not None and isinstance(request.data, dict):
+            resource = request.resource
+            schema = self._schemas.get((resource.group or "", resource.version or "", resource.plural or ""))
+            if schema and request.action in (enums.action.CREATE, enums.action.UPDATE):
+                prune(request.data, schema)
             if request.action == enums.action.CREATE:
                 self._stamp_new(request)
                 if request.resource.group == "apiextensions.k8s.io":
@@ -114,6 +142,9 @@ class KubernetesAPI(kmock.KubernetesEmulator):
         spec = crd.get("spec", {})
         names = spec.get("names", {})
         for version in spec.get("versions", []):
+            schema = (version.get("schema") or {}).get("openAPIV3Schema")
+            if schema:
+                self._schemas[(spec["group"], version["name"], names["plural"])] = schema
             self.declare(
                 f"{spec['group']}/{version['name']}/{names['plural']}", kind=names["kind"],
                 namespaced=spec.get("scope") == "Namespaced", singular=names.get("singular"),

@@ -10,6 +10,7 @@ from operators.runs import RunPhase, submission_id
 from operators.scheduling import Entry, may_start, queue_position
 from operators.settings import OperatorSettings, SettingsError
 from pipeline.job_events import emit, parse_events
+from pipeline.spec import Executor
 
 
 def entry(name: str, phase: Phase, priority: int = 0, created: str = "2026-01-01T00:00:00Z") -> Entry:
@@ -51,6 +52,14 @@ def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> N
         OperatorSettings.from_env(env)
 
 
+def test_default_executor_must_be_enabled() -> None:
+    with pytest.raises(SettingsError, match="KRUNCH_DEFAULT_EXECUTOR='rayJob' is not in KRUNCH_EXECUTORS"):
+        OperatorSettings.from_env({"KRUNCH_EXECUTORS": "rayCluster", "KRUNCH_DEFAULT_EXECUTOR": "rayJob"})
+    with pytest.raises(SettingsError, match="KRUNCH_EXECUTORS: 'slurm'"):
+        OperatorSettings.from_env({"KRUNCH_EXECUTORS": "rayCluster,slurm"})
+    assert OperatorSettings.from_env({"KRUNCH_EXECUTORS": "rayJob", "KRUNCH_DEFAULT_EXECUTOR": "rayJob"}).executors == (Executor.RAY_JOB,)
+
+
 def test_settings_from_env() -> None:
     settings = OperatorSettings.from_env({"RAY_ADDRESS": "http://ray:8265/", "KRUNCH_NAMESPACES": "a, b", "KRUNCH_MAX_CONCURRENT_JOBS": "3"})
     assert (settings.ray_address, settings.namespaces, settings.max_concurrent_jobs) == ("http://ray:8265", ("a", "b"), 3)
@@ -88,6 +97,10 @@ def test_rayjob_manifest_sizes_the_cluster_from_resources() -> None:
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1" and limits["cpu"] == "2"
     assert "http://mlflow:5000" in manifest["spec"]["runtimeEnvYAML"]
+    assert "envFrom" not in group["template"]["spec"]["containers"][0]
+    with_secret = build_rayjob_manifest(job, sid, OperatorSettings(None, "http://mlflow:5000", mlflow_credentials_secret="mlflow-creds"))
+    for pod in (with_secret["spec"]["rayClusterSpec"]["headGroupSpec"], with_secret["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]):
+        assert pod["template"]["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "mlflow-creds"}}]
 
 
 @pytest.mark.parametrize(("status", "phase"), [
