@@ -140,6 +140,16 @@ class ModelSource(_Model):
     factory: str | None = Field(None, description="module:callable that builds the architecture for a file: source")
 
 
+class Task(enum.Enum):
+    """Evaluation tasks (their evaluators live in pipeline.evaluate). Here so that validating a spec, as the
+    operator does, needs no torch."""
+
+    PERPLEXITY = "perplexity"
+    EMBEDDING = "embedding"
+    OCR = "ocr"
+    IMAGE_AGREEMENT = "image-agreement"
+
+
 class Evaluation(_Model):
     task: str | None = Field(None, description="perplexity | embedding | ocr | image-agreement; default: the model's own")
     data: str | None = Field(None, description="text for perplexity: wikipedia or file:PATH")
@@ -149,8 +159,6 @@ class Evaluation(_Model):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str | None) -> str | None:
-        from pipeline.evaluate.tasks import Task
-
         if value is not None and value not in {t.value for t in Task}:
             raise ValueError(f"unknown task {value!r}; choose one of {', '.join(t.value for t in Task)}")
         return value

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.errors import KrunchError
 from pipeline.model import LoadedModel, ModelKind
+from pipeline.spec import Task
 
 Metrics = dict[str, float | int | str]
-
-
-class Task(enum.Enum):
-    PERPLEXITY = "perplexity"
-    EMBEDDING = "embedding"
-    OCR = "ocr"
-    IMAGE_AGREEMENT = "image-agreement"
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class KubernetesAPI(kmock.KubernetesEmulator):
         verb = RBAC_VERBS.get(request.action)
         if request.action == enums.action.UPDATE:
             verb = "update" if request.method == enums.method.PUT else "patch"
-        if not self.record_path or resource is None or verb is None:
+        if not self.record_path or resource is None or not resource.plural or verb is None:
             return  # discovery and other non-resource URLs: every authenticated client may read them
         plural = f"{resource.plural}/{request.subresource}" if request.subresource else resource.plural
         entry = {"agent": request.headers.get("User-Agent", ""), "verb": verb, "group": resource.group or "",

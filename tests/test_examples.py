@@ -1,0 +1,39 @@
+"""Every job in examples/ runs both ways: `krunch compress` plans it (dry run: validate and plan, no work),
+and the CRD's schema, what `kubectl apply` is checked against, accepts it (tests/operators/test_crd.py).
+Together they cover every method family and every zoo model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.spec import Method, parse_job
+from pipeline.zoo.registry import zoo_names
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+KRUNCH = Path(sys.executable).with_name("krunch")
+
+
+def test_examples_cover_every_method_family_and_zoo_model():
+    jobs = [parse_job(yaml.safe_load(path.read_text())) for path in EXAMPLES]
+    methods = {rule.method for job in jobs for rule in job.spec.recipe.rules}
+    assert methods == set(Method)
+    assert {job.spec.recipe.quantize.bits for job in jobs if job.spec.recipe.quantize} == {4, 8}
+    assert {job.spec.model.source.removeprefix("zoo:") for job in jobs} >= set(zoo_names())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.stem)
+def test_krunch_compress_dry_run_plans_the_example(example: Path, tmp_path: Path):
+    result = subprocess.run([str(KRUNCH), "compress", str(example), "--dry-run", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, env=os.environ | {"TQDM_DISABLE": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    name = yaml.safe_load(example.read_text())["metadata"]["name"]
+    assert f"{name}: zoo:" in result.stdout and "dry run: the job is valid" in result.stdout
+    assert not (tmp_path / "out").exists()
