@@ -25,7 +25,8 @@ GROUP, VERSION = API_VERSION.split("/")
 PLURAL, SINGULAR, SHORT = "compressionjobs", "compressionjob", "cj"
 CRD_PATH = Path(__file__).resolve().parent.parent / "helm" / "krunch" / "crds" / f"{PLURAL}.{GROUP}.yaml"
 # Rules a model validator enforces that a schema can also say.
-EXTRA_CONSTRAINTS = {"RankRule": {"minProperties": 1, "maxProperties": 1}}  # exactly one of fixed, energy, maxError
+# exactly one of: fixed, energy, maxError (RankRule); paramRatio, bytesRatio (Target)
+EXTRA_CONSTRAINTS = {"RankRule": {"minProperties": 1, "maxProperties": 1}, "Target": {"minProperties": 1, "maxProperties": 1}}
 PHASES = ["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled"]
 DROPPED_KEYWORDS = ("title", "default", "additionalProperties", "$defs")
 

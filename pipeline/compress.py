@@ -33,6 +33,7 @@ from pipeline.sizes import count_params, weight_bytes
 from pipeline.spec import Calibration, CompressionJob, SpecError
 
 REPORT = "report.json"
+BUDGET = "budget.json"  # target.bytesRatio: every layer's candidates and the one chosen
 
 
 @dataclass
@@ -70,11 +71,59 @@ def calibration_grams(job: CompressionJob, model: LoadedModel, plan: Plan) -> di
     return collect_grams(model, names, job.spec.recipe.calibration or Calibration())
 
 
-def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, int]:
-    """Ranks for the layers that share the recipe's global budget; empty without a target."""
+@dataclass
+class Allocation:
+    """What the recipe's target decided: the plan to run (bytesRatio may turn layers dense or quantized),
+    ranks of the allocated layers, and for bytesRatio the candidate tables and choices."""
+
+    plan: Plan
+    ranks: dict[str, int]
+    budget: dict[str, Any] | None = None
+
+
+def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan) -> Allocation:
     target = job.spec.recipe.target
     if target is None:
-        return {}
+        return Allocation(plan, {})
+    if target.bytes_ratio is not None:
+        return allocate_bytes(job, model, plan)
+    return Allocation(plan, allocate_ranks(job, model, plan))
+
+
+def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan) -> Allocation:
+    """target.bytesRatio: per layer, dense / factorised at a rank, in fp32 / int8 / int4, within the bytes."""
+    from tqdm import tqdm
+
+    from pipeline.size_budget import applied, choose, layer_table, quantize_configs
+
+    target = job.spec.recipe.target
+    configs = quantize_configs(job.spec.recipe.quantize)
+    tables = []
+    for layer in tqdm(plan.allocated, desc="size budget", unit="layer", leave=False):
+        weight = model.module.get_submodule(layer.name).weight
+        tables.append(layer_table(layer, weight, layer_spectra(layer, weight), configs))
+    dense = sum(table.dense_bytes for table in tables)
+    budget = round(target.bytes_ratio * dense)
+    smallest = sum(table.candidates[0].bytes for table in tables)
+    if smallest > budget:
+        raise SpecError(target.field, f"{budget:,} bytes ({target.bytes_ratio} of {dense:,}) is below the smallest possible "
+                                      f"{smallest:,} (every layer at its smallest candidate)")  # fmt: skip
+    chosen = choose(tables, budget)
+    layers = [applied(layer, chosen[layer.name]) if layer.name in chosen else layer for layer in plan.layers]
+    ranks = {name: c.rank for name, c in chosen.items() if c.rank is not None}
+    summary = {
+        "bytes_ratio": target.bytes_ratio, "dense_bytes": dense, "budget_bytes": budget,
+        "planned_bytes": sum(c.bytes for c in chosen.values()),
+        "choices": {name: {"choice": c.label, "kind": c.kind, "bytes": c.bytes, "error": c.error} for name, c in chosen.items()},
+        "tables": [{"name": t.name, "dense_bytes": t.dense_bytes,
+                    "candidates": [{"choice": c.label, "bytes": c.bytes, "error": c.error} for c in t.candidates]} for t in tables],
+    }  # fmt: skip
+    return Allocation(Plan(layers), ranks, summary)
+
+
+def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, int]:
+    """target.paramRatio: ranks for the layers that share the parameter budget."""
+    target = job.spec.recipe.target
     layers = plan.allocated
     # Shares come from the weights' own spectra even for activation-aware layers: whitened spectra of
     # layers with outlier activations (a direction carrying >99% of the energy) make a normalised
@@ -85,7 +134,7 @@ def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[
     try:
         chosen = allocate(profiles, budget)
     except BudgetError as err:
-        raise SpecError("spec.recipe.target.paramRatio", str(err)) from None
+        raise SpecError(target.field, str(err)) from None
     return {name: option.rank for name, option in chosen.items()}
 
 
@@ -106,9 +155,9 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     task = evaluation_task(job, original)
     start = timings.record("load", start)
 
-    plan = make_plan(original.module, job.spec.recipe)
+    allocation = allocate_target(job, original, make_plan(original.module, job.spec.recipe))
+    plan, ranks = allocation.plan, allocation.ranks
     grams = calibration_grams(job, original, plan)
-    ranks = allocate_ranks(job, original, plan)
     start = timings.record("plan", start)
 
     execution = executor.run(original, plan, grams, ranks, progress)
@@ -135,8 +184,27 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
     report = build_report(job, task, original, compressed, plan, results, metrics_before, metrics_after, timings, out_dir)
     report["execution"] = execution.info
+    if allocation.budget is not None:
+        report["target"] = bytes_target_report(allocation.budget, results)
+        (out_dir / BUDGET).write_text(json.dumps(allocation.budget, indent=1) + "\n", encoding="utf-8")
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return CompressionResult(report, compressed)
+
+
+def bytes_target_report(budget: dict[str, Any], results: list[LayerResult]) -> dict[str, Any]:
+    """What bytesRatio achieved, measured on the built layers' stored weights (biases excluded, as in the budget)."""
+    by_name = {r.name: r for r in results}
+    stored = 0
+    for name, choice in budget["choices"].items():
+        module = by_name[name].module
+        bias = getattr(module, "bias", None)
+        stored += (weight_bytes(module) - (bias.numel() * bias.element_size() if bias is not None else 0)) if module is not None else choice["bytes"]
+    kinds: dict[str, int] = {}
+    for choice in budget["choices"].values():
+        kinds[choice["kind"]] = kinds.get(choice["kind"], 0) + 1
+    return {"bytes_ratio": budget["bytes_ratio"], "achieved_ratio": round(stored / budget["dense_bytes"], 5),
+            "layers": len(budget["choices"]), "dense_bytes": budget["dense_bytes"], "bytes_after": stored,
+            "planned_bytes": budget["planned_bytes"], "choices": kinds}  # fmt: skip
 
 
 def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replacement: torch.nn.Module) -> torch.nn.Module:
@@ -174,7 +242,7 @@ def build_report(job: CompressionJob, task: Task, original: LoadedModel, compres
         "layers": rows,
         "versions": {"krunch": __version__, "torch": torch.__version__},
     }
-    if allocated:
+    if allocated and job.spec.recipe.target.param_ratio is not None:  # bytesRatio reports itself (bytes_target_report)
         before = sum(r.params_before for r in results if r.name in allocated)
         after = sum(r.params_after for r in results if r.name in allocated)
         report["target"] = {"param_ratio": job.spec.recipe.target.param_ratio, "achieved_ratio": round(after / before, 5),

@@ -31,7 +31,11 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
     lines += [f"{name:{width}}  {_fmt(b):>14}  {_fmt(a):>14}" for name, b, a in rows]
     if "target" in report:
         t = report["target"]
-        lines.append(f"target paramRatio {t['param_ratio']} -> achieved {t['achieved_ratio']} over {t['layers']} layers")
+        if "bytes_ratio" in t:
+            mix = ", ".join(f"{count} {kind}" for kind, count in sorted(t["choices"].items()))
+            lines.append(f"target bytesRatio {t['bytes_ratio']} -> achieved {t['achieved_ratio']} over {t['layers']} layers ({mix})")
+        else:
+            lines.append(f"target paramRatio {t['param_ratio']} -> achieved {t['achieved_ratio']} over {t['layers']} layers")
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report["timings"].items())
     lines.append(f"time: {timings}")
     layers = sorted(report["layers"], key=lambda row: row["rel_error"], reverse=True)[:worst]

@@ -101,7 +101,22 @@ class Rule(_Model):
 
 
 class Target(_Model):
-    param_ratio: float = Field(gt=0, lt=1, description="keep this fraction of the selected layers' parameters")
+    """A global size budget over the layers whose rules give no rank; exactly one of the two."""
+
+    param_ratio: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the selected layers' parameters")
+    bytes_ratio: float | None = Field(
+        None, gt=0, lt=1, description="keep this fraction of their fp32 weight bytes: each layer dense, factorised or int8/int4"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> Target:
+        if (self.param_ratio is None) == (self.bytes_ratio is None):
+            raise ValueError("give exactly one of paramRatio and bytesRatio")
+        return self
+
+    @property
+    def field(self) -> str:
+        return "spec.recipe.target." + ("paramRatio" if self.param_ratio is not None else "bytesRatio")
 
 
 class Calibration(_Model):
@@ -121,13 +136,13 @@ class Recipe(_Model):
         if self.target is None:
             for index, rule in enumerate(self.rules):
                 if rule.method in FACTORIZING_METHODS and rule.rank is None:
-                    raise ValueError(f"rules[{index}].rank: required for method {rule.method.value} unless target.paramRatio is set")
+                    raise ValueError(f"rules[{index}].rank: required for method {rule.method.value} unless a target is set")
         else:
             for index, rule in enumerate(self.rules):
                 if rule.method is Method.CP and rule.rank is None:
                     raise ValueError(f"rules[{index}].rank: cp needs rank.fixed (it has no spectrum to share a budget by)")
         if self.target is not None and not any(rule.method in FACTORIZING_METHODS and rule.rank is None for rule in self.rules):
-            raise ValueError("target.paramRatio needs at least one factorizing rule without its own rank to allocate")
+            raise ValueError("target needs at least one factorizing rule without its own rank to allocate")
         return self
 
     @property

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import yaml
 
 from pipeline.artifact import MANIFEST, WEIGHTS
-from pipeline.compress import REPORT, CompressionResult
+from pipeline.compress import BUDGET, REPORT, CompressionResult
 from pipeline.errors import KrunchError
 from pipeline.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
 from pipeline.portable import pip_requirements, runtime_code
@@ -223,6 +223,8 @@ def track(job: CompressionJob, result: CompressionResult, out_dir: Path, checked
             document = job.model_dump(by_alias=True, mode="json", exclude_none=True)
             mlflow.log_text(yaml.safe_dump(document, sort_keys=False), "job.yaml")
             mlflow.log_dict(report, REPORT)
+            if (out_dir / BUDGET).exists():  # target.bytesRatio: each layer's candidates and the choice
+                mlflow.log_artifact(str(out_dir / BUDGET))
             mlflow.log_dict(report["layers"], "layers.json")
             mlflow.log_text(layers_csv(report["layers"]), "layers.csv")
             if report["layers"]:

@@ -63,7 +63,7 @@ def test_every_example_file_in_the_repository_parses():
         (lambda d: d["spec"]["recipe"]["rules"][2]["rank"].update(fixed=8), "spec.recipe.rules[2].rank", "exactly one of fixed, energy, maxError"),
         (lambda d: d["spec"]["recipe"]["quantize"].update(bits=3), "spec.recipe.quantize.bits", "4 or 8"),
         (lambda d: d["spec"]["model"].pop("source"), "spec.model.source", "Field required"),
-        (lambda d: d["spec"]["recipe"].pop("target"), "spec.recipe.rules[1].rank", "required for method svd unless target.paramRatio"),
+        (lambda d: d["spec"]["recipe"].pop("target"), "spec.recipe.rules[1].rank", "required for method svd unless a target is set"),
         (lambda d: d["spec"]["recipe"]["rules"][0].update(quantize=True), "spec.recipe.rules[0].quantize", "true is ambiguous"),
         (lambda d: d["spec"]["recipe"]["rules"][0].update(mach="x"), "spec.recipe.rules[0].mach", "Extra inputs are not permitted"),
         (lambda d: d["spec"]["recipe"]["rules"][0].update(method="tucker", rank={"fixed": 4}, activationAware=True),

@@ -1,0 +1,140 @@
+"""A joint size budget (`target.bytesRatio`): per layer, keep dense, factorise at one of several ranks, and
+store in fp32, int8 or int4, so that the layers fit the bytes and the summed normalised error is smallest.
+
+Each layer gets a table of candidates (bytes exact, as the saved tensors will
+be; error estimated): the truncation error is the tail of the spectrum the
+method truncates (as for paramRatio), the quantization error is measured by
+quantizing the layer's own weight, and the two add (quantization noise is
+relative to what is kept). Only candidates smaller than the dense fp32 weight
+are offered. The table goes through the same Lagrangian allocator as
+paramRatio (`pipeline.budget.allocate`), with bytes as the cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.budget import LayerProfile, RankOption, allocate
+from pipeline.plan import LayerPlan, largest_saving_rank, params_for_ranks, plan_rank_caps
+from pipeline.profile import profile
+from pipeline.quantize import dequantize, packed_shape, quantize
+from pipeline.spec import Method, QuantizeConfig
+
+FP32 = 4
+RANK_STEPS = 16  # ranks offered per factorised layer, spread up to the break-even rank
+# Storage layouts on offer, coarse to fine: (bits, group size; None = one scale per output channel). Several
+# group sizes make a fine ladder of sizes, so the budget is met closely rather than in int8-or-int4 jumps.
+LAYOUTS = ((8, None), (8, 64), (4, None), (4, 128), (4, 64), (4, 32))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    rank: int | None  # None: the dense weight
+    quantize: QuantizeConfig | None  # None: fp32
+    bytes: int  # weight storage (biases stay fp32 and are outside the budget)
+    error: float  # estimated squared relative error of the layer's weight
+
+    @property
+    def storage(self) -> str:
+        if self.quantize is None:
+            return "fp32"
+        return f"int{self.quantize.bits}" + (f"/g{self.quantize.group_size}" if self.quantize.group_size else "")
+
+    @property
+    def kind(self) -> str:
+        """e.g. 'dense int8', 'factorised fp32': how the layers chosen are counted."""
+        return f"{'dense' if self.rank is None else 'factorised'} {self.storage.split('/')[0]}"
+
+    @property
+    def label(self) -> str:
+        return f"{'dense' if self.rank is None else f'rank {self.rank}'} {self.storage}"
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    name: str
+    dense_bytes: int
+    candidates: list[Candidate]  # Pareto front: bytes increasing, error decreasing
+
+
+def quantize_configs(recipe_quantize: QuantizeConfig | None) -> list[QuantizeConfig]:
+    """The int8 and int4 layouts on offer; symmetric unless the recipe's quantize section says otherwise."""
+    symmetric = recipe_quantize.symmetric if recipe_quantize is not None else True
+    return [QuantizeConfig(bits=bits, group_size=group, symmetric=symmetric) for bits, group in LAYOUTS]
+
+
+def quantized_bytes(shape: tuple[int, ...], config: QuantizeConfig) -> int:
+    """Bytes a QuantizedTensor of this shape stores: values (int8, or int4 packed), fp16 scales, uint8 zero points."""
+    layout = packed_shape(shape, config)
+    return math.prod(layout["values"]) + 2 * math.prod(layout["scale"]) + math.prod(layout["zero_point"])
+
+
+def factor_shapes(plan: LayerPlan, rank: int) -> list[tuple[int, ...]] | None:
+    """Shapes of the stored factors at `rank`, where krunch can quantize them exactly; None otherwise."""
+    if plan.method is Method.SVD:
+        out_features, in_features = plan.weight_shape
+        return [(rank, in_features), (out_features, rank)]
+    return None
+
+
+def quantization_error(weight: torch.Tensor, config: QuantizeConfig) -> float:
+    """Squared relative error of round-to-nearest quantization of this weight."""
+    w = weight.detach().float()
+    restored = dequantize(quantize(w, config), config.symmetric)
+    return float((restored - w).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))
+
+
+def rank_grid(plan: LayerPlan) -> list[int]:
+    top = largest_saving_rank(plan)
+    return sorted({max(1, round(top * step / RANK_STEPS)) for step in range(1, RANK_STEPS + 1)})
+
+
+def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tensor], configs: list[QuantizeConfig]) -> LayerTable:
+    """Every candidate for one layer, then only those on the bytes/error Pareto front below dense fp32."""
+    numel = math.prod(plan.weight_shape)
+    dense_bytes = FP32 * numel
+    quant_error = {config: quantization_error(weight, config) for config in configs}
+    candidates = [Candidate(None, None, dense_bytes, 0.0)]
+    candidates += [Candidate(None, config, quantized_bytes(plan.weight_shape, config), quant_error[config]) for config in configs]
+    truncation = {option.rank: option.error for option in profile(plan, spectra).options}
+    for rank in rank_grid(plan):
+        kept = truncation[rank]
+        ranks = [min(rank, cap) for cap in plan_rank_caps(plan)] if plan.method is not Method.CP else [rank]
+        candidates.append(Candidate(rank, None, FP32 * params_for_ranks(plan, ranks), kept))
+        shapes = factor_shapes(plan, rank)
+        if shapes is not None:
+            for config in configs:
+                stored = sum(quantized_bytes(shape, config) for shape in shapes)
+                candidates.append(Candidate(rank, config, stored, kept + (1 - kept) * quant_error[config]))
+    return LayerTable(plan.name, dense_bytes, pareto_front(candidates, dense_bytes))
+
+
+def pareto_front(candidates: list[Candidate], dense_bytes: int) -> list[Candidate]:
+    """Cheapest first, keeping a candidate only if it is more accurate than every cheaper one; the dense fp32
+    weight stays (error 0) and nothing at or above its size is offered besides it."""
+    front: list[Candidate] = []
+    for candidate in sorted(candidates, key=lambda c: (c.bytes, c.error)):
+        if candidate.bytes >= dense_bytes and (candidate.rank, candidate.quantize) != (None, None):
+            continue
+        if not front or candidate.error < front[-1].error:
+            front.append(candidate)
+    return front
+
+
+def choose(tables: list[LayerTable], budget_bytes: int) -> dict[str, Candidate]:
+    """One candidate per layer, total bytes <= budget, summed error smallest."""
+    profiles = [LayerProfile(t.name, [RankOption(i, c.bytes, c.error) for i, c in enumerate(t.candidates)]) for t in tables]
+    chosen = allocate(profiles, budget_bytes)
+    by_name = {t.name: t for t in tables}
+    return {name: by_name[name].candidates[option.rank] for name, option in chosen.items()}
+
+
+def applied(plan: LayerPlan, candidate: Candidate) -> LayerPlan:
+    """The layer's plan once its candidate is chosen: dense ones become method none (quantized or not)."""
+    method = plan.method if candidate.rank is not None else Method.NONE
+    return dataclasses.replace(plan, method=method, quantize=candidate.quantize,
+                               activation_aware=plan.activation_aware and method is not Method.NONE)  # fmt: skip
