@@ -118,7 +118,7 @@ def kube_api(workdir: Path, record: Path | None = None) -> Iterator[KubeAPI]:
     process = subprocess.Popen([sys.executable, "-m", "tests.operators.kube_mock", "--port", str(port), *recording], cwd=ROOT,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        _wait_ready(process, f"http://127.0.0.1:{port}", START_TIMEOUT_S, log.name)
+        wait_http_ok(process, f"http://127.0.0.1:{port}/version", START_TIMEOUT_S, "kube mock", lambda: f"see {log.name}")
         kubeconfig = workdir / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
@@ -135,20 +135,21 @@ def kube_api(workdir: Path, record: Path | None = None) -> Iterator[KubeAPI]:
         log.close()
 
 
-def _wait_ready(process: subprocess.Popen, url: str, timeout: float, log: str) -> None:
+def wait_http_ok(process: subprocess.Popen, url: str, timeout: float, what: str, details: Callable[[], str]) -> None:
+    """Poll `url` until it answers 200, the process exits, or `timeout` passes; `details` says where to look."""
     import requests
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"kube mock exited with {process.returncode}; see {log}")
+            raise RuntimeError(f"{what} exited with {process.returncode}: {details()}")
         try:
-            if requests.get(f"{url}/version", timeout=1).ok:
+            if requests.get(url, timeout=1).ok:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"kube mock not ready after {timeout} s; see {log}")
+    raise RuntimeError(f"{what} not ready after {timeout} s: {details()}")
 
 
 def _stop(process: subprocess.Popen, grace_s: float = 15) -> None:
@@ -189,19 +190,8 @@ class OperatorProcess:
         self.wait_healthy()
 
     def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"operator exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"operator not healthy after {timeout} s:\n{self.log()[-3000:]}")
+        wait_http_ok(self.process, f"http://127.0.0.1:{self.health_port}/healthz", timeout, "operator",
+                     lambda: "\n" + self.log()[-3000:])  # fmt: skip
 
     def kill(self) -> None:
         """SIGKILL: a crash, no clean-up by the operator."""
