@@ -122,8 +122,10 @@ def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan) -> Alloc
 
 
 def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, int]:
-    """target.paramRatio: ranks for the layers that share the parameter budget."""
+    """target.paramRatio: ranks for the layers that share the parameter budget; empty without one."""
     target = job.spec.recipe.target
+    if target is None or target.param_ratio is None:
+        return {}
     layers = plan.allocated
     # Shares come from the weights' own spectra even for activation-aware layers: whitened spectra of
     # layers with outlier activations (a direction carrying >99% of the energy) make a normalised
