@@ -19,6 +19,7 @@ import kopf
 
 from operators.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment, job_metadata
 from operators.settings import OperatorSettings
+from pipeline.spec import Executor
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 RAY_VERSION = "2.60.0"
@@ -120,6 +121,8 @@ def _custom_objects_api():  # noqa: ANN202 - kubernetes.client.CustomObjectsApi
 
 class KubeRayBackend:
     """Creates, reads and deletes RayJobs through the Kubernetes API (the `kubernetes` client)."""
+
+    executor = Executor.RAY_JOB
 
     def __init__(self, settings: OperatorSettings, namespace: str, owner: dict[str, Any]) -> None:
         self.settings = settings

@@ -14,6 +14,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from operators.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment, job_metadata
 from pipeline.job_events import parse_events
+from pipeline.spec import Executor
 
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 5, 30
 
@@ -43,6 +44,8 @@ def _short(err: Exception) -> str:
 
 
 class RayJobsBackend:
+    executor = Executor.RAY_CLUSTER
+
     def __init__(self, address: str, mlflow_tracking_uri: str | None) -> None:
         self.address = address
         self.mlflow_tracking_uri = mlflow_tracking_uri

@@ -22,7 +22,7 @@ from operators.lifecycle import Phase, Reason, event_type, parse_time, phase_of,
 from operators.runs import Backend, BackendUnavailable, RunPhase, RunState, submission_id
 from operators.scheduling import Entry, Key, may_start, queue_position
 from operators.settings import OperatorSettings
-from pipeline.spec import CompressionJob, Executor, SpecError, parse_job
+from pipeline.spec import Executor, SpecError, parse_job
 
 
 @dataclass
@@ -65,13 +65,9 @@ def admit(body: dict[str, Any], status: dict[str, Any], patch: kopf.Patch, setti
     record(body, patch, status, Phase.QUEUED, Reason.QUEUED, "waiting for a free slot")
 
 
-def executor_of(job: CompressionJob, settings: OperatorSettings) -> Executor:
-    return job.spec.executor or settings.default_executor
-
-
 def backend_for(body: dict[str, Any], settings: OperatorSettings) -> Backend:
     job = parse_job(job_document(body), "spec")
-    executor = executor_of(job, settings)
+    executor = job.spec.executor or settings.default_executor
     if executor not in settings.executors:
         allowed = ", ".join(e.value for e in settings.executors)
         raise SpecError("spec.executor", f"{executor.value!r} is not enabled in this operator (enabled: {allowed}; "
@@ -106,7 +102,7 @@ async def start_when_free(body: dict[str, Any], status: dict[str, Any], patch: k
             if adopted:
                 scheduler.claimed.add(key)
                 record(body, patch, status, Phase.RUNNING, Reason.SUBMITTED, f"adopted Ray job {sid} submitted earlier",
-                       rayJobId=sid, attempt=attempt)  # fmt: skip
+                       rayJobId=sid, attempt=attempt, executor=backend.executor.value)  # fmt: skip
                 return
         if not may_start(key, entries, scheduler.claimed, settings.max_concurrent_jobs):
             place = queue_position(key, entries)
@@ -115,7 +111,6 @@ async def start_when_free(body: dict[str, Any], status: dict[str, Any], patch: k
                 patch.status["message"] = message
             return
         scheduler.claimed.add(key)
-    executor = executor_of(parse_job(job_document(body), "spec"), settings)
     try:
         await asyncio.to_thread(backend.submit, sid, job_document(body), body)
     except BackendUnavailable as err:
@@ -129,10 +124,10 @@ async def start_when_free(body: dict[str, Any], status: dict[str, Any], patch: k
         patch.status.update({"reason": Reason.SUBMISSION_RETRYING.value, "message": message})
         kopf.event(body, type="Warning", reason=Reason.SUBMISSION_RETRYING.value, message=message[:1024])
         raise kopf.TemporaryError(message, delay=settings.retry_delay_seconds) from None
-    metrics.SUBMISSIONS.labels(executor.value).inc()
-    logger.info(f"submitted {sid} ({executor.value})")
+    metrics.SUBMISSIONS.labels(backend.executor.value).inc()
+    logger.info(f"submitted {sid} ({backend.executor.value})")
     record(body, patch, status, Phase.RUNNING, Reason.SUBMITTED, f"submitted to Ray as {sid}",
-           rayJobId=sid, attempt=attempt, executor=executor.value)  # fmt: skip
+           rayJobId=sid, attempt=attempt, executor=backend.executor.value)  # fmt: skip
 
 
 def _elapsed_s(status: dict[str, Any]) -> float:
@@ -197,7 +192,7 @@ async def retry_or_fail(body: dict[str, Any], spec: dict[str, Any], status: dict
         await asyncio.to_thread(backend.submit, sid, job_document(body), body)
     except BackendUnavailable as err:
         raise kopf.TemporaryError(f"resubmitting {sid}: {err}", delay=5) from None
-    metrics.SUBMISSIONS.labels(status.get("executor") or "rayCluster").inc()
+    metrics.SUBMISSIONS.labels(backend.executor.value).inc()
     logger.info(f"attempt {attempt + 1} of {limit + 1}: resubmitted as {sid}")
     record(body, patch, status, Phase.RUNNING, Reason.RETRYING, f"attempt {attempt} failed ({failure}); resubmitted as {sid}",
            rayJobId=sid, attempt=attempt + 1, progress=None)  # fmt: skip

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pipeline.job_events import JobEvents
+from pipeline.spec import Executor
 
 
 class RunPhase(str, enum.Enum):
@@ -47,6 +48,8 @@ class BackendUnavailable(Exception):
 
 
 class Backend(Protocol):
+    executor: ClassVar[Executor]  # which spec.executor this backend serves (metrics, status)
+
     def submit(self, submission_id: str, job: dict[str, Any], body: dict[str, Any]) -> None: ...
 
     def state(self, submission_id: str) -> RunState: ...

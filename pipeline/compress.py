@@ -29,7 +29,7 @@ from pipeline.io import load_model
 from pipeline.model import LoadedModel
 from pipeline.plan import Plan, make_plan
 from pipeline.profile import layer_spectra, profile
-from pipeline.sizes import count_params, weight_bytes
+from pipeline.sizes import bytes_without_bias, count_params, weight_bytes
 from pipeline.spec import Calibration, CompressionJob, SpecError
 
 REPORT = "report.json"
@@ -195,12 +195,7 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
 
 def bytes_target_report(budget: dict[str, Any], results: list[LayerResult]) -> dict[str, Any]:
     """What bytesRatio achieved, measured on the built layers' stored weights (biases excluded, as in the budget)."""
-    by_name = {r.name: r for r in results}
-    stored = 0
-    for name, choice in budget["choices"].items():
-        module = by_name[name].module
-        bias = getattr(module, "bias", None)
-        stored += (weight_bytes(module) - (bias.numel() * bias.element_size() if bias is not None else 0)) if module is not None else choice["bytes"]
+    stored = sum(bytes_without_bias(r.module) for r in results if r.name in budget["choices"])
     kinds: dict[str, int] = {}
     for choice in budget["choices"].values():
         kinds[choice["kind"]] = kinds.get(choice["kind"], 0) + 1

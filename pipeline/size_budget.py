@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.budget import LayerProfile, RankOption, allocate
-from pipeline.plan import LayerPlan, largest_saving_rank, params_for_ranks, plan_rank_caps
+from pipeline.plan import LayerPlan, largest_saving_rank
 from pipeline.profile import profile
 from pipeline.quantize import dequantize, packed_shape, quantize
 from pipeline.spec import Method, QuantizeConfig
@@ -100,11 +100,10 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
     quant_error = {config: quantization_error(weight, config) for config in configs}
     candidates = [Candidate(None, None, dense_bytes, 0.0)]
     candidates += [Candidate(None, config, quantized_bytes(plan.weight_shape, config), quant_error[config]) for config in configs]
-    truncation = {option.rank: option.error for option in profile(plan, spectra).options}
+    options = {option.rank: option for option in profile(plan, spectra).options}  # params and truncation error per rank
     for rank in rank_grid(plan):
-        kept = truncation[rank]
-        ranks = [min(rank, cap) for cap in plan_rank_caps(plan)] if plan.method is not Method.CP else [rank]
-        candidates.append(Candidate(rank, None, FP32 * params_for_ranks(plan, ranks), kept))
+        kept = options[rank].error
+        candidates.append(Candidate(rank, None, FP32 * options[rank].params, kept))
         shapes = factor_shapes(plan, rank)
         if shapes is not None:
             for config in configs:
@@ -126,7 +125,8 @@ def pareto_front(candidates: list[Candidate], dense_bytes: int) -> list[Candidat
 
 
 def choose(tables: list[LayerTable], budget_bytes: int) -> dict[str, Candidate]:
-    """One candidate per layer, total bytes <= budget, summed error smallest."""
+    """One candidate per layer, total bytes <= budget, summed error smallest. The allocator's options carry the
+    candidate's index as their rank and its bytes as their params."""
     profiles = [LayerProfile(t.name, [RankOption(i, c.bytes, c.error) for i, c in enumerate(t.candidates)]) for t in tables]
     chosen = allocate(profiles, budget_bytes)
     by_name = {t.name: t for t in tables}

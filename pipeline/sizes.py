@@ -24,6 +24,12 @@ def count_params(module: nn.Module) -> int:
     return total
 
 
+def bytes_without_bias(layer: nn.Module) -> int:
+    """A layer's stored weight bytes, factors and quantization scales included, its (fp32) bias not."""
+    bias = getattr(layer, "bias", None)
+    return weight_bytes(layer) - (bias.numel() * bias.element_size() if bias is not None else 0)
+
+
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of the distinct tensors in the state dict: what model.safetensors holds, header aside."""
     seen: set[tuple[int, int]] = set()

@@ -69,8 +69,8 @@ def test_defaults_install_the_operator_with_least_privilege_and_probes():
 def test_every_setting_the_chart_passes_is_one_the_operator_reads():
     settings_source = (Path(__file__).resolve().parents[2] / "operators" / "settings.py").read_text()
     read = set(re.findall(r'"((?:KRUNCH|RAY|MLFLOW)_[A-Z_]+)"', settings_source))
-    [deployment] = of_kind(render(ALL_ON), "Deployment")[:1]
-    passed = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]} - {"HOME", "TZ"}
+    [operator] = [m for m in of_kind(render(ALL_ON), "Deployment") if m["metadata"]["name"].endswith("-operator")]
+    passed = {e["name"] for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]} - {"HOME", "TZ"}
     assert passed <= read, passed - read
     assert read - passed <= {"KRUNCH_METRICS_HOST", "KRUNCH_HEALTH_HOST"}, read - passed  # listen on every interface
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from operators.kuberay import USER_AGENT
-from tests.helm.chart import merged, of_kind, render, rule_set
+from tests.helm.chart import of_kind, render, rule_set
 from tests.operators.cluster import KubeAPI, OperatorProcess, kube_api
 
 TIMEOUT_S = 60
@@ -97,5 +97,5 @@ def test_role_grants_exactly_the_recorded_calls(operator_calls):
 def test_without_the_rayjob_executor_the_role_cannot_touch_rayjobs(operator_calls):
     _, calls = operator_calls
     used = {(call["group"], call["resource"], call["verb"]) for call in calls}
-    [cluster_role] = of_kind(render(merged({"operator": {"executors": ["rayCluster"]}})), "ClusterRole")
+    [cluster_role] = of_kind(render({"operator": {"executors": ["rayCluster"]}}), "ClusterRole")
     assert rule_set(cluster_role["rules"]) == used - RAYJOB_RULES

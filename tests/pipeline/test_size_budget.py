@@ -7,7 +7,7 @@ import pytest
 from pipeline.compress import allocate_target
 from pipeline.compress_layer import compress_layer
 from pipeline.size_budget import Candidate, pareto_front
-from pipeline.sizes import weight_bytes
+from pipeline.sizes import bytes_without_bias
 from pipeline.spec import CompressionJob, QuantizeConfig, SpecError, parse_job
 
 
@@ -47,7 +47,7 @@ def test_budget_is_met_within_one_percent_and_the_planned_bytes_are_the_built_by
     for layer in allocation.plan.layers:
         module = minilm.module.get_submodule(layer.name)
         result = compress_layer(layer, module, None, allocation.ranks.get(layer.name))
-        built += weight_bytes(result.module) - result.module.bias.numel() * 4
+        built += bytes_without_bias(result.module)
     assert built == budget["planned_bytes"]
 
 
