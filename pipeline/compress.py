@@ -1,5 +1,5 @@
 """The compression job, stage by stage: load -> plan -> calibrate -> allocate -> decompose/quantize ->
-assemble -> evaluate before and after -> save, returning the report.
+assemble -> heal (optional) -> evaluate before and after -> save, returning the report.
 
 Each stage is a function of plain inputs; the per-layer stage runs through an
 executor (Ray by default, see pipeline.distributed), the rest in this process.
@@ -20,11 +20,12 @@ from pipeline import __version__
 from pipeline.artifact import WEIGHTS, save_compressed
 from pipeline.assemble import assemble
 from pipeline.budget import BudgetError, allocate
-from pipeline.calibrate import collect_grams
+from pipeline.calibrate import calibration_batches, collect_grams
 from pipeline.compress_layer import LayerResult
 from pipeline.distributed.executors import Executor, ProgressCallback, RayExecutor
 from pipeline.errors import KrunchError
 from pipeline.evaluate import EvalOptions, Task, default_task, evaluate
+from pipeline.heal import HealResult, StepCallback
 from pipeline.io import load_model
 from pipeline.model import LoadedModel
 from pipeline.plan import Plan, make_plan
@@ -147,8 +148,31 @@ def _weight_numel(shape: tuple[int, ...]) -> int:
     return total
 
 
+def heal_stage(job: CompressionJob, executor: Executor, compressed: LoadedModel, original: LoadedModel,
+               on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
+    """recipe.heal: distil the assembled model towards the original on the calibration half of the data."""
+    from tqdm import tqdm
+
+    spec = job.spec.recipe.heal
+    assert spec is not None
+    calibration = job.spec.recipe.calibration or Calibration()
+    batches = list(calibration_batches(original, Calibration(data=calibration.data, tokens=spec.tokens, items=spec.items)))
+    bar = tqdm(total=spec.steps, desc="healing", unit="step")
+
+    def step(done: int, total: int, loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        bar.update(1)
+        if on_step:
+            on_step(done, total, loss)
+
+    try:
+        return executor.heal(compressed, original, batches, spec, step)
+    finally:
+        bar.close()
+
+
 def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None,
-                    executor: Executor | None = None) -> CompressionResult:  # fmt: skip
+                    executor: Executor | None = None, heal_progress: StepCallback | None = None) -> CompressionResult:  # fmt: skip
     """The whole job. Layer tasks run on Ray (`RAY_ADDRESS`, or a local instance) unless given another executor."""
     executor = executor or RayExecutor.from_resources(job.spec.resources)
     timings = Timings()
@@ -162,7 +186,14 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     grams = calibration_grams(job, original, plan)
     start = timings.record("plan", start)
 
-    execution = executor.run(original, plan, grams, ranks, progress)
+    calibration = job.spec.recipe.calibration
+    if calibration is not None and calibration.propagate:
+        from pipeline.propagate import propagate
+
+        with executor.session():
+            execution = propagate(executor, original, plan, ranks, calibration, grams, progress)
+    else:
+        execution = executor.run(original, plan, grams, ranks, progress)
     results = execution.results
     compressed = LoadedModel(f"krunch:{out_dir}", copy.deepcopy(original.module), original.kind, original.tokenizer,
                              original.preprocess, original.charset, dict(original.metadata))  # fmt: skip
@@ -173,6 +204,10 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
         replacements[name] = _tied_replacement(plan, name, original, replacements[owner])
     assemble(compressed.module, replacements, tied)
     start = timings.record("decompose", start)
+    healed = None
+    if job.spec.recipe.heal is not None:
+        healed = heal_stage(job, executor, compressed, original, heal_progress)
+        start = timings.record("heal", start)
 
     options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
     metrics_before = evaluate(original, task, options)
@@ -186,6 +221,8 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
     report = build_report(job, task, original, compressed, plan, results, metrics_before, metrics_after, timings, out_dir)
     report["execution"] = execution.info
+    if healed is not None:
+        report["heal"] = healed.summary(job.spec.recipe.heal)
     if allocation.budget is not None:
         report["target"] = bytes_target_report(allocation.budget, results)
         (out_dir / BUDGET).write_text(json.dumps(allocation.budget, indent=1) + "\n", encoding="utf-8")

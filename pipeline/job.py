@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from pipeline.errors import KrunchError
@@ -21,6 +22,7 @@ from pipeline.job_events import emit
 from pipeline.spec import CompressionJob, SpecError, parse_job
 
 JOB_ENV = "KRUNCH_JOB"
+HEAL_EVENT_S = 2.0  # the operator polls every few seconds: more events would only grow the log
 
 
 def read_job() -> CompressionJob:
@@ -45,13 +47,25 @@ def run(job: CompressionJob, out_dir: Path) -> dict:
     if checked.existing_version:  # an earlier submission of this resource finished: report it, do nothing
         return {"modelVersion": checked.existing_version, "identity": checked.identity, "reused": True}
 
+    healing = job.spec.recipe.heal is not None
+    last_heal_event = [0.0]
+
     def progress(done: int, total: int, _layer: str) -> None:
         emit("progress", done=done, total=total)
         if done == total:
+            emit("stage", stage="heal" if healing else "evaluate")
+
+    def heal_progress(step: int, steps: int, loss: float) -> None:
+        """At most one event every HEAL_EVENT_S (a GPU takes many steps a second), and always the last."""
+        now = time.monotonic()
+        if step == steps or now - last_heal_event[0] >= HEAL_EVENT_S:
+            last_heal_event[0] = now
+            emit("stage", stage=f"heal {step}/{steps} steps, loss {loss:.4g}")
+        if step == steps:
             emit("stage", stage="evaluate")
 
     emit("stage", stage="compress")
-    result = run_compression(job, out_dir, progress=progress)
+    result = run_compression(job, out_dir, progress=progress, heal_progress=heal_progress)
     emit("stage", stage="register")
     tracked = track(job, result, out_dir, checked)
     metric, before, after = quality(result.report)

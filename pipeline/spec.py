@@ -123,6 +123,20 @@ class Calibration(_Model):
     data: str = Field("wikipedia", description="built-in data set name or file:PATH; the calibration half is used")
     tokens: int = Field(8192, ge=64, description="calibration tokens (text models)")
     items: int = Field(128, ge=1, description="calibration images or words (vision models)")
+    propagate: bool = Field(
+        False, description="error-propagating: compress block by block, each activation-aware layer fitted to the original "
+        "outputs from the inputs of the model compressed so far",
+    )
+
+
+class Heal(_Model):
+    """A short distillation after compression: the original model teaches the compressed one, and only the
+    compressed layers' float factors and the normalisation layers train (recipe.heal)."""
+
+    steps: int = Field(100, ge=1, le=100_000, description="optimizer steps, one calibration batch each")
+    lr: float = Field(2e-5, gt=0, le=1, description="AdamW learning rate (cosine decay after a short warm-up)")
+    tokens: int = Field(16384, ge=64, description="distillation tokens from the calibration half (text models), cycled over the steps")
+    items: int = Field(256, ge=1, description="distillation images or words (vision models)")
 
 
 class Recipe(_Model):
@@ -130,6 +144,7 @@ class Recipe(_Model):
     rules: list[Rule] = Field(min_length=1)
     quantize: QuantizeConfig | None = None
     calibration: Calibration | None = None
+    heal: Heal | None = Field(None, description="distil the compressed model towards the original before evaluating it")
 
     @model_validator(mode="after")
     def _ranks_known(self) -> Recipe:
@@ -141,6 +156,8 @@ class Recipe(_Model):
             for index, rule in enumerate(self.rules):
                 if rule.method is Method.CP and rule.rank is None:
                     raise ValueError(f"rules[{index}].rank: cp needs rank.fixed (it has no spectrum to share a budget by)")
+        if self.calibration is not None and self.calibration.propagate and not self.needs_calibration:
+            raise ValueError("calibration.propagate: needs a rule with activationAware: true (it refits those layers)")
         if self.target is not None and not any(rule.method in FACTORIZING_METHODS and rule.rank is None for rule in self.rules):
             raise ValueError("target needs at least one factorizing rule without its own rank to allocate")
         return self

@@ -181,7 +181,24 @@ def run_metrics(report: dict[str, Any]) -> dict[str, float]:
     metrics |= {f"time.{key.removesuffix('_s')}_s": value for key, value in report["timings"].items()}
     if "target" in report:
         metrics["target.achieved_ratio"] = report["target"]["achieved_ratio"]
+    if "heal" in report:
+        metrics |= {f"heal.{key}": report["heal"][key] for key in ("loss_first", "loss_last", "trainable_params")}
     return {key: float(value) for key, value in metrics.items()}
+
+
+def log_heal_curve(run_id: str, heal: dict[str, Any], job_name: str) -> None:
+    """The distillation loss per step: a metric series (one batched call) and a plot."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from pipeline.plots import heal_figure
+
+    now = int(time.time() * 1000)
+    series = [Metric("heal.loss", float(loss), now, step) for step, loss in enumerate(heal["losses"], start=1)]
+    client = _client()
+    for start in range(0, len(series), 1000):  # the tracking API's batch limit
+        client.log_batch(run_id, metrics=series[start : start + 1000])
+    mlflow.log_figure(heal_figure(heal["losses"], f"{job_name}: healing (distillation) loss"), "plots/heal_loss.png")
 
 
 def layers_csv(rows: list[dict[str, Any]]) -> str:
@@ -230,6 +247,8 @@ def track(job: CompressionJob, result: CompressionResult, out_dir: Path, checked
             if report["layers"]:
                 mlflow.log_figure(layer_figure(report["layers"], f"{job.metadata.name}: per-layer rank, size and error"),
                                   "plots/layers.png")  # fmt: skip
+            if "heal" in report:
+                log_heal_curve(run.info.run_id, report["heal"], job.metadata.name)
             model_info = mlflow.pytorch.log_model(
                 result.model.module, name=MODEL_NAME, serialization_format="pickle",
                 code_paths=[str(runtime_code(Path(scratch) / "code"))],

@@ -14,6 +14,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,11 +24,13 @@ from tqdm import tqdm
 from pipeline.compress_layer import LayerResult
 from pipeline.distributed.faults import FaultInjection
 from pipeline.distributed.session import RaySession, ray_session
+from pipeline.distributed.healing import heal_on_ray
 from pipeline.distributed.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task
 from pipeline.errors import KrunchError
+from pipeline.heal import Batch, HealResult, StepCallback, heal, load_healed
 from pipeline.model import LoadedModel
 from pipeline.plan import Plan
-from pipeline.spec import Resources, SpecError
+from pipeline.spec import Heal, Resources, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,13 @@ class Execution:
 class Executor(Protocol):
     def run(self, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
             progress: ProgressCallback | None = None) -> Execution: ...  # fmt: skip
+
+    def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
+             on_step: StepCallback | None = None) -> HealResult: ...  # fmt: skip
+
+    def session(self) -> AbstractContextManager:
+        """Held around many `run` calls (error propagation runs one per stage): connect once, not per call."""
+        ...
 
 
 class LayerProgress:
@@ -111,6 +121,14 @@ class InProcessExecutor:
             bar.close()
         return Execution(fill_unchanged(model, results), {"mode": "inprocess", "threads": self.threads, "device": "cpu"})
 
+    def session(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
+             on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return heal(student.module, teacher.module, teacher.kind, batches, spec, device, on_step)
+
 
 @dataclass
 class RayExecutor:
@@ -151,6 +169,17 @@ class RayExecutor:
                 "device": ",".join(devices), "tensors_read_by_workers": travel["file"],
                 "tensors_via_object_store": travel["object_store"], "retries": schedule.retries}  # fmt: skip
         return Execution(fill_unchanged(model, results), info)
+
+    def session(self) -> AbstractContextManager:
+        return ray_session(self.address)
+
+    def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
+             on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
+        """One Ray task (a GPU when the cluster has one); the trained values are loaded into `student` here."""
+        with ray_session(self.address) as session:
+            result = heal_on_ray(session, student.module, teacher.module, teacher.kind, batches, spec, on_step)
+        load_healed(student.module, result.state)
+        return result
 
     def worker_count(self, session: RaySession, gpus: float) -> int:
         if self.workers is not None:

@@ -32,6 +32,7 @@ class RaySession:
     largest_node_memory: float  # Ray's schedulable `memory` resource on the biggest node, bytes
     largest_node_gpus: float
     nodes: int
+    largest_node_cpus: float = 0.0
 
 
 def local_object_store_bytes() -> int:
@@ -86,4 +87,5 @@ def describe(ray, address: str, started_here: bool) -> RaySession:  # noqa: ANN0
         largest_node_memory=max((r.get("memory", 0.0) for r in resources), default=0.0),
         largest_node_gpus=max((r.get("GPU", 0.0) for r in resources), default=0.0),
         nodes=len(nodes),
+        largest_node_cpus=max((r.get("CPU", 0.0) for r in resources), default=0.0),
     )

@@ -19,15 +19,16 @@ from pipeline.tracking import configure, register, use_experiment
 
 REGISTERED = f"ocr-small-{uuid.uuid4().hex[:6]}"  # unique per session: KRUNCH_TEST_MLFLOW_URI may be a shared server
 UID = str(uuid.uuid4())
+HEAL = {"steps": 3, "items": 32, "lr": 1e-4}  # the Tucker factors are int8: the batch norms train
 
 
-def ocr_job(path: Path, name: str, source: str, match: str, alias: str, uid: str | None = None) -> Path:
+def ocr_job(path: Path, name: str, source: str, match: str, alias: str, uid: str | None = None, heal: dict | None = None) -> Path:
     """EasyOCR: Tucker-2 on one 3x3 conv, int8 on it; 50 words of evaluation keep it quick."""
     metadata = {"name": name} | ({"uid": uid} if uid else {})
+    recipe = {"rules": [{"match": match, "method": "tucker", "rank": {"fixed": 64}}], "quantize": {"bits": 8}}
     document = {
         "apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": metadata,
-        "spec": {"model": {"source": source},
-                 "recipe": {"rules": [{"match": match, "method": "tucker", "rank": {"fixed": 64}}], "quantize": {"bits": 8}},
+        "spec": {"model": {"source": source}, "recipe": recipe | ({"heal": heal} if heal else {}),
                  "evaluation": {"task": "ocr", "items": 50}, "resources": {"workers": 2},
                  "registry": {"name": REGISTERED, "alias": alias}},
     }  # fmt: skip
@@ -46,7 +47,8 @@ def server(mlflow_server, monkeypatch):
 def first(mlflow_server, ray_cluster, tmp_path_factory):
     """One compression run registered on the server; the tests below read what it left there."""
     root = tmp_path_factory.mktemp("tracked")
-    job_path = ocr_job(root / "job.yaml", "ocr-tucker", "zoo:easyocr-g2", "FeatureExtraction.ConvNet.11", "candidate", UID)
+    job_path = ocr_job(root / "job.yaml", "ocr-tucker", "zoo:easyocr-g2", "FeatureExtraction.ConvNet.11", "candidate", UID,
+                       heal=HEAL)  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         assert main(["compress", str(job_path), "--out", str(root / "out")]) == 0
@@ -65,7 +67,11 @@ def test_run_has_params_metrics_tables_and_plots(first, server):
     assert run.data.metrics["after.word_accuracy"] == report["metrics_after"]["word_accuracy"]
     assert run.data.metrics["bytes_after"] == report["bytes_after"] < run.data.metrics["bytes_before"]
     artifacts = {a.path for a in server.list_artifacts(run.info.run_id)} | {a.path for a in server.list_artifacts(run.info.run_id, "plots")}
-    assert {"report.json", "layers.json", "layers.csv", "job.yaml", "plots/layers.png", "plots/quality_vs_size.png"} <= artifacts
+    assert {"report.json", "layers.json", "layers.csv", "job.yaml", "plots/layers.png", "plots/quality_vs_size.png",
+            "plots/heal_loss.png"} <= artifacts  # fmt: skip
+    curve = server.get_metric_history(run.info.run_id, "heal.loss")
+    assert [m.step for m in curve] == [1, 2, 3] and [m.value for m in curve] == pytest.approx(report["heal"]["losses"])
+    assert run.data.metrics["heal.loss_first"] == pytest.approx(report["heal"]["loss_first"]) and report["heal"]["trainable_params"] > 0
     local = Path(server.download_artifacts(run.info.run_id, "layers.csv", str(out.parent)))
     assert "FeatureExtraction.ConvNet.11" in local.read_text() and local.read_text().count("\n") == len(report["layers"]) + 1
     png = Path(server.download_artifacts(run.info.run_id, "plots/quality_vs_size.png", str(out.parent)))

@@ -1,0 +1,252 @@
+"""Error-propagating calibration (recipe.calibration.propagate): compress block by block, fitting each layer
+to the *original* model's outputs given the inputs the already-compressed model feeds it.
+
+Independent calibration whitens every layer for the original model's activations, so the errors of earlier
+layers compound unseen. Here the blocks (the nn.ModuleList holding the selected layers: decoder layers,
+encoder layers) run in order, and within a block its stages (layers reading the same tensor: q/k/v, then
+o, then gate/up, then down) run in order. For a stage, with X its input in the original model and X~ its
+input in the model compressed so far:
+
+    G~ = X~'X~,  K = X'X~,  M0 = W (K + lam I)(G~ + lam I)^-1
+
+M0 is the map from X~ that best reproduces W's outputs on X, ridge-shrunk towards W (the plain least-squares
+refit overfits: it has in_features^2 free numbers per layer, fitted on a few thousand tokens). The stage's
+layers are then compressed by the usual activation-aware code with weight M0 and Gram G~ — through the same
+executor, so the layers of a stage are parallel Ray tasks while blocks and stages stay in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.assemble import swap_module
+from pipeline.calibrate import calibration_batches
+from pipeline.compress_layer import LayerResult
+from pipeline.distributed.executors import Execution, Executor, ProgressCallback
+from pipeline.layers.base import CompressedLayer
+from pipeline.model import LoadedModel, ModelKind
+from pipeline.plan import LayerPlan, Plan
+from pipeline.spec import Calibration
+
+RIDGE = 0.05  # lam as a fraction of G~'s mean diagonal: chosen on held-out text (see the README's table)
+DROPPED_KWARGS = ("past_key_values", "past_key_value")  # each block runs standalone, without a cache
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook once the first block's inputs are recorded: the rest of the forward is not needed."""
+
+
+@dataclass
+class Blocks:
+    path: str  # e.g. "model.layers"
+    modules: nn.ModuleList
+
+    def layers_of(self, index: int, names: list[str]) -> list[str]:
+        return [name for name in names if name.startswith(f"{self.path}.{index}.")]
+
+
+def find_blocks(model: nn.Module, names: list[str]) -> Blocks | None:
+    """The ModuleList whose items hold the most of `names` (a transformer's layers); None if none holds two."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            held = sum(1 for name in names if name.startswith(f"{path}."))
+            if held > 1 and (best is None or held > best[0]):
+                best = (held, path, module)
+    return None if best is None else Blocks(best[1], best[2])
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+
+def _output(result: object) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def first_block_inputs(model: LoadedModel, block: nn.Module, calibration: Calibration) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) the first block receives, one per calibration batch (position embeddings, masks...)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, {k: v for k, v in kwargs.items() if k not in DROPPED_KWARGS}))
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for args, kwargs in calibration_batches(model, calibration):
+                extra = {"use_cache": False} if model.kind is ModelKind.CAUSAL_LM else {}
+                try:
+                    model.module(*args, **kwargs, **extra)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def stages_of(block: nn.Module, names: list[str], prefix: str, sample: tuple[tuple, dict]) -> list[list[str]]:
+    """Group the block's layers by the tensor they read, in the order the block reads them."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [block.get_submodule(name.removeprefix(prefix)).register_forward_pre_hook(
+        lambda _m, inputs, name=name: seen.setdefault(name, inputs[0])) for name in names]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            block(*sample[0], **sample[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages: list[list[str]] = []
+    for name, tensor in seen.items():  # dict order = call order; holding the tensors keeps identities distinct
+        for stage in stages:
+            if seen[stage[0]] is tensor:
+                stage.append(name)
+                break
+        else:
+            stages.append([name])
+    return stages
+
+
+@contextmanager
+def _input_of(module: nn.Module, sink: list[torch.Tensor]) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(lambda _m, inputs: sink.append(inputs[0].detach()))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def stage_statistics(original: nn.Module, working: nn.Module, layer: str, inputs: list[tuple[tuple, dict]],
+                     working_inputs: list[tuple[tuple, dict]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """G~ = X~'X~ and K = X'X~ (float64) for the layer's input, over every calibration batch."""
+    gram = cross = None
+    for batch, working_batch in zip(inputs, working_inputs, strict=True):
+        seen: list[torch.Tensor] = []
+        seen_working: list[torch.Tensor] = []
+        with torch.inference_mode():
+            with _input_of(original.get_submodule(layer), seen):
+                original(*batch[0], **batch[1])
+            with _input_of(working.get_submodule(layer), seen_working):
+                working(*working_batch[0], **working_batch[1])
+        x = seen[0].reshape(-1, seen[0].shape[-1]).double()
+        x_tilde = seen_working[0].reshape(-1, seen_working[0].shape[-1]).double()
+        gram = x_tilde.T @ x_tilde if gram is None else gram + x_tilde.T @ x_tilde
+        cross = x.T @ x_tilde if cross is None else cross + x.T @ x_tilde
+    assert gram is not None and cross is not None
+    return gram, cross
+
+
+def refitted_weight(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge: float | None = None) -> torch.Tensor:
+    """M0 = W (K + lam I)(G~ + lam I)^-1: reproduce W on the original inputs from the compressed ones."""
+    lam = (RIDGE if ridge is None else ridge) * float(gram.diagonal().mean())
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    # M0' = (G~ + lam I)^-1 (K + lam I)' W'   (G~ is symmetric)
+    refit = torch.linalg.solve(gram + lam * eye, (cross + lam * eye).T @ weight.detach().double().T).T
+    return refit.to(weight.dtype)
+
+
+class StageWeights(nn.Module):
+    """Looks up layers by their full names: the model an executor reads a stage's refitted weights from."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.by_name = layers  # a plain dict: nothing registered, nothing saved
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.by_name[target]
+
+
+def _stand_in(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    stand_in = copy.deepcopy(layer)
+    with torch.no_grad():
+        stand_in.weight.copy_(weight)
+    return stand_in
+
+
+def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[str, int], calibration: Calibration,
+              independent: dict[str, torch.Tensor], progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
+    """Every layer of the plan compressed; activation-aware layers inside the blocks by error propagation,
+    the others (and those outside the blocks) as usual, with the `independent` Grams."""
+    chained = [layer.name for layer in plan.layers if layer.activation_aware and layer.tied_to is None]
+    blocks = find_blocks(model.module, chained)
+    if blocks is None:
+        return executor.run(model, plan, independent, ranks, progress)
+    in_blocks = [name for index in range(len(blocks.modules)) for name in blocks.layers_of(index, chained)]
+    total, done = len([layer for layer in plan.layers if layer.tied_to is None]), 0
+
+    def counted(offset: int) -> ProgressCallback:
+        return lambda finished, _total, name: progress(offset + finished, total, name) if progress else None
+
+    rest = Plan([layer for layer in plan.layers if layer.name not in in_blocks])
+    first = executor.run(model, rest, independent, ranks, counted(0))
+    results: dict[str, LayerResult] = {r.name: r for r in first.results}
+    done = len(first.results)
+    by_name = {layer.name: layer for layer in plan.layers}
+    inputs = first_block_inputs(model, blocks.modules[0], calibration)
+    working_inputs = inputs
+    bar = tqdm(total=len(blocks.modules), desc="propagating", unit="block")
+    try:
+        for index, original_block in enumerate(blocks.modules):
+            prefix = f"{blocks.path}.{index}."
+            working_block = copy.deepcopy(original_block)
+            for name, result in results.items():  # layers compressed independently still feed their errors forward
+                if name.startswith(prefix):
+                    swap_module(working_block, name.removeprefix(prefix), result.module)
+            names = blocks.layers_of(index, in_blocks)
+            for stage in stages_of(original_block, names, prefix, inputs[0]) if names else []:
+                staged = _compress_stage(executor, model, stage, prefix, original_block, working_block,
+                                         (inputs, working_inputs), by_name, ranks, counted(done))  # fmt: skip
+                for result in staged:
+                    results[result.name] = result
+                    swap_module(working_block, result.name.removeprefix(prefix), result.module)
+                done += len(stage)
+            inputs = _advance(original_block, inputs)
+            working_inputs = _advance(working_block, working_inputs)
+            bar.update(1)
+    finally:
+        bar.close()
+    ordered = [results[layer.name] for layer in plan.layers if layer.name in results]
+    return Execution(ordered, {**first.info, "calibration": "propagated", "blocks": len(blocks.modules), "ridge": RIDGE})
+
+
+def _compress_stage(executor: Executor, model: LoadedModel, stage: list[str], prefix: str, original_block: nn.Module,
+                    working_block: nn.Module, inputs: tuple[list, list], by_name: dict[str, LayerPlan], ranks: dict[str, int],
+                    progress: ProgressCallback) -> list[LayerResult]:  # fmt: skip
+    """One stage's layers, refitted for the compressed inputs and compressed by the executor (in parallel)."""
+    gram, cross = stage_statistics(original_block, working_block, stage[0].removeprefix(prefix), *inputs)
+    weights = {}
+    for name in stage:  # the stage's layers read one tensor: one G~ and one K serve them all
+        layer = original_block.get_submodule(name.removeprefix(prefix))
+        weights[name] = _stand_in(layer, refitted_weight(layer.weight, gram, cross))
+    stand_in = LoadedModel(f"{model.reference}#{prefix}", StageWeights(weights), model.kind)
+    staged = executor.run(stand_in, Plan([by_name[name] for name in stage]), dict.fromkeys(stage, gram), ranks, progress)
+    for result in staged.results:
+        result.rel_error = _error_against(result.module, original_block.get_submodule(result.name.removeprefix(prefix)).weight)
+    return staged.results
+
+
+def _advance(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The next block's inputs: this block's outputs, with the same masks and position embeddings."""
+    with torch.inference_mode():
+        return [_with_hidden(args, kwargs, _output(block(*args, **kwargs))) for args, kwargs in inputs]
+
+
+def _error_against(module: nn.Module, weight: torch.Tensor) -> float:
+    """Relative weight error against the original layer (the executor measured it against the refit)."""
+    if not isinstance(module, CompressedLayer):
+        return 0.0
+    with torch.no_grad():
+        return float((module.to_dense() - weight).norm() / weight.norm().clamp(min=math.ulp(1.0)))
