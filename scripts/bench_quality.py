@@ -45,6 +45,8 @@ MODELS: dict[str, dict[str, Any]] = {
                   "higher_better": True, "speed": "documents_per_s", "note": ""},
 }  # fmt: skip
 CALIBRATION = {"data": "wikipedia", "tokens": 8192}
+PROPAGATED = {**CALIBRATION, "propagate": True}
+HEAL = {"steps": 100, "tokens": 16384, "lr": 2e-5}  # about 5 s a step for SmolLM2 on 2 CPU cores
 
 
 def rows_for(match: str, full: bool) -> dict[str, dict[str, Any]]:
@@ -56,6 +58,8 @@ def rows_for(match: str, full: bool) -> dict[str, dict[str, Any]]:
         "krunch int4 (g64)": {"rules": [{"match": match, "method": "none"}], "quantize": {"bits": 4, "groupSize": 64}},
         "plain SVD, params 0.9": {"target": {"paramRatio": 0.9}, "rules": [svd]},
         "whitened SVD, params 0.9": {"target": {"paramRatio": 0.9}, "rules": [aware], "calibration": CALIBRATION},
+        "propagated SVD, params 0.9": {"target": {"paramRatio": 0.9}, "rules": [aware], "calibration": PROPAGATED},
+        "propagated SVD 0.9 + heal": {"target": {"paramRatio": 0.9}, "rules": [aware], "calibration": PROPAGATED, "heal": HEAL},
         "joint budget, bytes 0.25": {"target": {"bytesRatio": 0.25}, "rules": [svd]},
         "joint budget, bytes 0.2": {"target": {"bytesRatio": 0.2}, "rules": [svd]},
     }
@@ -63,6 +67,8 @@ def rows_for(match: str, full: bool) -> dict[str, dict[str, Any]]:
         for ratio in (0.8, 0.7):
             rows[f"plain SVD, params {ratio}"] = {"target": {"paramRatio": ratio}, "rules": [svd]}
             rows[f"whitened SVD, params {ratio}"] = {"target": {"paramRatio": ratio}, "rules": [aware], "calibration": CALIBRATION}
+            rows[f"propagated SVD, params {ratio}"] = {"target": {"paramRatio": ratio}, "rules": [aware], "calibration": PROPAGATED}
+        rows["whitened SVD 0.9 + heal"] = {"target": {"paramRatio": 0.9}, "rules": [aware], "calibration": CALIBRATION, "heal": HEAL}
         rows["TT, params 0.9"] = {"target": {"paramRatio": 0.9}, "rules": [{"match": match, "method": "tt"}]}
         rows["joint budget, bytes 0.15"] = {"target": {"bytesRatio": 0.15}, "rules": [svd]}
     return rows
@@ -84,7 +90,7 @@ def krunch_row(model: str, name: str, recipe: dict[str, Any], scratch: Path) -> 
         "metric_before": before[info["metric"]], "metric_after": after[info["metric"]],
         "speedup": after[info["speed"]] / before[info["speed"]],
         "compression_s": report["timings"]["total_s"] - report["timings"].get("evaluate_s", 0), "wall_s": time.perf_counter() - started,
-        "target": report.get("target"),
+        "target": report.get("target"), "heal": {k: v for k, v in report.get("heal", {}).items() if k != "losses"} or None,
     }  # fmt: skip
 
 
@@ -119,11 +125,38 @@ def print_table(model: str, rows: list[dict[str, Any]]) -> None:
               f"{row['compression_s']:>10.1f}")  # fmt: skip
 
 
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Quality against weight bytes, one panel per model: every krunch row a point, fp32 a star."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7 * len(results), 5))
+    for axes, (model, rows) in zip(figure.subplots(1, len(results), squeeze=False)[0], results.items(), strict=True):
+        info = MODELS[model]
+        sized = [row for row in rows if row["bytes_vs_fp32"] is not None]
+        axes.scatter([1.0], [rows[0]["metric_before"]], marker="*", s=180, color="#4c72b0", label="fp32", zorder=3)
+        axes.scatter([r["bytes_vs_fp32"] for r in sized], [r["metric_after"] for r in sized], color="#c44e52", label="krunch", zorder=3)
+        for row in sized:
+            axes.annotate(row["row"], (row["bytes_vs_fp32"], row["metric_after"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        torch_row = rows[0]
+        axes.axhline(torch_row["metric_after"], color="#8c8c8c", linestyle="--", label="torch quantize_dynamic int8")
+        axes.set_xlabel("weight bytes / fp32 (whole model)")
+        axes.set_ylabel(info["metric"])
+        if not info["higher_better"]:
+            axes.set_yscale("log")
+        axes.set_title(f"{model}: {info['metric']} vs size")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m", help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--full", action="store_true", help="every row: TT and more ratios")
     parser.add_argument("--json", type=Path, help="also write the tables as JSON here")
+    parser.add_argument("--plot", type=Path, help="also draw quality against size (PNG) here")
     args = parser.parse_args()
     torch.manual_seed(0)
     results: dict[str, list[dict[str, Any]]] = {}
@@ -137,6 +170,8 @@ def main() -> int:
             print_table(model, rows)
     if args.json:
         write_json(args.json, {"machine": f"{torch.get_num_threads()} torch threads, CPU", "tables": results})
+    if args.plot:
+        plot(results, args.plot)
     return 0
 
 

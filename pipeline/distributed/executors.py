@@ -56,7 +56,7 @@ class Execution:
 
 class Executor(Protocol):
     def run(self, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
-            progress: ProgressCallback | None = None) -> Execution: ...  # fmt: skip
+            progress: ProgressCallback | None = None, bar: bool = True) -> Execution: ...  # fmt: skip
 
     def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
              on_step: StepCallback | None = None) -> HealResult: ...  # fmt: skip
@@ -69,9 +69,9 @@ class Executor(Protocol):
 class LayerProgress:
     """A per-layer bar (done / total, elapsed, ETA) plus the caller's callback, e.g. the operator's status."""
 
-    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+    def __init__(self, total: int, callback: ProgressCallback | None, show: bool = True) -> None:
         self.total, self.done, self.callback = total, 0, callback
-        self.bar = tqdm(total=total, desc="compressing", unit="layer")
+        self.bar = tqdm(total=total, desc="compressing", unit="layer", disable=not show)
 
     def finished(self, name: str) -> None:
         self.done += 1
@@ -107,18 +107,18 @@ class InProcessExecutor:
     threads: int = 1
 
     def run(self, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
-            progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
+            progress: ProgressCallback | None = None, bar: bool = True) -> Execution:  # fmt: skip
         tasks = in_process_tasks(model, plan, grams, ranks, self.threads)
-        bar, results = LayerProgress(len(tasks), progress), []
+        layers, results = LayerProgress(len(tasks), progress, bar), []
         try:
             for task in tasks:
                 try:
                     results.append(run_layer_task(task))
                 except Exception as err:
                     raise layer_failure(task.name, err) from err
-                bar.finished(task.name)
+                layers.finished(task.name)
         finally:
-            bar.close()
+            layers.close()
         return Execution(fill_unchanged(model, results), {"mode": "inprocess", "threads": self.threads, "device": "cpu"})
 
     def session(self) -> AbstractContextManager:
@@ -153,12 +153,12 @@ class RayExecutor:
         return max(1, math.floor(self.cpus_per_task))
 
     def run(self, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
-            progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
+            progress: ProgressCallback | None = None, bar: bool = True) -> Execution:  # fmt: skip
         with ray_session(self.address) as session:
             gpus = self.usable_gpus(session)
             workers = self.worker_count(session, gpus)
             tasks, travel = remote_tasks(model, plan, grams, ranks, self.threads)
-            schedule = _Schedule(self, session, workers, gpus, LayerProgress(len(tasks), progress))
+            schedule = _Schedule(self, session, workers, gpus, LayerProgress(len(tasks), progress, bar))
             try:
                 results = schedule.run(tasks)
             finally:
