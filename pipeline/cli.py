@@ -168,11 +168,13 @@ def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     fixed ranks against break-even. The same job file `kubectl apply` takes."""
     from pipeline.compress import load_source
     from pipeline.plan import make_plan
-    from pipeline.report import format_plan
+    from pipeline.report import format_plan, format_stages
 
     model = load_source(job)
     plan = make_plan(model.module, job.spec.recipe)
     print(format_plan(job.metadata.name, job.spec.model.source, plan))
+    if stages := format_stages(job.spec.recipe):
+        print(stages)
     print("dry run: the job is valid; nothing was compressed, tracked or written")
     return 0
 

@@ -22,7 +22,7 @@ from pipeline.assemble import assemble
 from pipeline.budget import BudgetError, allocate
 from pipeline.calibrate import calibration_batches, collect_grams
 from pipeline.compress_layer import LayerResult
-from pipeline.distributed.executors import Executor, ProgressCallback, RayExecutor
+from pipeline.distributed.executors import Execution, Executor, ProgressCallback, RayExecutor
 from pipeline.errors import KrunchError
 from pipeline.evaluate import EvalOptions, Task, default_task, evaluate
 from pipeline.heal import HealResult, StepCallback
@@ -171,6 +171,30 @@ def heal_stage(job: CompressionJob, executor: Executor, compressed: LoadedModel,
         bar.close()
 
 
+def compress_layers(job: CompressionJob, executor: Executor, original: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor],
+                    ranks: dict[str, int], progress: ProgressCallback | None) -> Execution:  # fmt: skip
+    """The per-layer stage: every layer independently, or block by block with calibration.propagate."""
+    calibration = job.spec.recipe.calibration
+    if calibration is not None and calibration.propagate:
+        from pipeline.propagate import propagate
+
+        return propagate(executor, original, plan, ranks, calibration, grams, progress)
+    return executor.run(original, plan, grams, ranks, progress)
+
+
+def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult], out_dir: Path) -> tuple[LoadedModel, dict[str, str]]:
+    """A copy of the original with the layers' replacements installed; and which layers are tied to which."""
+    compressed = LoadedModel(f"krunch:{out_dir}", copy.deepcopy(original.module), original.kind, original.tokenizer,
+                             original.preprocess, original.charset, dict(original.metadata))  # fmt: skip
+    by_name = {r.name: r for r in results}
+    replacements = {layer.name: by_name[layer.name].module for layer in plan.layers if layer.tied_to is None}
+    tied = {layer.name: layer.tied_to for layer in plan.layers if layer.tied_to}
+    for name, owner in tied.items():
+        replacements[name] = _tied_replacement(plan, name, original, replacements[owner])
+    assemble(compressed.module, replacements, tied)
+    return compressed, tied
+
+
 def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None,
                     executor: Executor | None = None, heal_progress: StepCallback | None = None) -> CompressionResult:  # fmt: skip
     """The whole job. Layer tasks run on Ray (`RAY_ADDRESS`, or a local instance) unless given another executor."""
@@ -186,28 +210,15 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     grams = calibration_grams(job, original, plan)
     start = timings.record("plan", start)
 
-    calibration = job.spec.recipe.calibration
-    if calibration is not None and calibration.propagate:
-        from pipeline.propagate import propagate
-
-        with executor.session():
-            execution = propagate(executor, original, plan, ranks, calibration, grams, progress)
-    else:
-        execution = executor.run(original, plan, grams, ranks, progress)
-    results = execution.results
-    compressed = LoadedModel(f"krunch:{out_dir}", copy.deepcopy(original.module), original.kind, original.tokenizer,
-                             original.preprocess, original.charset, dict(original.metadata))  # fmt: skip
-    by_name = {r.name: r for r in results}
-    replacements = {layer.name: by_name[layer.name].module for layer in plan.layers if layer.tied_to is None}
-    tied = {layer.name: layer.tied_to for layer in plan.layers if layer.tied_to}
-    for name, owner in tied.items():
-        replacements[name] = _tied_replacement(plan, name, original, replacements[owner])
-    assemble(compressed.module, replacements, tied)
-    start = timings.record("decompose", start)
-    healed = None
-    if job.spec.recipe.heal is not None:
-        healed = heal_stage(job, executor, compressed, original, heal_progress)
-        start = timings.record("heal", start)
+    with executor.session():  # one Ray connection (or local instance) for the layer stage and healing
+        execution = compress_layers(job, executor, original, plan, grams, ranks, progress)
+        results = execution.results
+        compressed, tied = assembled(original, plan, results, out_dir)
+        start = timings.record("decompose", start)
+        healed = None
+        if job.spec.recipe.heal is not None:
+            healed = heal_stage(job, executor, compressed, original, heal_progress)
+            start = timings.record("heal", start)
 
     options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
     metrics_before = evaluate(original, task, options)

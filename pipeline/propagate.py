@@ -185,6 +185,8 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
     chained = [layer.name for layer in plan.layers if layer.activation_aware and layer.tied_to is None]
     blocks = find_blocks(model.module, chained)
     if blocks is None:
+        print("krunch: calibration.propagate: no nn.ModuleList holds two of the activation-aware layers, "
+              "so there are no blocks to go through in order; they are calibrated independently")  # fmt: skip
         return executor.run(model, plan, independent, ranks, progress)
     in_blocks = [name for index in range(len(blocks.modules)) for name in blocks.layers_of(index, chained)]
     total, done = len([layer for layer in plan.layers if layer.tied_to is None]), 0

@@ -36,6 +36,12 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
             lines.append(f"target bytesRatio {t['bytes_ratio']} -> achieved {t['achieved_ratio']} over {t['layers']} layers ({mix})")
         else:
             lines.append(f"target paramRatio {t['param_ratio']} -> achieved {t['achieved_ratio']} over {t['layers']} layers")
+    if report.get("execution", {}).get("calibration") == "propagated":
+        lines.append(f"calibration: error-propagating, block by block over {report['execution']['blocks']} blocks")
+    if "heal" in report:
+        h = report["heal"]
+        lines.append(f"heal: {h['steps']} steps on {h['device']}, distillation loss {h['loss_first']:.4g} -> {h['loss_last']:.4g} "
+                     f"({h['trainable_params']:,} trainable numbers)")  # fmt: skip
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report["timings"].items())
     lines.append(f"time: {timings}")
     layers = sorted(report["layers"], key=lambda row: row["rel_error"], reverse=True)[:worst]
@@ -70,4 +76,15 @@ def format_plan(job_name: str, source: str, plan: Any) -> str:
         lines.append(f"  rules[{index}] {first.method.value}{aware}, rank {rank}, {quantize}: {count(layers)}, "
                      f"{params(layers):,} params" + (f" ({tied} tied, stored once)" if tied else "")
                      + f"; e.g. {first.name} {'x'.join(map(str, first.weight_shape))}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def format_stages(recipe: Any) -> str:
+    """The optional stages around the per-layer work, for the dry run."""
+    lines = []
+    if recipe.calibration is not None and recipe.calibration.propagate:
+        lines.append("  calibration: error-propagating (block by block, each layer refitted to the original outputs)")
+    if recipe.heal is not None:
+        h = recipe.heal
+        lines.append(f"  heal: {h.steps} distillation steps, lr {h.lr:g}, {h.tokens:,} tokens / {h.items} items of calibration data")
     return "\n".join(lines)

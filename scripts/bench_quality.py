@@ -47,6 +47,16 @@ MODELS: dict[str, dict[str, Any]] = {
 CALIBRATION = {"data": "wikipedia", "tokens": 8192}
 PROPAGATED = {**CALIBRATION, "propagate": True}
 HEAL = {"steps": 100, "tokens": 16384, "lr": 2e-5}  # about 5 s a step for SmolLM2 on 2 CPU cores
+# MiniLM's feed-forward layers alone (the target: paramRatio 0.5); '?' keeps attention.output out
+MINILM_FFN = [{"match": f"encoder.layer.{layer}", "method": "svd", "activationAware": True}
+              for layer in ("*.intermediate.dense", "?.output.dense")]  # fmt: skip
+EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
+    "minilm-l6": {
+        "FFN whitened SVD, params 0.5": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": CALIBRATION},
+        "FFN propagated SVD, params 0.5": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED},
+        "FFN propagated SVD 0.5 + heal": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED, "heal": HEAL},
+    },
+}
 
 
 def rows_for(match: str, full: bool) -> dict[str, dict[str, Any]]:
@@ -163,7 +173,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as scratch:
         for model in args.models.split(","):
             rows = [torch_dynamic_row(model)]
-            for name, recipe in rows_for(MODELS[model]["match"], args.full).items():
+            for name, recipe in (rows_for(MODELS[model]["match"], args.full) | EXTRA_ROWS.get(model, {})).items():
                 print(f"  {model}: {name} ...", flush=True)
                 rows.append(krunch_row(model, name, recipe, Path(scratch)))
             results[model] = rows
