@@ -11,6 +11,7 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from pipeline.assemble import assemble
 from pipeline.budget import BudgetError, allocate
 from pipeline.calibrate import calibration_batches, collect_grams
 from pipeline.compress_layer import LayerResult
-from pipeline.distributed.executors import Execution, Executor, ProgressCallback, RayExecutor
+from pipeline.distributed.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
 from pipeline.errors import KrunchError
 from pipeline.evaluate import EvalOptions, Task, default_task, evaluate
 from pipeline.heal import HealResult, StepCallback
@@ -82,27 +83,23 @@ class Allocation:
     budget: dict[str, Any] | None = None
 
 
-def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan) -> Allocation:
+def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor | None = None) -> Allocation:
     target = job.spec.recipe.target
     if target is None:
         return Allocation(plan, {})
     if target.bytes_ratio is not None:
-        return allocate_bytes(job, model, plan)
+        return allocate_bytes(job, model, plan, executor or InProcessExecutor())
     return Allocation(plan, allocate_ranks(job, model, plan))
 
 
-def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan) -> Allocation:
-    """target.bytesRatio: per layer, dense / factorised at a rank, in fp32 / int8 / int4, within the bytes."""
-    from tqdm import tqdm
-
-    from pipeline.size_budget import applied, choose, layer_table, quantize_configs
+def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor) -> Allocation:
+    """target.bytesRatio: per layer, dense / factorised at a rank, in fp32 / int8 / int4, within the bytes.
+    Each layer's candidate table (an SVD and a quantization per layout) is a task on the executor."""
+    from pipeline.size_budget import applied, choose, quantize_configs, table_for
 
     target = job.spec.recipe.target
     configs = quantize_configs(job.spec.recipe.quantize)
-    tables = []
-    for layer in tqdm(plan.allocated, desc="size budget", unit="layer", leave=False):
-        weight = model.module.get_submodule(layer.name).weight
-        tables.append(layer_table(layer, weight, layer_spectra(layer, weight), configs))
+    tables = executor.map_layers(partial(table_for, configs=configs), model, plan.allocated, "size budget")
     dense = sum(table.dense_bytes for table in tables)
     budget = round(target.bytes_ratio * dense)
     smallest = sum(table.candidates[0].bytes for table in tables)
@@ -205,12 +202,12 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     task = evaluation_task(job, original)
     start = timings.record("load", start)
 
-    allocation = allocate_target(job, original, make_plan(original.module, job.spec.recipe))
-    plan, ranks = allocation.plan, allocation.ranks
-    grams = calibration_grams(job, original, plan)
-    start = timings.record("plan", start)
+    with executor.session():  # one Ray connection (or local instance) for the budget, the layer stage and healing
+        allocation = allocate_target(job, original, make_plan(original.module, job.spec.recipe), executor)
+        plan, ranks = allocation.plan, allocation.ranks
+        grams = calibration_grams(job, original, plan)
+        start = timings.record("plan", start)
 
-    with executor.session():  # one Ray connection (or local instance) for the layer stage and healing
         execution = compress_layers(job, executor, original, plan, grams, ranks, progress)
         results = execution.results
         compressed, tied = assembled(original, plan, results, out_dir)

@@ -112,6 +112,13 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
     return LayerTable(plan.name, dense_bytes, pareto_front(candidates, dense_bytes))
 
 
+def table_for(plan: LayerPlan, weight: torch.Tensor, configs: list[QuantizeConfig]) -> LayerTable:
+    """One layer's whole table from its weight alone: the unit of work a Ray task runs."""
+    from pipeline.profile import layer_spectra
+
+    return layer_table(plan, weight, layer_spectra(plan, weight), configs)
+
+
 def pareto_front(candidates: list[Candidate], dense_bytes: int) -> list[Candidate]:
     """Cheapest first, keeping a candidate only if it is more accurate than every cheaper one; the dense fp32
     weight stays (error 0) and nothing at or above its size is offered besides it."""

@@ -7,18 +7,22 @@ in the same run; speed is a ratio to the fp32 model measured in the same job.
 Columns: the selected layers' parameters after, weight bytes vs fp32 and vs
 fp16, the quality metric and its change, throughput speedup, compression time.
 
-    .venv/bin/python scripts/bench_quality.py [--models smollm2-135m] [--json results/bench_quality.json]
-    python scripts/bench_quality.py --full        # every row (TT, more ratios): hours on 2 CPUs
+    .venv/bin/python scripts/bench_quality.py [--models smollm2-135m,minilm-l6] [--json F] [--plot PNG]  # default: all four
+    python scripts/bench_quality.py --full        # every row (TT, more ratios, more healing): hours on 2 CPUs
 
-The default run (SmolLM2-135M: perplexity on 4096 Wikipedia tokens, calibration
-from the other half) took about 6 minutes on a 2-core machine. Each job also
-evaluates its fp32 baseline, so every speedup is a ratio within one job.
+Measured on a 2-core machine: SmolLM2-135M and MiniLM together took 28 minutes
+(the SmolLM2 healing row alone 12), MiniLM, EasyOCR and MobileNetV2 together 13.
+Each job also evaluates its fp32 baseline, so every speedup is a ratio within
+one job. --json merges into the file: tables of models not run this time stay,
+and --plot draws every table the file then holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import sys
 import tempfile
 import time
@@ -42,11 +46,18 @@ MODELS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"match": "model.layers.*", "evaluation": {"task": "perplexity", "data": "wikipedia", "tokens": 4096},
                      "metric": "perplexity", "higher_better": False, "speed": "tokens_per_s", "note": "weights come from a 4-bit GGUF"},
     "minilm-l6": {"match": "encoder.layer.*", "evaluation": {"task": "embedding"}, "metric": "lee50_pearson",
-                  "higher_better": True, "speed": "documents_per_s", "note": ""},
+                  "higher_better": True, "speed": "documents_per_s", "note": "", "secondary": "fidelity_mean_cosine"},
+    # convolutional models get their own rows only (EXTRA_ROWS): the generic rows factorise Linears
+    "easyocr-g2": {"match": None, "evaluation": {"task": "ocr", "items": 1000}, "metric": "word_accuracy",
+                   "higher_better": True, "speed": "words_per_s", "note": "1000 rendered news words"},
+    "mobilenet-v2": {"match": None, "evaluation": {"task": "image-agreement"}, "metric": "top1_agreement",
+                     "higher_better": True, "speed": "images_per_s", "note": "agreement with the fp32 model's top-1"},
 }  # fmt: skip
 CALIBRATION = {"data": "wikipedia", "tokens": 8192}
 PROPAGATED = {**CALIBRATION, "propagate": True}
 HEAL = {"steps": 100, "tokens": 16384, "lr": 2e-5}  # about 5 s a step for SmolLM2 on 2 CPU cores
+# EasyOCR's first conv (1 input channel) and last (2x2) stay dense, as in examples/easyocr-tucker.yaml
+OCR_CONVS = [{"match": "FeatureExtraction.ConvNet.0", "method": "none"}, {"match": "FeatureExtraction.ConvNet.18", "method": "none"}]
 # MiniLM's feed-forward layers alone (the issue's target: paramRatio 0.5); '?' keeps attention.output out
 MINILM_FFN = [{"match": f"encoder.layer.{layer}", "method": "svd", "activationAware": True}
               for layer in ("*.intermediate.dense", "?.output.dense")]  # fmt: skip
@@ -56,7 +67,21 @@ EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
         "FFN propagated SVD, params 0.5": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED},
         "FFN propagated SVD 0.5 + heal": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED, "heal": HEAL},
     },
-}
+    "easyocr-g2": {
+        "krunch int8": {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8}},
+        "Tucker convs, params 0.5": {"target": {"paramRatio": 0.5}, "rules": OCR_CONVS + [{"match": "FeatureExtraction.ConvNet.*", "method": "tucker"}]},
+        "Tucker convs 0.5 + heal": {"target": {"paramRatio": 0.5}, "rules": OCR_CONVS + [{"match": "FeatureExtraction.ConvNet.*", "method": "tucker"}],
+                                    "heal": {"steps": 100, "items": 512, "lr": 1e-4}},
+        "CP convs, rank 64": {"rules": OCR_CONVS + [{"match": "FeatureExtraction.ConvNet.*", "method": "cp", "rank": {"fixed": 64}}]},
+    },
+    "mobilenet-v2": {
+        "krunch int8": {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8}},
+        "krunch int8 (groups of 32)": {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8, "groupSize": 32}},
+        "krunch int4 (g32), int8 first/last": {"rules": [{"match": "features.0.*", "method": "none", "quantize": {"bits": 8}},
+                                                      {"match": "classifier.*", "method": "none", "quantize": {"bits": 8}},
+                                                      {"match": "*", "method": "none"}], "quantize": {"bits": 4, "groupSize": 32}},
+    },
+}  # fmt: skip
 
 
 def rows_for(match: str, full: bool) -> dict[str, dict[str, Any]]:
@@ -98,7 +123,7 @@ def krunch_row(model: str, name: str, recipe: dict[str, Any], scratch: Path) -> 
         "row": name, "params_after": report["selected_params_after"], "params_before": report["selected_params_before"],
         "bytes_vs_fp32": report["bytes_after"] / report["bytes_before"], "bytes_vs_fp16": report["bytes_after"] / (report["bytes_before"] / 2),
         "metric_before": before[info["metric"]], "metric_after": after[info["metric"]],
-        "speedup": after[info["speed"]] / before[info["speed"]],
+        "speedup": after[info["speed"]] / before[info["speed"]], "secondary": after.get(info.get("secondary", "")),
         "compression_s": report["timings"]["total_s"] - report["timings"].get("evaluate_s", 0), "wall_s": time.perf_counter() - started,
         "target": report.get("target"), "heal": {k: v for k, v in report.get("heal", {}).items() if k != "losses"} or None,
     }  # fmt: skip
@@ -106,7 +131,7 @@ def krunch_row(model: str, name: str, recipe: dict[str, Any], scratch: Path) -> 
 
 def torch_dynamic_row(model: str) -> dict[str, Any]:
     """torch.ao's one-liner: int8 weights and int8 activations (what most users reach for first)."""
-    job = job_for(model, "bench", {"rules": [{"match": MODELS[model]["match"], "method": "none"}]})
+    job = job_for(model, "bench", {"rules": [{"match": MODELS[model]["match"] or "*", "method": "none"}]})
     original = load_source(job)
     task = evaluation_task(job, original)
     options = EvalOptions(**{k: v for k, v in MODELS[model]["evaluation"].items() if k in ("data", "tokens", "items")})
@@ -119,28 +144,36 @@ def torch_dynamic_row(model: str) -> dict[str, Any]:
     info = MODELS[model]
     return {"row": "torch quantize_dynamic int8", "params_after": None, "params_before": None, "bytes_vs_fp32": None,
             "bytes_vs_fp16": None, "metric_before": before[info["metric"]], "metric_after": after[info["metric"]],
-            "speedup": after[info["speed"]] / before[info["speed"]], "compression_s": seconds, "wall_s": None, "target": None}  # fmt: skip
+            "speedup": after[info["speed"]] / before[info["speed"]], "secondary": after.get(info.get("secondary", "")),
+            "compression_s": seconds, "wall_s": None, "target": None}  # fmt: skip
 
 
 def print_table(model: str, rows: list[dict[str, Any]]) -> None:
     info = MODELS[model]
     base = rows[0]["metric_before"]
     print(f"\n{model}: {info['metric']} (fp32 {base:.4g}){'; ' + info['note'] if info['note'] else ''}")
-    print(f"{'row':<30} {'params':>12} {'bytes/fp32':>10} {'bytes/fp16':>10} {info['metric']:>14} {'change':>9} {'speedup':>8} {'compress s':>10}")
+    secondary = info.get("secondary")
+    print(f"{'row':<30} {'params':>12} {'bytes/fp32':>10} {'bytes/fp16':>10} {info['metric']:>14} {'change':>9} {'speedup':>8} "
+          f"{'compress s':>10}" + (f" {secondary:>22}" if secondary else ""))  # fmt: skip
     for row in rows:
         change = (row["metric_after"] - row["metric_before"]) / row["metric_before"] * 100
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         print(f"{row['row']:<30} {fmt(row['params_after'], ',d'):>12} {fmt(row['bytes_vs_fp32'], '.3f'):>10} "
               f"{fmt(row['bytes_vs_fp16'], '.3f'):>10} {row['metric_after']:>14.4g} {change:>+8.1f}% {row['speedup']:>7.2f}x "
-              f"{row['compression_s']:>10.1f}")  # fmt: skip
+              f"{row['compression_s']:>10.1f}" + (f" {fmt(row['secondary'], '.4f'):>22}" if secondary else ""))  # fmt: skip
 
 
 def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Quality against weight bytes, one panel per model: every krunch row a point, fp32 a star."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7 * len(results), 5))
-    for axes, (model, rows) in zip(figure.subplots(1, len(results), squeeze=False)[0], results.items(), strict=True):
+    columns = min(2, len(results))
+    rows_of_panels = math.ceil(len(results) / columns)
+    figure = Figure(figsize=(7 * columns, 5 * rows_of_panels))
+    panels = figure.subplots(rows_of_panels, columns, squeeze=False).flatten()
+    for axes in panels[len(results) :]:
+        axes.set_visible(False)
+    for axes, (model, rows) in zip(panels, results.items(), strict=False):
         info = MODELS[model]
         sized = [row for row in rows if row["bytes_vs_fp32"] is not None]
         axes.scatter([1.0], [rows[0]["metric_before"]], marker="*", s=180, color="#4c72b0", label="fp32", zorder=3)
@@ -163,9 +196,9 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2-135m", help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--full", action="store_true", help="every row: TT and more ratios")
-    parser.add_argument("--json", type=Path, help="also write the tables as JSON here")
+    parser.add_argument("--json", type=Path, help="also write the tables as JSON here (merged into the file's other models' tables)")
     parser.add_argument("--plot", type=Path, help="also draw quality against size (PNG) here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -173,15 +206,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as scratch:
         for model in args.models.split(","):
             rows = [torch_dynamic_row(model)]
-            for name, recipe in (rows_for(MODELS[model]["match"], args.full) | EXTRA_ROWS.get(model, {})).items():
+            generic = rows_for(MODELS[model]["match"], args.full) if MODELS[model]["match"] else {}
+            for name, recipe in (generic | EXTRA_ROWS.get(model, {})).items():
                 print(f"  {model}: {name} ...", flush=True)
                 rows.append(krunch_row(model, name, recipe, Path(scratch)))
             results[model] = rows
             print_table(model, rows)
+    machine = f"{torch.get_num_threads()} torch threads, CPU"
+    tables = {model: {"machine": machine, "rows": rows} for model, rows in results.items()}
+    if args.json and args.json.exists():  # tables of models not run this time stay (each says its machine)
+        tables = json.loads(args.json.read_text()).get("tables", {}) | tables
     if args.json:
-        write_json(args.json, {"machine": f"{torch.get_num_threads()} torch threads, CPU", "tables": results})
+        write_json(args.json, {"tables": tables})
     if args.plot:
-        plot(results, args.plot)
+        plot({model: table["rows"] for model, table in tables.items() if model in MODELS}, args.plot)
     return 0
 
 

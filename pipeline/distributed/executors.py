@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,16 +25,17 @@ from pipeline.compress_layer import LayerResult
 from pipeline.distributed.faults import FaultInjection
 from pipeline.distributed.session import RaySession, ray_session
 from pipeline.distributed.healing import heal_on_ray
-from pipeline.distributed.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task
+from pipeline.distributed.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task, torch_threads
 from pipeline.errors import KrunchError
 from pipeline.heal import Batch, HealResult, StepCallback, heal, load_healed
 from pipeline.model import LoadedModel
-from pipeline.plan import Plan
+from pipeline.plan import LayerPlan, Plan
 from pipeline.spec import Heal, Resources, SpecError
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]  # (layers done, total, layer name)
+LayerWork = Callable[[LayerPlan, torch.Tensor], Any]  # a pure function of one layer's plan and weight
 MIN_TASK_MEMORY = 256 * 2**20
 TASK_MEMORY_PER_BYTE = 6  # working set of an SVD / TT-SVD in float64 relative to the fp32 weights
 SUBMIT_AHEAD = 4  # tasks submitted per worker slot: enough to keep slots busy, few enough to bound Grams in flight
@@ -60,6 +61,10 @@ class Executor(Protocol):
 
     def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
              on_step: StepCallback | None = None) -> HealResult: ...  # fmt: skip
+
+    def map_layers(self, work: LayerWork, model: LoadedModel, layers: list[LayerPlan], desc: str) -> list[Any]:
+        """`work(layer, weight)` for each layer (e.g. the bytes budget's candidate tables), results in order."""
+        ...
 
     def session(self) -> AbstractContextManager:
         """Held around many `run` calls (error propagation runs one per stage): connect once, not per call."""
@@ -124,10 +129,19 @@ class InProcessExecutor:
     def session(self) -> AbstractContextManager:
         return nullcontext()
 
+    def map_layers(self, work: LayerWork, model: LoadedModel, layers: list[LayerPlan], desc: str) -> list[Any]:
+        with torch_threads(self.threads):
+            return [work(layer, model.module.get_submodule(layer.name).weight.detach())
+                    for layer in tqdm(layers, desc=desc, unit="layer", leave=False)]  # fmt: skip
+
     def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
              on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return heal(student.module, teacher.module, teacher.kind, batches, spec, device, on_step)
+        try:
+            return heal(student.module, teacher.module, teacher.kind, batches, spec, device, on_step)
+        finally:  # the rest of the job (evaluation, saving) expects both where they were
+            student.module.to("cpu")
+            teacher.module.to("cpu")
 
 
 @dataclass
@@ -142,6 +156,7 @@ class RayExecutor:
     oom_retries: int = 2  # then by us, each time asking for twice the memory
     reserve_timeout_s: float = 60.0  # to reserve the workers' CPUs/GPUs before giving up with resources.workers
     fault: FaultInjection | None = None  # tests only
+    _active: RaySession | None = field(default=None, init=False, repr=False, compare=False)  # inside `session()`
 
     @classmethod
     def from_resources(cls, resources: Resources, address: str | None = None) -> RayExecutor:
@@ -154,7 +169,7 @@ class RayExecutor:
 
     def run(self, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
             progress: ProgressCallback | None = None, bar: bool = True) -> Execution:  # fmt: skip
-        with ray_session(self.address) as session:
+        with self.session() as session:
             gpus = self.usable_gpus(session)
             workers = self.worker_count(session, gpus)
             tasks, travel = remote_tasks(model, plan, grams, ranks, self.threads)
@@ -170,13 +185,41 @@ class RayExecutor:
                 "tensors_via_object_store": travel["object_store"], "retries": schedule.retries}  # fmt: skip
         return Execution(fill_unchanged(model, results), info)
 
-    def session(self) -> AbstractContextManager:
-        return ray_session(self.address)
+    @contextmanager
+    def session(self) -> Iterator[RaySession]:
+        """Connect (or start a local instance) once; `run`, `heal` and `map_layers` inside reuse it."""
+        if self._active is not None:
+            yield self._active
+            return
+        with ray_session(self.address) as session:
+            self._active = session
+            try:
+                yield session
+            finally:
+                self._active = None
+
+    def map_layers(self, work: LayerWork, model: LoadedModel, layers: list[LayerPlan], desc: str) -> list[Any]:
+        """One Ray task per layer, weights through the object store, as many at once as the cluster's CPUs allow."""
+        import ray
+
+        with self.session():
+            remote = ray.remote(_ray_layer_work).options(num_cpus=self.cpus_per_task, max_retries=self.max_retries)
+            refs = [remote.remote(work, layer, model.module.get_submodule(layer.name).weight.detach(), self.threads)
+                    for layer in layers]  # fmt: skip
+            results = []
+            for layer, ref in zip(tqdm(layers, desc=desc, unit="layer", leave=False), refs, strict=True):
+                try:
+                    results.append(ray.get(ref))
+                except ray.exceptions.RayTaskError as err:
+                    for pending in refs:
+                        ray.cancel(pending, force=True)
+                    raise layer_failure(layer.name, err.cause or err) from None
+            return results
 
     def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
              on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
         """One Ray task (a GPU when the cluster has one); the trained values are loaded into `student` here."""
-        with ray_session(self.address) as session:
+        with self.session() as session:
             result = heal_on_ray(session, student.module, teacher.module, teacher.kind, batches, spec, on_step)
         load_healed(student.module, result.state)
         return result
@@ -296,6 +339,11 @@ def _is_out_of_memory(err: BaseException, cause: BaseException | None) -> bool:
     from ray.exceptions import OutOfMemoryError
 
     return isinstance(err, OutOfMemoryError) or isinstance(cause, (MemoryError, torch.OutOfMemoryError))
+
+
+def _ray_layer_work(work: LayerWork, layer: LayerPlan, weight: torch.Tensor, threads: int) -> Any:
+    with torch_threads(threads):
+        return work(layer, weight)
 
 
 def _ray_layer_task(task: LayerTask, fault: FaultInjection | None) -> LayerResult:

@@ -73,3 +73,14 @@ def _plan(model):
     from pipeline.plan import make_plan
 
     return make_plan(model.module, job({"bytesRatio": 0.5}).spec.recipe)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_candidate_tables_computed_as_ray_tasks_equal_the_in_process_ones(minilm):
+    from pipeline.distributed.executors import RayExecutor
+
+    plan = _plan(minilm)
+    local = allocate_target(job({"bytesRatio": 0.2}), minilm, plan).budget
+    remote = allocate_target(job({"bytesRatio": 0.2}), minilm, plan, RayExecutor()).budget
+    assert remote["tables"] == local["tables"] and remote["choices"] == local["choices"]
