@@ -121,6 +121,7 @@ def healing(student: nn.Module, teacher: nn.Module, kind: ModelKind | None, batc
     params = [student.get_parameter(name) for name in names]
     for p in params:
         p.requires_grad_(True)
+    recurrent = any(isinstance(m, nn.RNNBase) for m in student.modules())
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec.steps))
     losses: list[float] = []
@@ -129,7 +130,8 @@ def healing(student: nn.Module, teacher: nn.Module, kind: ModelKind | None, batc
             args, kwargs = _to(batches[step % len(batches)], device)
             with torch.no_grad():
                 target = model_output(kind, teacher(*args, **kwargs))
-            loss = distillation_loss(kind, model_output(kind, student(*args, **kwargs)), target)
+            with torch.backends.cudnn.flags(enabled=not recurrent):  # cuDNN's RNN backward refuses eval mode
+                loss = distillation_loss(kind, model_output(kind, student(*args, **kwargs)), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

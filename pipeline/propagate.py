@@ -189,7 +189,7 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
               "so there are no blocks to go through in order; they are calibrated independently")  # fmt: skip
         return executor.run(model, plan, independent, ranks, progress)
     in_blocks = [name for index in range(len(blocks.modules)) for name in blocks.layers_of(index, chained)]
-    total, done = len([layer for layer in plan.layers if layer.tied_to is None]), 0
+    total = len([layer for layer in plan.layers if layer.tied_to is None])
 
     def counted(offset: int) -> ProgressCallback:
         return lambda finished, _total, name: progress(offset + finished, total, name) if progress else None
