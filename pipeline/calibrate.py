@@ -18,9 +18,10 @@ from pipeline.model import LoadedModel, ModelKind
 from pipeline.spec import Calibration
 
 WINDOW = {ModelKind.CAUSAL_LM: 512, ModelKind.SENTENCE_EMBEDDING: 256}
+Batch = tuple[tuple, dict]  # (args, kwargs) for a model's (or a block's) forward
 
 
-def calibration_batches(model: LoadedModel, calibration: Calibration) -> Iterator[tuple[tuple, dict]]:
+def calibration_batches(model: LoadedModel, calibration: Calibration) -> Iterator[Batch]:
     """(args, kwargs) for model.module, one batch at a time."""
     if model.kind in WINDOW:
         window = WINDOW[model.kind]

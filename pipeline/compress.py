@@ -168,15 +168,16 @@ def heal_stage(job: CompressionJob, executor: Executor, compressed: LoadedModel,
         bar.close()
 
 
-def compress_layers(job: CompressionJob, executor: Executor, original: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor],
-                    ranks: dict[str, int], progress: ProgressCallback | None) -> Execution:  # fmt: skip
-    """The per-layer stage: every layer independently, or block by block with calibration.propagate."""
+def compress_layers(job: CompressionJob, executor: Executor, original: LoadedModel, plan: Plan, ranks: dict[str, int],
+                    progress: ProgressCallback | None) -> Execution:  # fmt: skip
+    """Calibrate and compress every layer: independently, or block by block with calibration.propagate
+    (which takes its own statistics, from the partly compressed model)."""
     calibration = job.spec.recipe.calibration
     if calibration is not None and calibration.propagate:
         from pipeline.propagate import propagate
 
-        return propagate(executor, original, plan, ranks, calibration, grams, progress)
-    return executor.run(original, plan, grams, ranks, progress)
+        return propagate(executor, original, plan, ranks, calibration, progress)
+    return executor.run(original, plan, calibration_grams(job, original, plan), ranks, progress)
 
 
 def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult], out_dir: Path) -> tuple[LoadedModel, dict[str, str]]:
@@ -205,10 +206,9 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     with executor.session():  # one Ray connection (or local instance) for the budget, the layer stage and healing
         allocation = allocate_target(job, original, make_plan(original.module, job.spec.recipe), executor)
         plan, ranks = allocation.plan, allocation.ranks
-        grams = calibration_grams(job, original, plan)
         start = timings.record("plan", start)
 
-        execution = compress_layers(job, executor, original, plan, grams, ranks, progress)
+        execution = compress_layers(job, executor, original, plan, ranks, progress)
         results = execution.results
         compressed, tied = assembled(original, plan, results, out_dir)
         start = timings.record("decompose", start)

@@ -107,11 +107,17 @@ def compress_layer(plan: LayerPlan, module: nn.Module, gram: torch.Tensor | None
         else:
             ranks = None if plan.method is Method.NONE else choose_ranks(plan, module.weight, gram, allocated)
             replacement = build_replacement(plan, module, ranks or [], gram)
-        dense = replacement.to_dense() if isinstance(replacement, CompressedLayer) else module.weight
-        rel_error = float((dense - module.weight).norm() / module.weight.norm().clamp(min=1e-30))
+        rel_error = relative_error(replacement, module.weight)
     rank: int | list[int] | None = ranks if ranks is None or len(ranks) > 1 else ranks[0]
     return LayerResult(plan.name, plan.method.value, rank, plan.params, _logical_params(plan, replacement), rel_error,
                        time.perf_counter() - start, replacement)  # fmt: skip
+
+
+def relative_error(replacement: nn.Module, weight: torch.Tensor) -> float:
+    """Relative Frobenius error of the weight a replacement represents (0 for a layer left dense)."""
+    with torch.no_grad():
+        dense = replacement.to_dense() if isinstance(replacement, CompressedLayer) else weight
+        return float((dense - weight).norm() / weight.norm().clamp(min=1e-30))
 
 
 def _logical_params(plan: LayerPlan, replacement: nn.Module) -> int:

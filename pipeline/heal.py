@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.calibrate import Batch
 from pipeline.layers.base import CompressedLayer
 from pipeline.model import ModelKind
 from pipeline.spec import Heal, SpecError
 
 StepCallback = Callable[[int, int, float], None]  # (step done, total steps, loss)
-Batch = tuple[tuple, dict]  # (args, kwargs) for the model's forward
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 MAX_GRAD_NORM = 1.0
 WARMUP_FRACTION = 0.05

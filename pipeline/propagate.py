@@ -18,7 +18,6 @@ executor, so the layers of a stage are parallel Ray tasks while blocks and stage
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,10 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.assemble import swap_module
-from pipeline.calibrate import calibration_batches
-from pipeline.compress_layer import LayerResult
+from pipeline.calibrate import Batch, calibration_batches, collect_grams
+from pipeline.compress_layer import LayerResult, relative_error
 from pipeline.distributed.executors import Execution, Executor, ProgressCallback
-from pipeline.layers.base import CompressedLayer
 from pipeline.model import LoadedModel, ModelKind
 from pipeline.plan import LayerPlan, Plan
 from pipeline.spec import Calibration
@@ -68,7 +66,7 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> Batch:
     return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
 
@@ -76,9 +74,9 @@ def _output(result: object) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def first_block_inputs(model: LoadedModel, block: nn.Module, calibration: Calibration) -> list[tuple[tuple, dict]]:
+def first_block_inputs(model: LoadedModel, block: nn.Module, calibration: Calibration) -> list[Batch]:
     """(args, kwargs) the first block receives, one per calibration batch (position embeddings, masks...)."""
-    captured: list[tuple[tuple, dict]] = []
+    captured: list[Batch] = []
 
     def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append((args, {k: v for k, v in kwargs.items() if k not in DROPPED_KWARGS}))
@@ -98,7 +96,7 @@ def first_block_inputs(model: LoadedModel, block: nn.Module, calibration: Calibr
     return captured
 
 
-def stages_of(block: nn.Module, names: list[str], prefix: str, sample: tuple[tuple, dict]) -> list[list[str]]:
+def stages_of(block: nn.Module, names: list[str], prefix: str, sample: Batch) -> list[list[str]]:
     """Group the block's layers by the tensor they read, in the order the block reads them."""
     seen: dict[str, torch.Tensor] = {}
     handles = [block.get_submodule(name.removeprefix(prefix)).register_forward_pre_hook(
@@ -129,8 +127,8 @@ def _input_of(module: nn.Module, sink: list[torch.Tensor]) -> Iterator[None]:
         handle.remove()
 
 
-def stage_statistics(original: nn.Module, working: nn.Module, layer: str, inputs: list[tuple[tuple, dict]],
-                     working_inputs: list[tuple[tuple, dict]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def stage_statistics(original: nn.Module, working: nn.Module, layer: str, inputs: list[Batch],
+                     working_inputs: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """G~ = X~'X~ and K = X'X~ (float64) for the layer's input, over every calibration batch."""
     gram = cross = None
     for batch, working_batch in zip(inputs, working_inputs, strict=True):
@@ -179,16 +177,18 @@ def _stand_in(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
 
 
 def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[str, int], calibration: Calibration,
-              independent: dict[str, torch.Tensor], progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
+              progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
     """Every layer of the plan compressed; activation-aware layers inside the blocks by error propagation,
-    the others (and those outside the blocks) as usual, with the `independent` Grams."""
+    the others (and activation-aware ones outside the blocks, with Grams of the original model) as usual."""
     chained = [layer.name for layer in plan.layers if layer.activation_aware and layer.tied_to is None]
     blocks = find_blocks(model.module, chained)
+    in_blocks = [] if blocks is None else [name for index in range(len(blocks.modules)) for name in blocks.layers_of(index, chained)]
+    outside = [name for name in chained if name not in in_blocks]
+    independent = collect_grams(model, outside, calibration) if outside else {}
     if blocks is None:
         print("krunch: calibration.propagate: no nn.ModuleList holds two of the activation-aware layers, "
               "so there are no blocks to go through in order; they are calibrated independently")  # fmt: skip
         return executor.run(model, plan, independent, ranks, progress)
-    in_blocks = [name for index in range(len(blocks.modules)) for name in blocks.layers_of(index, chained)]
     total = len([layer for layer in plan.layers if layer.tied_to is None])
 
     def counted(offset: int) -> ProgressCallback:
@@ -241,19 +241,12 @@ def _compress_stage(executor: Executor, model: LoadedModel, stage: list[str], pr
     stand_in = LoadedModel(f"{model.reference}#{prefix}", StageWeights(weights), model.kind)
     staged = executor.run(stand_in, Plan([by_name[name] for name in stage]), dict.fromkeys(stage, gram), ranks, progress, bar=False)
     for result in staged.results:
-        result.rel_error = _error_against(result.module, original_block.get_submodule(result.name.removeprefix(prefix)).weight)
+        result.rel_error = relative_error(result.module, original_block.get_submodule(result.name.removeprefix(prefix)).weight)
     return staged
 
 
-def _advance(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+def _advance(block: nn.Module, inputs: list[Batch]) -> list[Batch]:
     """The next block's inputs: this block's outputs, with the same masks and position embeddings."""
     with torch.inference_mode():
         return [_with_hidden(args, kwargs, _output(block(*args, **kwargs))) for args, kwargs in inputs]
 
-
-def _error_against(module: nn.Module, weight: torch.Tensor) -> float:
-    """Relative weight error against the original layer (the executor measured it against the refit)."""
-    if not isinstance(module, CompressedLayer):
-        return 0.0
-    with torch.no_grad():
-        return float((module.to_dense() - weight).norm() / weight.norm().clamp(min=math.ulp(1.0)))

@@ -19,7 +19,6 @@ from pipeline.spec import Calibration, CompressionJob, SpecError, parse_job
 pytestmark = pytest.mark.slow
 
 CALIBRATION = Calibration(tokens=4096, propagate=True)
-RANKS = {"svd": 96}
 
 
 def job_for(model, match: str, rank: int, propagate: bool = True) -> CompressionJob:
@@ -85,7 +84,7 @@ def test_propagation_beats_independent_calibration_on_held_out_text(minilm):
     plan = make_plan(minilm.module, job.spec.recipe)
     grams = calibration_grams(job, minilm, plan)
     independent = InProcessExecutor().run(minilm, plan, grams, {})
-    propagated = propagate(InProcessExecutor(), minilm, plan, {}, job.spec.recipe.calibration, grams)
+    propagated = propagate(InProcessExecutor(), minilm, plan, {}, job.spec.recipe.calibration)
 
     assert [r.name for r in propagated.results] == [r.name for r in independent.results]
     assert [r.rank for r in propagated.results] == [r.rank for r in independent.results]
@@ -99,11 +98,10 @@ def test_propagation_on_ray_matches_in_process_bitwise(minilm, ray_cluster):
     """Stages run as parallel Ray tasks; the factors equal the in-process run's bit for bit."""
     job = job_for(minilm, "encoder.layer.[01].*", 64)
     plan = make_plan(minilm.module, job.spec.recipe)
-    grams = calibration_grams(job, minilm, plan)
     executor = RayExecutor(workers=2)
     with executor.session():
-        remote = propagate(executor, minilm, plan, {}, job.spec.recipe.calibration, grams)
-    local = propagate(InProcessExecutor(), minilm, plan, {}, job.spec.recipe.calibration, grams)
+        remote = propagate(executor, minilm, plan, {}, job.spec.recipe.calibration)
+    local = propagate(InProcessExecutor(), minilm, plan, {}, job.spec.recipe.calibration)
     assert remote.info["mode"] == "ray"
     for a, b in zip(remote.results, local.results, strict=True):
         assert a.name == b.name and a.rel_error == b.rel_error
