@@ -40,7 +40,7 @@ def allocate(profiles: list[LayerProfile], budget: int) -> dict[str, RankOption]
         return {}
     smallest = sum(p.options[0].params for p in profiles)
     if smallest > budget:
-        raise BudgetError(f"the budget of {budget:,} parameters is below the smallest possible total {smallest:,} (rank 1 everywhere)")
+        raise BudgetError(f"the budget of {budget:,} parameters is below the smallest possible total {smallest:,} (every layer at its smallest rank)")
     low, high = 0.0, 1.0
     while sum(p.options[_best_for_rate(p, high)].params for p in profiles) > budget:
         high *= 4

@@ -20,7 +20,7 @@ import torch
 from pipeline import __version__
 from pipeline.artifact import WEIGHTS, save_compressed
 from pipeline.assemble import assemble
-from pipeline.budget import BudgetError, allocate
+from pipeline.budget import BudgetError, LayerProfile, allocate
 from pipeline.calibrate import calibration_batches, collect_grams
 from pipeline.compress_layer import LayerResult
 from pipeline.distributed.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
@@ -29,7 +29,7 @@ from pipeline.evaluate import EvalOptions, Task, default_task, evaluate
 from pipeline.heal import HealResult, StepCallback
 from pipeline.io import load_model
 from pipeline.model import LoadedModel
-from pipeline.plan import Plan, make_plan
+from pipeline.plan import LayerPlan, Plan, largest_saving_rank, make_plan
 from pipeline.profile import layer_spectra, profile
 from pipeline.sizes import bytes_without_bias, count_params, weight_bytes
 from pipeline.spec import Calibration, CompressionJob, SpecError
@@ -76,11 +76,13 @@ def calibration_grams(job: CompressionJob, model: LoadedModel, plan: Plan) -> di
 @dataclass
 class Allocation:
     """What the recipe's target decided: the plan to run (bytesRatio may turn layers dense or quantized),
-    ranks of the allocated layers, and for bytesRatio the candidate tables and choices."""
+    ranks of the allocated layers, for bytesRatio the candidate tables and choices, and the calibration
+    Grams when allocating needed them (the layer stage reuses them)."""
 
     plan: Plan
     ranks: dict[str, int]
     budget: dict[str, Any] | None = None
+    grams: dict[str, torch.Tensor] | None = None
 
 
 def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor | None = None) -> Allocation:
@@ -89,7 +91,8 @@ def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan, executo
         return Allocation(plan, {})
     if target.bytes_ratio is not None:
         return allocate_bytes(job, model, plan, executor or InProcessExecutor())
-    return Allocation(plan, allocate_ranks(job, model, plan))
+    grams = calibration_grams(job, model, plan) if any(layer.activation_aware for layer in plan.allocated) else None
+    return Allocation(plan, allocate_ranks(job, model, plan, grams), grams=grams)
 
 
 def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor) -> Allocation:
@@ -119,23 +122,50 @@ def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan, executor
     return Allocation(Plan(layers), ranks, summary)
 
 
-def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, int]:
-    """target.paramRatio: ranks for the layers that share the parameter budget; empty without one."""
+DEFAULT_FLOOR_SHARE = 0.5  # activation-aware layers under paramRatio keep at least this share of the target
+
+
+def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """target.paramRatio: ranks for the layers that share the parameter budget; empty without one.
+
+    Activation-aware layers are ranked by their whitened spectra (given `grams`), the error that reaches the
+    outputs, but above a floor: a layer with outlier activations (one direction carrying >99% of the energy)
+    has a whitened tail that looks tiny, and unfloored it is starved to rank 1. SmolLM2 at 0.9 (perplexity):
+    weight spectra 100.9, whitened 104.9, whitened with the floor at half the target 93.2.
+    """
     target = job.spec.recipe.target
     if target is None or target.param_ratio is None:
         return {}
     layers = plan.allocated
-    # Shares come from the weights' own spectra even for activation-aware layers: whitened spectra of
-    # layers with outlier activations (a direction carrying >99% of the energy) make a normalised
-    # error look tiny and starve them (SmolLM2 at 0.8: perplexity 203 vs 112 with weight spectra).
-    profiles = [profile(layer, layer_spectra(layer, model.module.get_submodule(layer.name).weight)) for layer in layers]
+    grams = grams or {}
+    profiles = []
+    for layer in layers:
+        spectra = layer_spectra(layer, model.module.get_submodule(layer.name).weight, grams.get(layer.name))
+        floor = layer.floor if layer.floor is not None else DEFAULT_FLOOR_SHARE * target.param_ratio if layer.activation_aware else None
+        profiles.append(floored(profile(layer, spectra), layer, floor))
     biases = sum(layer.params - _weight_numel(layer.weight_shape) for layer in layers)
     budget = round(target.param_ratio * sum(layer.params for layer in layers)) - biases  # biases stay dense
     try:
         chosen = allocate(profiles, budget)
     except BudgetError as err:
-        raise SpecError(target.field, str(err)) from None
+        raise SpecError(target.field, str(err) + _floors_hint(layers)) from None
     return {name: option.rank for name, option in chosen.items()}
+
+
+def floored(options: LayerProfile, layer: LayerPlan, floor: float | None) -> LayerProfile:
+    """Only the ranks keeping at least `floor` of the layer's weight parameters."""
+    if floor is None:
+        return options
+    kept = [option for option in options.options if option.params >= floor * layer.weight_params]
+    if not kept:
+        raise SpecError(f"{layer.field}.floor", f"{floor} of {layer.name}'s parameters is more than any rank that "
+                        f"saves space keeps (break-even rank {largest_saving_rank(layer)})")  # fmt: skip
+    return LayerProfile(options.name, kept)
+
+
+def _floors_hint(layers: list[LayerPlan]) -> str:
+    floors = sorted({layer.field for layer in layers if layer.floor is not None})
+    return f"; rule floors ({', '.join(f + '.floor' for f in floors)}) raise that smallest total" if floors else ""
 
 
 def _weight_numel(shape: tuple[int, ...]) -> int:
@@ -169,15 +199,16 @@ def heal_stage(job: CompressionJob, executor: Executor, compressed: LoadedModel,
 
 
 def compress_layers(job: CompressionJob, executor: Executor, original: LoadedModel, plan: Plan, ranks: dict[str, int],
-                    progress: ProgressCallback | None) -> Execution:  # fmt: skip
-    """Calibrate and compress every layer: independently, or block by block with calibration.propagate
-    (which takes its own statistics, from the partly compressed model)."""
+                    progress: ProgressCallback | None, grams: dict[str, torch.Tensor] | None = None) -> Execution:  # fmt: skip
+    """Calibrate and compress every layer: independently (with `grams` when allocation already collected
+    them), or block by block with calibration.propagate (which takes its own statistics, from the partly
+    compressed model)."""
     calibration = job.spec.recipe.calibration
     if calibration is not None and calibration.propagate:
         from pipeline.propagate import propagate
 
         return propagate(executor, original, plan, ranks, calibration, progress)
-    return executor.run(original, plan, calibration_grams(job, original, plan), ranks, progress)
+    return executor.run(original, plan, grams if grams is not None else calibration_grams(job, original, plan), ranks, progress)
 
 
 def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult], out_dir: Path) -> tuple[LoadedModel, dict[str, str]]:
@@ -203,12 +234,13 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     task = evaluation_task(job, original)
     start = timings.record("load", start)
 
+    plan = make_plan(original.module, job.spec.recipe)  # a recipe that does not fit the model fails before Ray starts
     with executor.session():  # one Ray connection (or local instance) for the budget, the layer stage and healing
-        allocation = allocate_target(job, original, make_plan(original.module, job.spec.recipe), executor)
+        allocation = allocate_target(job, original, plan, executor)
         plan, ranks = allocation.plan, allocation.ranks
         start = timings.record("plan", start)
 
-        execution = compress_layers(job, executor, original, plan, ranks, progress)
+        execution = compress_layers(job, executor, original, plan, ranks, progress, allocation.grams)
         results = execution.results
         compressed, tied = assembled(original, plan, results, out_dir)
         start = timings.record("decompose", start)

@@ -30,18 +30,33 @@ MAX_GRAD_NORM = 1.0
 WARMUP_FRACTION = 0.05
 
 
+@dataclass(frozen=True)
+class Replica:
+    """One of `world` data-parallel copies of the student (Ray Train): it reads every world-th batch, and
+    `wrap` (DistributedDataParallel) averages the gradients so every copy takes the same step."""
+
+    rank: int
+    world: int
+    wrap: Callable[[nn.Module], nn.Module]
+
+
+SINGLE = Replica(0, 1, lambda module: module)
+
+
 @dataclass
 class HealResult:
-    losses: list[float]  # one per step, measured before that step's update
+    losses: list[float]  # one per step, measured before that step's update (the mean over replicas)
     seconds: float
     device: str
     trainable: int  # numbers that trained
     state: dict[str, torch.Tensor] = field(repr=False)  # parameter name -> healed value (CPU)
+    workers: int = 1  # data-parallel replicas
+    divergence: float = 0.0  # largest difference between the replicas' trained values (DDP keeps it 0)
 
     def summary(self, spec: Heal) -> dict:
         head, tail = self.losses[: max(1, len(self.losses) // 10)], self.losses[-max(1, len(self.losses) // 10) :]
         return {"steps": len(self.losses), "lr": spec.lr, "tokens": spec.tokens, "items": spec.items, "device": self.device,
-                "trainable_params": self.trainable, "seconds": round(self.seconds, 2),
+                "workers": self.workers, "replica_divergence": self.divergence, "trainable_params": self.trainable, "seconds": round(self.seconds, 2),
                 "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail), "losses": self.losses}  # fmt: skip
 
 
@@ -99,19 +114,26 @@ def _schedule(steps: int) -> Callable[[int], float]:
     return factor
 
 
-def healing(student: nn.Module, teacher: nn.Module, kind: ModelKind | None, batches: list[Batch], spec: Heal,
-            device: str = "cpu") -> Generator[tuple[int, int, float], None, HealResult]:  # fmt: skip
-    """Distil `teacher` into `student` for spec.steps steps, cycling over `batches`, yielding (step, steps, loss)
-    after each; returns the trained values. A generator so that a Ray task can stream its progress.
-
-    `student` is trained in place (on `device`); the returned state is what a caller holding another copy
-    of the student (the driver, when this ran in a Ray task) loads into it.
-    """
+def check_healable(student: nn.Module, kind: ModelKind | None) -> list[str]:
+    """The names that will train; refused, naming the field, when healing cannot work on this model."""
     if kind is None:
         raise SpecError("spec.recipe.heal", "healing needs a model kind krunch knows (zoo:, hf: or a packaged model)")
     names = trainable_names(student)
     if not names:
         raise SpecError("spec.recipe.heal", "nothing can train: no float factors (every compressed layer is quantized) and no norms")
+    return names
+
+
+def healing(student: nn.Module, teacher: nn.Module, kind: ModelKind | None, batches: list[Batch], spec: Heal,
+            device: str = "cpu", replica: Replica = SINGLE) -> Generator[tuple[int, int, float], None, HealResult]:  # fmt: skip
+    """Distil `teacher` into `student` for spec.steps steps, cycling over `batches`, yielding (step, steps, loss)
+    after each; returns the trained values. A generator so that a Ray task can stream its progress.
+
+    `student` is trained in place (on `device`); the returned state is what a caller holding another copy
+    of the student (the driver, when this ran in a Ray task) loads into it. As one of several replicas,
+    each step reads `world` batches at once, one per replica.
+    """
+    names = check_healable(student, kind)
     start = time.perf_counter()
     student.to(device).eval()  # eval: dropout off and batch-norm statistics frozen; gradients still flow
     teacher.to(device).eval()
@@ -122,28 +144,37 @@ def healing(student: nn.Module, teacher: nn.Module, kind: ModelKind | None, batc
     for p in params:
         p.requires_grad_(True)
     recurrent = any(isinstance(m, nn.RNNBase) for m in student.modules())
+    trained = replica.wrap(student)  # after the requires_grad flags: DDP registers exactly the trainable tensors
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec.steps))
     losses: list[float] = []
     try:
         for step in range(spec.steps):
-            args, kwargs = _to(batches[step % len(batches)], device)
+            args, kwargs = _to(batches[(step * replica.world + replica.rank) % len(batches)], device)
             with torch.no_grad():
                 target = model_output(kind, teacher(*args, **kwargs))
             with torch.backends.cudnn.flags(enabled=not recurrent):  # cuDNN's RNN backward refuses eval mode
-                loss = distillation_loss(kind, model_output(kind, student(*args, **kwargs)), target)
+                loss = distillation_loss(kind, model_output(kind, trained(*args, **kwargs)), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(_mean_over_replicas(loss.detach(), replica.world))
             yield step + 1, spec.steps, losses[-1]
     finally:
         for name, p in student.named_parameters():
             p.requires_grad_(flags[name])
     state = {name: student.get_parameter(name).detach().to("cpu", copy=True) for name in names}
-    return HealResult(losses, time.perf_counter() - start, device, sum(p.numel() for p in params), state)
+    return HealResult(losses, time.perf_counter() - start, device, sum(p.numel() for p in params), state, replica.world)
+
+
+def _mean_over_replicas(loss: torch.Tensor, world: int) -> float:
+    if world > 1:
+        loss = loss.clone()
+        torch.distributed.all_reduce(loss)
+        loss /= world
+    return loss.item()
 
 
 def heal(student: nn.Module, teacher: nn.Module, kind: ModelKind | None, batches: list[Batch], spec: Heal,

@@ -50,6 +50,7 @@ class LayerPlan:
     weight_shape: tuple[int, ...]
     params: int  # weight + bias, before
     tied_to: str | None = None  # an earlier layer whose weight this one shares
+    floor: float | None = None  # with a target: the least fraction of the weight's parameters to keep
 
     @property
     def field(self) -> str:
@@ -58,6 +59,10 @@ class LayerPlan:
     @property
     def bias_params(self) -> int:
         return self.params - math.prod(self.weight_shape)
+
+    @property
+    def weight_params(self) -> int:
+        return math.prod(self.weight_shape)
 
     @property
     def tt_factors(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -125,6 +130,7 @@ def _layer_plan(name: str, module: nn.Module, index: int, rule, default_quantize
         quantize=rule.quantize_config(default_quantize),
         weight_shape=tuple(module.weight.shape),
         params=layer_params(module),
+        floor=rule.floor,
     )
     if rule.rank is not None and rule.rank.fixed is not None:
         check_fixed_rank(plan, rule.rank.fixed)

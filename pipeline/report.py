@@ -40,7 +40,8 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
         lines.append(f"calibration: error-propagating, block by block over {report['execution']['blocks']} blocks")
     if "heal" in report:
         h = report["heal"]
-        lines.append(f"heal: {h['steps']} steps on {h['device']}, distillation loss {h['loss_first']:.4g} -> {h['loss_last']:.4g} "
+        replicas = f" x {h['workers']} replicas (DDP)" if h.get("workers", 1) > 1 else ""
+        lines.append(f"heal: {h['steps']} steps on {h['device']}{replicas}, distillation loss {h['loss_first']:.4g} -> {h['loss_last']:.4g} "
                      f"({h['trainable_params']:,} trainable numbers)")  # fmt: skip
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report["timings"].items())
     lines.append(f"time: {timings}")

@@ -76,6 +76,11 @@ class Rule(_Model):
     rank: RankRule | None = Field(None, description="required for factorizing methods unless recipe.target is set")
     activation_aware: bool = Field(False, description="svd/tt: truncate for the calibration activations, not the weights (whitening)")
     quantize: QuantizeConfig | bool | None = Field(None, description="override recipe.quantize for this rule: a config, or false")
+    floor: float | None = Field(
+        None, gt=0, lt=1, description="with recipe.target: keep at least this fraction of each layer's weight parameters "
+        "(guidance such as CompactifAI's: spare the early layers, a block's last MLP); activationAware rules under "
+        "paramRatio default to half the target",
+    )
 
     @field_validator("quantize", mode="before")
     @classmethod
@@ -152,7 +157,10 @@ class Recipe(_Model):
             for index, rule in enumerate(self.rules):
                 if rule.method in FACTORIZING_METHODS and rule.rank is None:
                     raise ValueError(f"rules[{index}].rank: required for method {rule.method.value} unless a target is set")
-        else:
+        for index, rule in enumerate(self.rules):
+            if rule.floor is not None and (self.target is None or rule.rank is not None or rule.method not in FACTORIZING_METHODS):
+                raise ValueError(f"rules[{index}].floor: only for factorising rules without a rank, whose ranks come from recipe.target")
+        if self.target is not None:
             for index, rule in enumerate(self.rules):
                 if rule.method is Method.CP and rule.rank is None:
                     raise ValueError(f"rules[{index}].rank: cp needs rank.fixed (it has no spectrum to share a budget by)")
@@ -204,6 +212,10 @@ class Resources(_Model):
         1, gt=0, description="CPUs per layer task; torch uses that many threads (the factors' last bits depend on it)"
     )
     gpus_per_task: float = Field(0, ge=0, description="GPU fraction per layer task; 0 runs on CPU")
+    heal_workers: int = Field(
+        1, ge=1, le=256, description="recipe.heal replicas, data-parallel through Ray Train (DDP): a GPU each when the "
+        "cluster has GPUs, else an equal share of its CPUs; each step then reads this many batches",
+    )
 
 
 REGISTRY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"

@@ -151,6 +151,7 @@ class RayExecutor:
     workers: int | None = None  # None: as many as the cluster's CPUs (and GPUs) allow
     cpus_per_task: float = 1.0
     gpus_per_task: float = 0.0
+    heal_workers: int = 1  # > 1: data-parallel healing through Ray Train
     address: str | None = None
     max_retries: int = 3  # a task whose worker process dies is rerun by Ray this many times
     oom_retries: int = 2  # then by us, each time asking for twice the memory
@@ -161,7 +162,7 @@ class RayExecutor:
     @classmethod
     def from_resources(cls, resources: Resources, address: str | None = None) -> RayExecutor:
         return cls(workers=resources.workers, cpus_per_task=resources.cpus_per_task, gpus_per_task=resources.gpus_per_task,
-                   address=address)  # fmt: skip
+                   heal_workers=resources.heal_workers, address=address)  # fmt: skip
 
     @property
     def threads(self) -> int:
@@ -218,9 +219,10 @@ class RayExecutor:
 
     def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
              on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
-        """One Ray task (a GPU when the cluster has one); the trained values are loaded into `student` here."""
+        """One Ray task (a GPU when the cluster has one), or `heal_workers` Ray Train replicas; the trained values
+        are loaded into `student` here."""
         with self.session() as session:
-            result = heal_on_ray(session, student.module, teacher.module, teacher.kind, batches, spec, on_step)
+            result = heal_on_ray(session, student.module, teacher.module, teacher.kind, batches, spec, on_step, self.heal_workers)
         load_healed(student.module, result.state)
         return result
 

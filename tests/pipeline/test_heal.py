@@ -110,3 +110,28 @@ def test_a_model_with_nothing_to_train_is_refused_naming_the_field(minilm, batch
     linear_only = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(SpecError, match=r"spec\.recipe\.heal: nothing can train"):
         heal(linear_only, linear_only, minilm.kind, batches, SPEC)
+
+
+def test_data_parallel_healing_through_ray_train_splits_batches_and_keeps_replicas_in_step(minilm, batches, ray_cluster):
+    """Two DDP replicas (gloo on CPU): each step reads two batches, one per replica; the loss is their mean;
+    the replicas end identical; the driver gets the trained values and the held-out loss drops."""
+    student = compressed_copy(minilm)
+    untrained = held_out_loss(student, minilm)
+    with torch.no_grad():  # before any update every replica holds the same weights
+        first = [float(distillation_loss(minilm.kind, model_output(minilm.kind, student.module(*a, **k)),
+                                         model_output(minilm.kind, minilm.module(*a, **k)))) for a, k in batches[:2]]  # fmt: skip
+    steps = []
+
+    result = RayExecutor(heal_workers=2).heal(student, minilm, batches, SPEC, lambda *step: steps.append(step))
+
+    assert result.workers == 2 and result.divergence == 0.0
+    assert [s[0] for s in steps] == list(range(1, SPEC.steps + 1)) and [s[2] for s in steps] == result.losses
+    assert result.losses[0] == pytest.approx(sum(first) / 2, rel=1e-4)  # replica r read batch r
+    after = student.module.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in result.state.items())
+    assert held_out_loss(student, minilm) < 0.8 * untrained
+
+
+def test_more_heal_replicas_than_the_cluster_holds_are_refused_naming_the_field(minilm, batches, ray_cluster):
+    with pytest.raises(SpecError, match=r"spec\.resources\.healWorkers: 64 replicas need a CPU each"):
+        RayExecutor(heal_workers=64).heal(compressed_copy(minilm), minilm, batches, SPEC)

@@ -1,0 +1,91 @@
+"""Rule floors and activation-aware allocation, on the real MiniLM: a floor holds every layer of its rule
+above that share of its parameters under either target, the rest of the budget still fits, and a floor
+that cannot hold names its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.compress import DEFAULT_FLOOR_SHARE, allocate_ranks, allocate_target, calibration_grams
+from pipeline.plan import factorised_params, make_plan
+from pipeline.spec import CompressionJob, SpecError, parse_job
+
+pytestmark = pytest.mark.slow
+
+EARLY = {"match": "encoder.layer.[01].*", "method": "svd"}  # CompactifAI: spare the early layers
+REST = {"match": "encoder.layer.*", "method": "svd"}
+
+
+def job(target: dict, rules: list[dict]) -> CompressionJob:
+    return parse_job({"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "t"},
+                      "spec": {"model": {"source": "zoo:minilm-l6"}, "recipe": {"target": target, "rules": rules}}})  # fmt: skip
+
+
+def kept_share(plan, name: str, rank: int) -> float:
+    layer = next(layer for layer in plan.layers if layer.name == name)
+    return factorised_params(layer, rank) / layer.weight_params
+
+
+def test_a_rule_floor_holds_its_layers_and_the_budget_still_fits(minilm):
+    unfloored = job({"paramRatio": 0.5}, [EARLY, REST])
+    floored = job({"paramRatio": 0.5}, [{**EARLY, "floor": 0.8}, REST])
+    plan = make_plan(minilm.module, floored.spec.recipe)
+    before = allocate_ranks(unfloored, minilm, make_plan(minilm.module, unfloored.spec.recipe))
+    after = allocate_ranks(floored, minilm, plan)
+
+    early = [layer.name for layer in plan.layers if layer.rule_index == 0]
+    assert min(kept_share(plan, name, before[name]) for name in early) < 0.8  # the floor changes something
+    assert all(kept_share(plan, name, after[name]) >= 0.8 for name in early)
+    budget = 0.5 * sum(layer.params for layer in plan.layers) - sum(layer.bias_params for layer in plan.layers)
+    spent = sum(factorised_params(layer, after[layer.name]) for layer in plan.layers)
+    assert 0.99 * budget < spent <= budget  # the other layers gave up what the early ones kept
+    rest = [layer.name for layer in plan.layers if layer.rule_index == 1]
+    assert sum(after[n] for n in rest) < sum(before[n] for n in rest)
+
+
+def test_activation_aware_layers_are_allocated_from_whitened_spectra_above_half_the_target(minilm):
+    aware = job({"paramRatio": 0.6}, [{**REST, "activationAware": True}])
+    plan = make_plan(minilm.module, aware.spec.recipe)
+    grams = calibration_grams(aware, minilm, plan)
+    whitened, by_weight = allocate_ranks(aware, minilm, plan, grams), allocate_ranks(aware, minilm, plan)
+
+    assert whitened != by_weight  # the Grams decide, not the weights alone
+    assert all(kept_share(plan, name, rank) >= DEFAULT_FLOOR_SHARE * 0.6 for name, rank in whitened.items())
+    # allocate_target collects the Grams once and hands them on to the layer stage
+    allocation = allocate_target(aware, minilm, plan)
+    assert allocation.ranks == whitened and set(allocation.grams) == set(grams)
+
+
+def test_a_floor_under_bytes_ratio_keeps_factorised_layers_large_and_lets_quantized_ones_be(minilm):
+    floored = job({"bytesRatio": 0.15}, [{**EARLY, "floor": 0.9}, REST])
+    plan = make_plan(minilm.module, floored.spec.recipe)
+    allocation = allocate_target(floored, minilm, plan)
+    layers = {layer.name: layer for layer in plan.layers}
+    early = [t for t in allocation.budget["tables"] if t["name"].startswith(("encoder.layer.0.", "encoder.layer.1."))]
+    for table in early:
+        ranks = [int(c["choice"].split()[1]) for c in table["candidates"] if c["choice"].startswith("rank")]
+        assert all(factorised_params(layers[table["name"]], rank) >= 0.9 * layers[table["name"]].weight_params for rank in ranks)
+    assert any(c["choice"].startswith("dense int") for t in early for c in t["candidates"])
+    assert allocation.budget["planned_bytes"] <= allocation.budget["budget_bytes"]
+
+
+def test_floors_that_cannot_hold_name_their_field(minilm):
+    impossible = job({"paramRatio": 0.5}, [{**EARLY, "floor": 0.999}, REST])
+    with pytest.raises(SpecError, match=r"spec\.recipe\.rules\[0\]\.floor: 0\.999 of encoder\.layer\.0\..*\(break-even rank 191\)"):
+        allocate_ranks(impossible, minilm, make_plan(minilm.module, impossible.spec.recipe))
+    greedy = job({"paramRatio": 0.3}, [{**REST, "floor": 0.9}])
+    with pytest.raises(SpecError, match=r"spec\.recipe\.target\.paramRatio: .*rule floors \(spec\.recipe\.rules\[0\]\.floor\)"):
+        allocate_ranks(greedy, minilm, make_plan(minilm.module, greedy.spec.recipe))
+
+
+@pytest.mark.parametrize("recipe", [
+    {"rules": [{**REST, "rank": {"fixed": 8}, "floor": 0.5}], "target": {"paramRatio": 0.5}},
+    {"rules": [{**REST, "rank": {"fixed": 8}, "floor": 0.5}]},
+    {"rules": [{"match": "*", "method": "none", "floor": 0.5}], "target": {"paramRatio": 0.5}},
+])  # fmt: skip
+def test_a_floor_where_no_target_sets_the_rank_is_refused(recipe):
+    with pytest.raises(SpecError, match=r"rules\[0\]\.floor: only for factorising rules without a rank"):
+        parse_job({"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "t"},
+                   "spec": {"model": {"source": "zoo:minilm-l6"}, "recipe": recipe}})
+
+
