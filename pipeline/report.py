@@ -71,6 +71,7 @@ def format_plan(job_name: str, source: str, plan: Any) -> str:
             rank = first.rank.model_dump(by_alias=True, exclude_none=True)
         else:
             rank = "-" if first.method.value == "none" else "from target"
+            rank += f" (floor {first.floor:g} of its parameters)" if first.floor is not None else ""
         quantize = f"int{first.quantize.bits}" if first.quantize else "no quantization"
         aware = ", activation-aware" if first.activation_aware else ""
         tied = sum(1 for layer in layers if layer.tied_to)

@@ -26,6 +26,7 @@ def test_examples_cover_every_method_family_and_zoo_model():
     assert methods == set(Method)
     assert {job.spec.recipe.quantize.bits for job in jobs if job.spec.recipe.quantize} == {4, 8}
     assert any(job.spec.recipe.heal for job in jobs) and any(job.spec.recipe.calibration and job.spec.recipe.calibration.propagate for job in jobs)
+    assert any(rule.floor for job in jobs for rule in job.spec.recipe.rules)
     assert {job.spec.model.source.removeprefix("zoo:") for job in jobs} >= set(zoo_names())
 
 
