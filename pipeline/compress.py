@@ -76,13 +76,11 @@ def calibration_grams(job: CompressionJob, model: LoadedModel, plan: Plan) -> di
 @dataclass
 class Allocation:
     """What the recipe's target decided: the plan to run (bytesRatio may turn layers dense or quantized),
-    ranks of the allocated layers, for bytesRatio the candidate tables and choices, and the calibration
-    Grams when allocating needed them (the layer stage reuses them)."""
+    ranks of the allocated layers, and for bytesRatio the candidate tables and choices."""
 
     plan: Plan
     ranks: dict[str, int]
     budget: dict[str, Any] | None = None
-    grams: dict[str, torch.Tensor] | None = None
 
 
 def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor | None = None) -> Allocation:
@@ -91,8 +89,7 @@ def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan, executo
         return Allocation(plan, {})
     if target.bytes_ratio is not None:
         return allocate_bytes(job, model, plan, executor or InProcessExecutor())
-    grams = calibration_grams(job, model, plan) if any(layer.activation_aware for layer in plan.allocated) else None
-    return Allocation(plan, allocate_ranks(job, model, plan, grams), grams=grams)
+    return Allocation(plan, allocate_ranks(job, model, plan))
 
 
 def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor) -> Allocation:
@@ -122,27 +119,22 @@ def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan, executor
     return Allocation(Plan(layers), ranks, summary)
 
 
-DEFAULT_FLOOR_SHARE = 0.5  # activation-aware layers under paramRatio keep at least this share of the target
+def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, int]:
+    """target.paramRatio: ranks for the layers that share the parameter budget, each above its rule's floor;
+    empty without a target.
 
-
-def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
-    """target.paramRatio: ranks for the layers that share the parameter budget; empty without one.
-
-    Activation-aware layers are ranked by their whitened spectra (given `grams`), the error that reaches the
-    outputs, but above a floor: a layer with outlier activations (one direction carrying >99% of the energy)
-    has a whitened tail that looks tiny, and unfloored it is starved to rank 1. SmolLM2 at 0.9 (perplexity):
-    weight spectra 100.9, whitened 104.9, whitened with the floor at half the target 93.2.
+    Shares come from the weights' own spectra even for activation-aware layers. Whitened spectra of layers
+    with outlier activations (a direction carrying >99% of the energy) make a normalised error look tiny and
+    starve them (SmolLM2 at 0.8: perplexity 203 vs 112 with weight spectra); with a floor at half the target they did better on SmolLM2 (whitened SVD at 0.9,
+    perplexity 93.2 vs 100.9) but worse everywhere else measured (SmolLM2 propagated 67.9 vs 67.1, MiniLM
+    fidelity 0.808 vs 0.829 at 0.9 and 0.731 vs 0.750 for the feed-forward layers at 0.5).
     """
     target = job.spec.recipe.target
     if target is None or target.param_ratio is None:
         return {}
     layers = plan.allocated
-    grams = grams or {}
-    profiles = []
-    for layer in layers:
-        spectra = layer_spectra(layer, model.module.get_submodule(layer.name).weight, grams.get(layer.name))
-        floor = layer.floor if layer.floor is not None else DEFAULT_FLOOR_SHARE * target.param_ratio if layer.activation_aware else None
-        profiles.append(floored(profile(layer, spectra), layer, floor))
+    profiles = [floored(profile(layer, layer_spectra(layer, model.module.get_submodule(layer.name).weight)), layer, layer.floor)
+                for layer in layers]  # fmt: skip
     biases = sum(layer.params - _weight_numel(layer.weight_shape) for layer in layers)
     budget = round(target.param_ratio * sum(layer.params for layer in layers)) - biases  # biases stay dense
     try:
@@ -199,16 +191,15 @@ def heal_stage(job: CompressionJob, executor: Executor, compressed: LoadedModel,
 
 
 def compress_layers(job: CompressionJob, executor: Executor, original: LoadedModel, plan: Plan, ranks: dict[str, int],
-                    progress: ProgressCallback | None, grams: dict[str, torch.Tensor] | None = None) -> Execution:  # fmt: skip
-    """Calibrate and compress every layer: independently (with `grams` when allocation already collected
-    them), or block by block with calibration.propagate (which takes its own statistics, from the partly
-    compressed model)."""
+                    progress: ProgressCallback | None) -> Execution:  # fmt: skip
+    """Calibrate and compress every layer: independently, or block by block with calibration.propagate
+    (which takes its own statistics, from the partly compressed model)."""
     calibration = job.spec.recipe.calibration
     if calibration is not None and calibration.propagate:
         from pipeline.propagate import propagate
 
         return propagate(executor, original, plan, ranks, calibration, progress)
-    return executor.run(original, plan, grams if grams is not None else calibration_grams(job, original, plan), ranks, progress)
+    return executor.run(original, plan, calibration_grams(job, original, plan), ranks, progress)
 
 
 def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult], out_dir: Path) -> tuple[LoadedModel, dict[str, str]]:
@@ -240,7 +231,7 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
         plan, ranks = allocation.plan, allocation.ranks
         start = timings.record("plan", start)
 
-        execution = compress_layers(job, executor, original, plan, ranks, progress, allocation.grams)
+        execution = compress_layers(job, executor, original, plan, ranks, progress)
         results = execution.results
         compressed, tied = assembled(original, plan, results, out_dir)
         start = timings.record("decompose", start)

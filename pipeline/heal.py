@@ -56,7 +56,8 @@ class HealResult:
     def summary(self, spec: Heal) -> dict:
         head, tail = self.losses[: max(1, len(self.losses) // 10)], self.losses[-max(1, len(self.losses) // 10) :]
         return {"steps": len(self.losses), "lr": spec.lr, "tokens": spec.tokens, "items": spec.items, "device": self.device,
-                "workers": self.workers, "replica_divergence": self.divergence, "trainable_params": self.trainable, "seconds": round(self.seconds, 2),
+                "workers": self.workers, "replica_divergence": self.divergence, "trainable_params": self.trainable,
+                "seconds": round(self.seconds, 2),
                 "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail), "losses": self.losses}  # fmt: skip
 
 

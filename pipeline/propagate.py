@@ -18,8 +18,6 @@ executor, so the layers of a stage are parallel Ray tasks while blocks and stage
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -118,29 +116,35 @@ def stages_of(block: nn.Module, names: list[str], prefix: str, sample: Batch) ->
     return stages
 
 
-@contextmanager
-def _input_of(module: nn.Module, sink: list[torch.Tensor]) -> Iterator[None]:
-    handle = module.register_forward_pre_hook(lambda _m, inputs: sink.append(inputs[0].detach()))
+def original_pass(block: nn.Module, readers: list[str], inputs: list[Batch]) -> tuple[dict[str, list[torch.Tensor]], list[Batch]]:
+    """One pass of the original block: the inputs of each stage (named by a layer reading them), per batch,
+    and the next block's inputs. The original block never changes, so its activations are computed once."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in readers}
+    handles = [block.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, name=name: seen[name].append(args[0].detach())) for name in readers]  # fmt: skip
     try:
-        yield
+        following = _advance(block, inputs)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    return seen, following
 
 
-def stage_statistics(original: nn.Module, working: nn.Module, layer: str, inputs: list[Batch],
+def stage_statistics(working: nn.Module, layer: str, originals: list[torch.Tensor],
                      working_inputs: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """G~ = X~'X~ and K = X'X~ (float64) for the layer's input, over every calibration batch."""
+    """G~ = X~'X~ and K = X'X~ (float64) for the layer's input, over every calibration batch; X comes from
+    the original block's pass, X~ from running the working (partly compressed) block."""
     gram = cross = None
-    for batch, working_batch in zip(inputs, working_inputs, strict=True):
+    for original, working_batch in zip(originals, working_inputs, strict=True):
         seen: list[torch.Tensor] = []
-        seen_working: list[torch.Tensor] = []
-        with torch.inference_mode():
-            with _input_of(original.get_submodule(layer), seen):
-                original(*batch[0], **batch[1])
-            with _input_of(working.get_submodule(layer), seen_working):
+        handle = working.get_submodule(layer).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+        try:
+            with torch.inference_mode():
                 working(*working_batch[0], **working_batch[1])
-        x = seen[0].reshape(-1, seen[0].shape[-1]).float()
-        x_tilde = seen_working[0].reshape(-1, seen_working[0].shape[-1]).float()
+        finally:
+            handle.remove()
+        x = original.reshape(-1, original.shape[-1]).float()
+        x_tilde = seen[0].reshape(-1, seen[0].shape[-1]).float()
         # products in float32 (a float64 matmul is ~4x slower on CPU), sums over batches in float64
         batch_gram, batch_cross = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()
         gram = batch_gram if gram is None else gram + batch_gram
@@ -211,16 +215,18 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
                 if name.startswith(prefix):
                     swap_module(working_block, name.removeprefix(prefix), result.module)
             names = blocks.layers_of(index, in_blocks)
-            for stage in stages_of(original_block, names, prefix, inputs[0]) if names else []:
+            stages = stages_of(original_block, names, prefix, inputs[0]) if names else []
+            originals, following = original_pass(original_block, [stage[0].removeprefix(prefix) for stage in stages], inputs)
+            for stage in stages:
                 staged = _compress_stage(executor, model, stage, prefix, original_block, working_block,
-                                         (inputs, working_inputs), by_name, ranks, counted(done))  # fmt: skip
+                                         (originals[stage[0].removeprefix(prefix)], working_inputs), by_name, ranks, counted(done))  # fmt: skip
                 info = staged.info
                 for result in staged.results:
                     results[result.name] = result
                     swap_module(working_block, result.name.removeprefix(prefix), result.module)
                 done += len(stage)
                 bar.set_postfix_str(f"{done}/{total} layers", refresh=False)
-            inputs = _advance(original_block, inputs)
+            inputs = following
             working_inputs = _advance(working_block, working_inputs)
             bar.update(1)
     finally:
@@ -230,10 +236,10 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
 
 
 def _compress_stage(executor: Executor, model: LoadedModel, stage: list[str], prefix: str, original_block: nn.Module,
-                    working_block: nn.Module, inputs: tuple[list, list], by_name: dict[str, LayerPlan], ranks: dict[str, int],
+                    working_block: nn.Module, inputs: tuple[list[torch.Tensor], list[Batch]], by_name: dict[str, LayerPlan], ranks: dict[str, int],
                     progress: ProgressCallback) -> Execution:  # fmt: skip
     """One stage's layers, refitted for the compressed inputs and compressed by the executor (in parallel)."""
-    gram, cross = stage_statistics(original_block, working_block, stage[0].removeprefix(prefix), *inputs)
+    gram, cross = stage_statistics(working_block, stage[0].removeprefix(prefix), *inputs)
     weights = {}
     for name in stage:  # the stage's layers read one tensor: one G~ and one K serve them all
         layer = original_block.get_submodule(name.removeprefix(prefix))

@@ -78,8 +78,7 @@ class Rule(_Model):
     quantize: QuantizeConfig | bool | None = Field(None, description="override recipe.quantize for this rule: a config, or false")
     floor: float | None = Field(
         None, gt=0, lt=1, description="with recipe.target: keep at least this fraction of each layer's weight parameters "
-        "(guidance such as CompactifAI's: spare the early layers, a block's last MLP); activationAware rules under "
-        "paramRatio default to half the target",
+        "(guidance such as CompactifAI's: spare the early layers, a block's last MLP)",
     )
 
     @field_validator("quantize", mode="before")

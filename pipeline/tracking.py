@@ -182,7 +182,7 @@ def run_metrics(report: dict[str, Any]) -> dict[str, float]:
     if "target" in report:
         metrics["target.achieved_ratio"] = report["target"]["achieved_ratio"]
     if "heal" in report:
-        metrics |= {f"heal.{key}": report["heal"][key] for key in ("loss_first", "loss_last", "trainable_params")}
+        metrics |= {f"heal.{key}": report["heal"][key] for key in ("loss_first", "loss_last", "trainable_params", "workers")}
     return {key: float(value) for key, value in metrics.items()}
 
 
