@@ -135,7 +135,7 @@ def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[
     layers = plan.allocated
     profiles = [floored(profile(layer, layer_spectra(layer, model.module.get_submodule(layer.name).weight)), layer, layer.floor)
                 for layer in layers]  # fmt: skip
-    biases = sum(layer.params - _weight_numel(layer.weight_shape) for layer in layers)
+    biases = sum(layer.bias_params for layer in layers)
     budget = round(target.param_ratio * sum(layer.params for layer in layers)) - biases  # biases stay dense
     try:
         chosen = allocate(profiles, budget)
@@ -158,13 +158,6 @@ def floored(options: LayerProfile, layer: LayerPlan, floor: float | None) -> Lay
 def _floors_hint(layers: list[LayerPlan]) -> str:
     floors = sorted({layer.field for layer in layers if layer.floor is not None})
     return f"; rule floors ({', '.join(f + '.floor' for f in floors)}) raise that smallest total" if floors else ""
-
-
-def _weight_numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 def heal_stage(job: CompressionJob, executor: Executor, compressed: LoadedModel, original: LoadedModel,
