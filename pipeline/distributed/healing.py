@@ -126,14 +126,30 @@ def heal_with_ray_train(session: RaySession, student: nn.Module, teacher: nn.Mod
                         batches: list[Batch], spec: Heal, workers: int, on_step: StepCallback | None) -> HealResult:  # fmt: skip
     """`workers` replicas under Ray Train (TorchTrainer, DDP); each step reads `workers` batches in parallel."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
     use_gpu, per_replica = replica_resources(session, workers)
     progress = Queue()
     config = {"student": ray.put(student), "teacher": ray.put(teacher), "batches": ray.put(batches), "kind": kind,
               "spec": spec, "progress": progress, "threads": int(per_replica["CPU"])}  # fmt: skip
+    try:
+        result, failure = _fit_streaming(config, workers, use_gpu, per_replica, on_step)
+    finally:
+        ray.kill(progress.actor)
+    if failure:
+        raise failure[0]
+    assert result is not None, "Ray Train finished without the healed values"
+    return result
+
+
+def _fit_streaming(config: dict[str, Any], workers: int, use_gpu: bool, per_replica: dict[str, float],
+                   on_step: StepCallback | None) -> tuple[HealResult | None, list[BaseException]]:  # fmt: skip
+    """Run the trainer in a thread and deliver what replica 0 streams until the result arrives or training ends."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty
+
+    progress = config["progress"]
     failure: list[BaseException] = []
     result: HealResult | None = None
     with tempfile.TemporaryDirectory(prefix="krunch-heal-") as storage:
@@ -157,8 +173,4 @@ def heal_with_ray_train(session: RaySession, student: nn.Module, teacher: nn.Mod
             except Empty:
                 continue
         thread.join()
-    ray.kill(progress.actor)
-    if failure:
-        raise failure[0]
-    assert result is not None, "Ray Train finished without the healed values"
-    return result
+    return result, failure
