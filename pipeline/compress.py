@@ -20,7 +20,7 @@ import torch
 from pipeline import __version__
 from pipeline.artifact import WEIGHTS, save_compressed
 from pipeline.assemble import assemble
-from pipeline.budget import BudgetError, LayerProfile, allocate
+from pipeline.budget import BudgetError, allocate
 from pipeline.calibrate import calibration_batches, collect_grams
 from pipeline.compress_layer import LayerResult
 from pipeline.distributed.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
@@ -124,17 +124,21 @@ def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[
     empty without a target.
 
     Shares come from the weights' own spectra even for activation-aware layers. Whitened spectra of layers
-    with outlier activations (a direction carrying >99% of the energy) make a normalised error look tiny and
-    starve them (SmolLM2 at 0.8: perplexity 203 vs 112 with weight spectra); with a floor at half the target they did better on SmolLM2 (whitened SVD at 0.9,
-    perplexity 93.2 vs 100.9) but worse everywhere else measured (SmolLM2 propagated 67.9 vs 67.1, MiniLM
-    fidelity 0.808 vs 0.829 at 0.9 and 0.731 vs 0.750 for the feed-forward layers at 0.5).
+    with outlier activations (a direction carrying >99% of the energy) make a normalised error look tiny
+    and starve them (SmolLM2 at 0.8: perplexity 203 vs 112 with weight spectra). Floored at half the
+    target they did better on SmolLM2's whitened SVD at 0.9 (93.2 vs 100.9) but worse everywhere else
+    measured (SmolLM2 propagated 67.9 vs 67.1; MiniLM fidelity 0.808 vs 0.829 at 0.9, 0.731 vs 0.750 for
+    the feed-forward layers at 0.5).
     """
     target = job.spec.recipe.target
     if target is None or target.param_ratio is None:
         return {}
     layers = plan.allocated
-    profiles = [floored(profile(layer, layer_spectra(layer, model.module.get_submodule(layer.name).weight)), layer, layer.floor)
-                for layer in layers]  # fmt: skip
+    profiles = [profile(layer, layer_spectra(layer, model.module.get_submodule(layer.name).weight)) for layer in layers]
+    for layer, options in zip(layers, profiles, strict=True):
+        if not options.options:
+            raise SpecError(f"{layer.field}.floor", f"{layer.floor} of {layer.name}'s parameters is more than any rank that "
+                            f"saves space keeps (break-even rank {largest_saving_rank(layer)})")  # fmt: skip
     biases = sum(layer.bias_params for layer in layers)
     budget = round(target.param_ratio * sum(layer.params for layer in layers)) - biases  # biases stay dense
     try:
@@ -142,17 +146,6 @@ def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[
     except BudgetError as err:
         raise SpecError(target.field, str(err) + _floors_hint(layers)) from None
     return {name: option.rank for name, option in chosen.items()}
-
-
-def floored(options: LayerProfile, layer: LayerPlan, floor: float | None) -> LayerProfile:
-    """Only the ranks keeping at least `floor` of the layer's weight parameters."""
-    if floor is None:
-        return options
-    kept = [option for option in options.options if option.params >= floor * layer.weight_params]
-    if not kept:
-        raise SpecError(f"{layer.field}.floor", f"{floor} of {layer.name}'s parameters is more than any rank that "
-                        f"saves space keeps (break-even rank {largest_saving_rank(layer)})")  # fmt: skip
-    return LayerProfile(options.name, kept)
 
 
 def _floors_hint(layers: list[LayerPlan]) -> str:

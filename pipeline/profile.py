@@ -29,10 +29,15 @@ def layer_spectra(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | No
 
 
 def profile(plan: LayerPlan, spectra: list[torch.Tensor]) -> LayerProfile:
+    """Every rank that saves space and keeps at least the rule's floor of the weight's parameters."""
     tails = [tail_fraction(s) for s in spectra]
     caps = plan_rank_caps(plan)
+    least = (plan.floor or 0.0) * plan.weight_params
     options = []
     for rank in range(1, largest_saving_rank(plan) + 1):
+        params = factorised_params(plan, rank)
+        if params < least:
+            continue
         error = sum(float(t[min(rank, cap, len(t) - 1)]) for t, cap in zip(tails, caps, strict=True))
-        options.append(RankOption(rank, factorised_params(plan, rank), error))
-    return LayerProfile(plan.name, options)
+        options.append(RankOption(rank, params, error))
+    return LayerProfile(plan.name, options)  # empty when the floor is above every rank that saves space

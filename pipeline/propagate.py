@@ -116,7 +116,8 @@ def stages_of(block: nn.Module, names: list[str], prefix: str, sample: Batch) ->
     return stages
 
 
-def original_pass(block: nn.Module, readers: list[str], inputs: list[Batch]) -> tuple[dict[str, list[torch.Tensor]], list[Batch]]:
+def original_pass(block: nn.Module, readers: list[str],
+                  inputs: list[Batch]) -> tuple[dict[str, list[torch.Tensor]], list[Batch]]:  # fmt: skip
     """One pass of the original block: the inputs of each stage (named by a layer reading them), per batch,
     and the next block's inputs. The original block never changes, so its activations are computed once."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in readers}
@@ -216,10 +217,11 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
                     swap_module(working_block, name.removeprefix(prefix), result.module)
             names = blocks.layers_of(index, in_blocks)
             stages = stages_of(original_block, names, prefix, inputs[0]) if names else []
-            originals, following = original_pass(original_block, [stage[0].removeprefix(prefix) for stage in stages], inputs)
-            for stage in stages:
+            readers = [stage[0].removeprefix(prefix) for stage in stages]  # one layer per stage names its input
+            originals, following = original_pass(original_block, readers, inputs)
+            for stage, reader in zip(stages, readers, strict=True):
                 staged = _compress_stage(executor, model, stage, prefix, original_block, working_block,
-                                         (originals[stage[0].removeprefix(prefix)], working_inputs), by_name, ranks, counted(done))  # fmt: skip
+                                         (originals[reader], working_inputs), by_name, ranks, counted(done))  # fmt: skip
                 info = staged.info
                 for result in staged.results:
                     results[result.name] = result
@@ -236,8 +238,8 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
 
 
 def _compress_stage(executor: Executor, model: LoadedModel, stage: list[str], prefix: str, original_block: nn.Module,
-                    working_block: nn.Module, inputs: tuple[list[torch.Tensor], list[Batch]], by_name: dict[str, LayerPlan], ranks: dict[str, int],
-                    progress: ProgressCallback) -> Execution:  # fmt: skip
+                    working_block: nn.Module, inputs: tuple[list[torch.Tensor], list[Batch]], by_name: dict[str, LayerPlan],
+                    ranks: dict[str, int], progress: ProgressCallback) -> Execution:  # fmt: skip
     """One stage's layers, refitted for the compressed inputs and compressed by the executor (in parallel)."""
     gram, cross = stage_statistics(working_block, stage[0].removeprefix(prefix), *inputs)
     weights = {}

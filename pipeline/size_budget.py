@@ -6,7 +6,8 @@ be; error estimated): the truncation error is the tail of the spectrum the
 method truncates (as for paramRatio), the quantization error is measured by
 quantizing the layer's own weight, and the two add (quantization noise is
 relative to what is kept). Only candidates smaller than the dense fp32 weight
-are offered, and none factorised below the rule's floor. The table goes through the same Lagrangian allocator as
+are offered, and no factorisation below the rule's floor (dense int8/int4 keep
+every parameter). The table goes through the same Lagrangian allocator as
 paramRatio (`pipeline.budget.allocate`), with bytes as the cost.
 """
 
@@ -100,10 +101,8 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
     quant_error = {config: quantization_error(weight, config) for config in configs}
     candidates = [Candidate(None, None, dense_bytes, 0.0)]
     candidates += [Candidate(None, config, quantized_bytes(plan.weight_shape, config), quant_error[config]) for config in configs]
-    options = {option.rank: option for option in profile(plan, spectra).options}  # params and truncation error per rank
-    for rank in rank_grid(plan):
-        if plan.floor is not None and options[rank].params < plan.floor * numel:
-            continue  # the rule's floor: factorised no smaller than this (dense int8/int4 keep every parameter)
+    options = {option.rank: option for option in profile(plan, spectra).options}  # ranks above the floor: params, error
+    for rank in (rank for rank in rank_grid(plan) if rank in options):
         kept = options[rank].error
         candidates.append(Candidate(rank, None, FP32 * options[rank].params, kept))
         shapes = factor_shapes(plan, rank)

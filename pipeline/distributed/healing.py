@@ -102,15 +102,15 @@ def _replica_loop(config: dict[str, Any]) -> None:
     steps = healing(student, teacher, config["kind"], batches, config["spec"], str(device), replica)
     while True:
         try:
-            item = next(steps)
+            step = next(steps)
         except StopIteration as finished:
-            item = finished.value
-        if isinstance(item, HealResult):
-            item.divergence = _divergence(item.state, device)
-        if replica.rank == 0:
-            config["progress"].put(item)
-        if isinstance(item, HealResult):
+            result: HealResult = finished.value
+            result.divergence = _divergence(result.state, device)  # every replica takes part in the all-reduce
+            if replica.rank == 0:
+                config["progress"].put(result)
             return
+        if replica.rank == 0:
+            config["progress"].put(step)
 
 
 def _divergence(state: dict[str, torch.Tensor], device: torch.device) -> float:
