@@ -20,7 +20,8 @@ from pipeline.decompose.svd import activation_aware_svd, truncated_svd
 from pipeline.decompose.tt import mode_whitening, tt_svd
 from pipeline.layers.base import CompressedLayer, QuantizedTensor
 from pipeline.layers.conv import CPConv2d, TuckerConv2d
-from pipeline.layers.linear import LowRankLinear, MPOLinear
+from pipeline.decompose.pivot import pivoted
+from pipeline.layers.linear import LowRankLinear, MPOLinear, PivotedLowRankLinear
 from pipeline.layers.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
 from pipeline.plan import LayerKind, LayerPlan, params_for_ranks, saving_problem
 from pipeline.plan import plan_rank_caps
@@ -80,6 +81,8 @@ def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram
     weight, quantize, seed = module.weight, plan.quantize, layer_seed(plan.name)
     if plan.method is Method.SVD:
         factors = activation_aware_svd(weight, gram, ranks[0]) if plan.activation_aware else truncated_svd(weight, ranks[0], seed=seed)
+        if plan.pivoted:
+            return PivotedLowRankLinear.from_factors(module, pivoted(factors), quantize)
         return LowRankLinear.from_factors(module, factors, quantize)
     if plan.method is Method.TT:
         out_f, in_f = plan.tt_factors

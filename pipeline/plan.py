@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from pipeline.decompose.conv import cp_params, tucker2_params
-from pipeline.decompose.svd import break_even_rank
+from pipeline.decompose.pivot import pivoted_break_even_rank, pivoted_params
+from pipeline.decompose.svd import break_even_rank, low_rank_params
 from pipeline.decompose.tt import DEFAULT_CORES, factorize, max_ranks, mpo_params
-from pipeline.spec import Method, QuantizeConfig, RankRule, Recipe, SpecError
+from pipeline.spec import LowRankForm, Method, QuantizeConfig, RankRule, Recipe, SpecError
 
 
 class LayerKind(enum.Enum):
@@ -51,6 +52,7 @@ class LayerPlan:
     params: int  # weight + bias, before
     tied_to: str | None = None  # an earlier layer whose weight this one shares
     floor: float | None = None  # with a target: the least fraction of the weight's parameters to keep
+    form: LowRankForm | None = None  # svd: pivoted (the default) or factors
 
     @property
     def field(self) -> str:
@@ -63,6 +65,14 @@ class LayerPlan:
     @property
     def weight_params(self) -> int:
         return math.prod(self.weight_shape)
+
+    @property
+    def pivoted(self) -> bool:
+        """svd stored as pivot rows + coefficients; int4 factors keep two factors, as 4-bit noise in the pivot
+        rows would reach every other row through the coefficients (whitened error 0.26 vs 0.14 on SmolLM2)."""
+        if self.method is not Method.SVD or self.form is LowRankForm.FACTORS:
+            return False
+        return self.quantize is None or self.quantize.bits > 4
 
     @property
     def tt_factors(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -131,6 +141,7 @@ def _layer_plan(name: str, module: nn.Module, index: int, rule, default_quantize
         weight_shape=tuple(module.weight.shape),
         params=layer_params(module),
         floor=rule.floor,
+        form=rule.form,
     )
     if rule.rank is not None and rule.rank.fixed is not None:
         check_fixed_rank(plan, rule.rank.fixed)
@@ -157,7 +168,7 @@ def params_for_ranks(plan: LayerPlan, ranks: list[int]) -> int:
     """Weight parameters for concrete ranks: [r] (svd, cp), bond dimensions (tt), [r_out, r_in] (tucker)."""
     shape = plan.weight_shape
     if plan.method is Method.SVD:
-        return ranks[0] * (shape[0] + shape[1])
+        return (pivoted_params if plan.pivoted else low_rank_params)(shape[0], shape[1], ranks[0])
     if plan.method is Method.TT:
         return mpo_params(*plan.tt_factors, tuple(ranks))
     if plan.method is Method.TUCKER:
@@ -171,7 +182,7 @@ def largest_saving_rank(plan: LayerPlan) -> int:
     """The break-even rank: the largest one that still stores fewer numbers than the dense weight."""
     dense = math.prod(plan.weight_shape)
     if plan.method is Method.SVD:
-        return break_even_rank(*plan.weight_shape)
+        return (pivoted_break_even_rank if plan.pivoted else break_even_rank)(*plan.weight_shape)
     rank = 0
     while factorised_params(plan, rank + 1) < dense and rank < max(plan.weight_shape):
         rank += 1

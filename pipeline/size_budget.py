@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.budget import LayerProfile, RankOption, allocate
-from pipeline.plan import LayerPlan, largest_saving_rank
+from pipeline.plan import LayerPlan, factorised_params, largest_saving_rank
 from pipeline.profile import profile
 from pipeline.quantize import dequantize, packed_shape, quantize
 from pipeline.spec import Method, QuantizeConfig
@@ -78,8 +78,13 @@ def factor_shapes(plan: LayerPlan, rank: int) -> list[tuple[int, ...]] | None:
     """Shapes of the stored factors at `rank`, where krunch can quantize them exactly; None otherwise."""
     if plan.method is Method.SVD:
         out_features, in_features = plan.weight_shape
-        return [(rank, in_features), (out_features, rank)]
+        return [(rank, in_features), (out_features - rank, rank) if plan.pivoted else (out_features, rank)]
     return None
+
+
+def index_bytes(plan: LayerPlan) -> int:
+    """A pivoted low-rank layer also stores where its output rows go (one int32 each)."""
+    return 4 * plan.weight_shape[0] if plan.method is Method.SVD and plan.pivoted else 0
 
 
 def quantization_error(weight: torch.Tensor, config: QuantizeConfig) -> float:
@@ -104,11 +109,13 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
     options = {option.rank: option for option in profile(plan, spectra).options}  # ranks above the floor: params, error
     for rank in (rank for rank in rank_grid(plan) if rank in options):
         kept = options[rank].error
-        candidates.append(Candidate(rank, None, FP32 * options[rank].params, kept))
-        shapes = factor_shapes(plan, rank)
-        if shapes is not None:
-            for config in configs:
-                stored = sum(quantized_bytes(shape, config) for shape in shapes)
+        fp32 = dataclasses.replace(plan, quantize=None)  # the storage form can depend on the bits
+        candidates.append(Candidate(rank, None, FP32 * factorised_params(fp32, rank) + index_bytes(fp32), kept))
+        for config in configs:
+            stored_as = dataclasses.replace(plan, quantize=config)
+            shapes = factor_shapes(stored_as, rank)
+            if shapes is not None:
+                stored = sum(quantized_bytes(shape, config) for shape in shapes) + index_bytes(stored_as)
                 candidates.append(Candidate(rank, config, stored, kept + (1 - kept) * quant_error[config]))
     return LayerTable(plan.name, dense_bytes, pareto_front(candidates, dense_bytes))
 

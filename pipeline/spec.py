@@ -39,6 +39,11 @@ class Method(str, enum.Enum):
     CP = "cp"  # CP of a Conv2d: 1x1 -> depthwise kh x 1 -> depthwise 1 x kw -> 1x1
 
 
+class LowRankForm(str, enum.Enum):
+    PIVOTED = "pivoted"  # r pivot rows + coefficients for the rest: r (m + n - r) numbers (PIFA)
+    FACTORS = "factors"  # two thin matrices: r (m + n) numbers, two plain Linears
+
+
 FACTORIZING_METHODS = (Method.SVD, Method.TT, Method.TUCKER, Method.CP)
 
 
@@ -76,6 +81,11 @@ class Rule(_Model):
     rank: RankRule | None = Field(None, description="required for factorizing methods unless recipe.target is set")
     activation_aware: bool = Field(False, description="svd/tt: truncate for the calibration activations, not the weights (whitening)")
     quantize: QuantizeConfig | bool | None = Field(None, description="override recipe.quantize for this rule: a config, or false")
+    form: LowRankForm | None = Field(
+        None, description="svd: how the low-rank weight is stored. pivoted (the default, except for int4 factors): its r pivot rows "
+        "plus the other rows as combinations of them, the same weight in r^2 fewer numbers, so a higher rank fits a budget; "
+        "factors: two thin matrices",
+    )
     floor: float | None = Field(
         None, gt=0, lt=1, description="with recipe.target: keep at least this fraction of each layer's weight parameters "
         "(guidance such as CompactifAI's: spare the early layers, a block's last MLP)",
@@ -94,6 +104,8 @@ class Rule(_Model):
             raise ValueError("method none keeps the layer dense; remove rank")
         if self.activation_aware and self.method not in (Method.SVD, Method.TT):
             raise ValueError(f"activationAware is available for methods svd and tt, not {self.method.value}")
+        if self.form is not None and self.method is not Method.SVD:
+            raise ValueError(f"form chooses how an svd layer is stored; method {self.method.value} has no form")
         if self.method is Method.CP and self.rank is not None and self.rank.fixed is None:
             raise ValueError("cp has no spectrum to read a rank from: use rank.fixed or recipe.target")
         return self

@@ -1,4 +1,4 @@
-"""Factorised replacements for nn.Linear: low-rank (two thin matmuls) and MPO (a chain of small cores)."""
+"""Factorised replacements for nn.Linear: low-rank (two thin matmuls, or pivot rows plus coefficients) and MPO."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.decompose.pivot import Pivoted
 from pipeline.decompose.svd import LowRank, truncated_svd
 from pipeline.decompose.tt import DEFAULT_CORES, MPO, factorize, mpo_to_dense, tt_svd
 from pipeline.layers.base import CompressedLayer, quantize_config_json
@@ -48,6 +49,44 @@ class LowRankLinear(CompressedLayer):
 
     def to_dense(self) -> torch.Tensor:
         return self.factor("left") @ self.factor("right")
+
+
+class PivotedLowRankLinear(CompressedLayer):
+    """y[pivots] = core x, y[others] = coefficients (core x), + b: a rank-r W in r (out + in - r) numbers.
+
+    The output rows are put back in place by one gather (`order`, int32, not a parameter).
+    """
+
+    method = "svd"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, quantize_config: dict | None = None) -> None:
+        super().__init__(quantize_config)
+        self.in_features, self.out_features, self.rank, self.has_bias = in_features, out_features, rank, bias
+        self.add_factor("core", (rank, in_features))
+        self.add_factor("coefficients", (out_features - rank, rank))
+        self.register_buffer("order", torch.arange(out_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_factors(cls, source: nn.Linear, factors: Pivoted, quantize: QuantizeConfig | None = None) -> PivotedLowRankLinear:
+        layer = cls(source.in_features, source.out_features, factors.rank, source.bias is not None, quantize_config_json(quantize))
+        layer.set_factor("core", factors.core)
+        layer.set_factor("coefficients", factors.coefficients)
+        layer.order.copy_(factors.order())
+        return layer.finish_from(source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = F.linear(x, self.factor("core"))
+        rows = torch.cat([kept, F.linear(kept, self.factor("coefficients"))], dim=-1)
+        # gathering along the last dim of a 2-D view is several times faster on CPU than of the N-D tensor
+        out = rows.reshape(-1, self.out_features).index_select(1, self.order).reshape(rows.shape)
+        return out + self.bias if self.bias is not None else out
+
+    config = LowRankLinear.config  # the same constructor arguments
+
+    def to_dense(self) -> torch.Tensor:
+        core = self.factor("core")
+        return torch.cat([core, self.factor("coefficients") @ core]).index_select(0, self.order)
 
 
 class MPOLinear(CompressedLayer):

@@ -41,7 +41,7 @@ def test_reload_gives_identical_outputs(saved):
     image = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(reloaded.module(image), compressed.module(image))
-    assert type(reloaded.module.classifier[1]).__name__ == "LowRankLinear"
+    assert type(reloaded.module.classifier[1]).__name__ == "PivotedLowRankLinear"
 
 
 def test_unknown_layer_type_in_manifest_is_refused(saved, tmp_path):
@@ -58,7 +58,7 @@ def test_unknown_layer_type_in_manifest_is_refused(saved, tmp_path):
 def test_weights_that_do_not_match_the_manifest_are_refused(saved, tmp_path):
     directory, _ = saved
     manifest = json.loads((directory / "manifest.json").read_text())
-    low_rank = next(entry for entry in manifest["layers"] if entry["type"] == "LowRankLinear")
+    low_rank = next(entry for entry in manifest["layers"] if entry["type"] == "PivotedLowRankLinear")
     low_rank["config"]["rank"] = 100
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
