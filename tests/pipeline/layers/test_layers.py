@@ -13,7 +13,8 @@ from pipeline.decompose.tt import factorize, tt_svd
 from pipeline.layers import build_layer
 from pipeline.layers.base import CompressedLayer, QuantizedTensor
 from pipeline.layers.conv import CPConv2d, TuckerConv2d
-from pipeline.layers.linear import LowRankLinear, MPOLinear
+from pipeline.decompose.pivot import pivoted
+from pipeline.layers.linear import LowRankLinear, MPOLinear, PivotedLowRankLinear
 from pipeline.layers.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
 from pipeline.spec import QuantizeConfig
 
@@ -24,6 +25,7 @@ def linear_layers(source: nn.Linear, quantize: QuantizeConfig | None) -> list[Co
     out_f, in_f = factorize(source.out_features, 3), factorize(source.in_features, 3)
     layers: list[CompressedLayer] = [
         LowRankLinear.from_factors(source, truncated_svd(source.weight, 32), quantize),
+        PivotedLowRankLinear.from_factors(source, pivoted(truncated_svd(source.weight, 32)), quantize),
         MPOLinear.from_factors(source, tt_svd(source.weight, out_f, in_f, (12, 16)), quantize),
     ]
     if quantize is not None:
