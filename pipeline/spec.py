@@ -33,7 +33,7 @@ class _Model(BaseModel):
 
 class Method(str, enum.Enum):
     NONE = "none"  # keep dense (still quantized when quantize is set)
-    SVD = "svd"  # truncated SVD of a Linear weight: two thin Linears
+    SVD = "svd"  # truncated SVD of a Linear weight: pivot rows + coefficients, or two thin factors (Rule.form)
     TT = "tt"  # tensor-train / matrix-product operator of a Linear weight
     TUCKER = "tucker"  # Tucker-2 of a Conv2d: 1x1 -> kxk core -> 1x1
     CP = "cp"  # CP of a Conv2d: 1x1 -> depthwise kh x 1 -> depthwise 1 x kw -> 1x1

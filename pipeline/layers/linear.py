@@ -16,17 +16,31 @@ from pipeline.layers.base import CompressedLayer, quantize_config_json
 from pipeline.spec import QuantizeConfig
 
 
-class LowRankLinear(CompressedLayer):
-    """y = left (right x) + b: W (out x in) as (out x r)(r x in)."""
-
-    method = "svd"
+class _RankLinear(CompressedLayer):
+    """What both low-rank forms are built from: the shape, the rank and an optional bias."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, quantize_config: dict | None = None) -> None:
         super().__init__(quantize_config)
         self.in_features, self.out_features, self.rank, self.has_bias = in_features, out_features, rank, bias
-        self.add_factor("right", (rank, in_features))
-        self.add_factor("left", (out_features, rank))
+        self.add_factors()
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def add_factors(self) -> None:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bias": self.has_bias, "quantize_config": quantize_config_json(self.quantize_config)}  # fmt: skip
+
+
+class LowRankLinear(_RankLinear):
+    """y = left (right x) + b: W (out x in) as (out x r)(r x in)."""
+
+    method = "svd"
+
+    def add_factors(self) -> None:
+        self.add_factor("right", (self.rank, self.in_features))
+        self.add_factor("left", (self.out_features, self.rank))
 
     @classmethod
     def from_factors(cls, source: nn.Linear, factors: LowRank, quantize: QuantizeConfig | None = None) -> LowRankLinear:
@@ -43,15 +57,11 @@ class LowRankLinear(CompressedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.factor("right")), self.factor("left"), self.bias)
 
-    def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
-                "bias": self.has_bias, "quantize_config": quantize_config_json(self.quantize_config)}  # fmt: skip
-
     def to_dense(self) -> torch.Tensor:
         return self.factor("left") @ self.factor("right")
 
 
-class PivotedLowRankLinear(CompressedLayer):
+class PivotedLowRankLinear(_RankLinear):
     """y[pivots] = core x, y[others] = coefficients (core x), + b: a rank-r W in r (out + in - r) numbers.
 
     The output rows are put back in place by one gather (`order`, int32, not a parameter).
@@ -59,13 +69,10 @@ class PivotedLowRankLinear(CompressedLayer):
 
     method = "svd"
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, quantize_config: dict | None = None) -> None:
-        super().__init__(quantize_config)
-        self.in_features, self.out_features, self.rank, self.has_bias = in_features, out_features, rank, bias
-        self.add_factor("core", (rank, in_features))
-        self.add_factor("coefficients", (out_features - rank, rank))
-        self.register_buffer("order", torch.arange(out_features, dtype=torch.int32))
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+    def add_factors(self) -> None:
+        self.add_factor("core", (self.rank, self.in_features))
+        self.add_factor("coefficients", (self.out_features - self.rank, self.rank))
+        self.register_buffer("order", torch.arange(self.out_features, dtype=torch.int32))
 
     @classmethod
     def from_factors(cls, source: nn.Linear, factors: Pivoted, quantize: QuantizeConfig | None = None) -> PivotedLowRankLinear:
@@ -81,8 +88,6 @@ class PivotedLowRankLinear(CompressedLayer):
         # gathering along the last dim of a 2-D view is several times faster on CPU than of the N-D tensor
         out = rows.reshape(-1, self.out_features).index_select(1, self.order).reshape(rows.shape)
         return out + self.bias if self.bias is not None else out
-
-    config = LowRankLinear.config  # the same constructor arguments
 
     def to_dense(self) -> torch.Tensor:
         core = self.factor("core")
