@@ -74,6 +74,7 @@ def format_plan(job_name: str, source: str, plan: Any) -> str:
             rank += f" (floor {first.floor:g} of its parameters)" if first.floor is not None else ""
         quantize = f"int{first.quantize.bits}" if first.quantize else "no quantization"
         aware = ", activation-aware" if first.activation_aware else ""
+        aware += ", pivoted" if first.pivoted else (", two factors" if first.method.value == "svd" else "")
         tied = sum(1 for layer in layers if layer.tied_to)
         lines.append(f"  rules[{index}] {first.method.value}{aware}, rank {rank}, {quantize}: {count(layers)}, "
                      f"{params(layers):,} params" + (f" ({tied} tied, stored once)" if tied else "")
