@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from pipeline.decompose.conv import cp_conv, tucker2
+from pipeline.decompose.pivot import pivoted
 from pipeline.decompose.ranks import error_budget, rank_for_error
 from pipeline.decompose.svd import activation_aware_svd, truncated_svd
 from pipeline.decompose.tt import mode_whitening, tt_svd
 from pipeline.layers.base import CompressedLayer, QuantizedTensor
 from pipeline.layers.conv import CPConv2d, TuckerConv2d
-from pipeline.decompose.pivot import pivoted
 from pipeline.layers.linear import LowRankLinear, MPOLinear, PivotedLowRankLinear
 from pipeline.layers.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
 from pipeline.plan import LayerKind, LayerPlan, params_for_ranks, saving_problem

@@ -107,9 +107,9 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
     candidates = [Candidate(None, None, dense_bytes, 0.0)]
     candidates += [Candidate(None, config, quantized_bytes(plan.weight_shape, config), quant_error[config]) for config in configs]
     options = {option.rank: option for option in profile(plan, spectra).options}  # ranks above the floor: params, error
+    fp32 = dataclasses.replace(plan, quantize=None)  # the storage form can depend on the bits (int4: two factors)
     for rank in (rank for rank in rank_grid(plan) if rank in options):
         kept = options[rank].error
-        fp32 = dataclasses.replace(plan, quantize=None)  # the storage form can depend on the bits
         candidates.append(Candidate(rank, None, FP32 * factorised_params(fp32, rank) + index_bytes(fp32), kept))
         for config in configs:
             stored_as = dataclasses.replace(plan, quantize=config)

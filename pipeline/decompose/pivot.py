@@ -71,4 +71,3 @@ def pivoted(factors: LowRank) -> Pivoted:
     coefficients = torch.linalg.solve(pivot_block, left[others], left=False)
     dtype = factors.left.dtype
     return Pivoted((pivot_block @ right).to(dtype), coefficients.to(dtype), pivots, others)
-
