@@ -68,10 +68,10 @@ class LayerPlan:
 
     @property
     def pivoted(self) -> bool:
-        """svd stored as pivot rows + coefficients; int4 factors keep two factors, as 4-bit noise in the pivot
-        rows would reach every other row through the coefficients (whitened error 0.26 vs 0.14 on SmolLM2)."""
-        if self.method is not Method.SVD or self.form is LowRankForm.FACTORS:
-            return False
+        """svd stored as pivot rows + coefficients. Without a form, int4 factors keep two factors: 4-bit noise in
+        the pivot rows would reach every other row through the coefficients (whitened error 0.26 vs 0.14 on SmolLM2)."""
+        if self.method is not Method.SVD or self.form is not None:
+            return self.form is LowRankForm.PIVOTED
         return self.quantize is None or self.quantize.bits > 4
 
     @property

@@ -84,7 +84,7 @@ def factor_shapes(plan: LayerPlan, rank: int) -> list[tuple[int, ...]] | None:
 
 def index_bytes(plan: LayerPlan) -> int:
     """A pivoted low-rank layer also stores where its output rows go (one int32 each)."""
-    return 4 * plan.weight_shape[0] if plan.method is Method.SVD and plan.pivoted else 0
+    return 4 * plan.weight_shape[0] if plan.pivoted else 0
 
 
 def quantization_error(weight: torch.Tensor, config: QuantizeConfig) -> float:

@@ -82,7 +82,7 @@ class Rule(_Model):
     activation_aware: bool = Field(False, description="svd/tt: truncate for the calibration activations, not the weights (whitening)")
     quantize: QuantizeConfig | bool | None = Field(None, description="override recipe.quantize for this rule: a config, or false")
     form: LowRankForm | None = Field(
-        None, description="svd: how the low-rank weight is stored. pivoted (the default, except for int4 factors): its r pivot rows "
+        None, description="svd: how the low-rank weight is stored (default: pivoted, except int4 factors keep two). pivoted: its r pivot rows "
         "plus the other rows as combinations of them, the same weight in r^2 fewer numbers, so a higher rank fits a budget; "
         "factors: two thin matrices",
     )
