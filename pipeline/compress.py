@@ -67,7 +67,7 @@ def evaluation_task(job: CompressionJob, model: LoadedModel) -> Task:
 
 
 def calibration_grams(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, torch.Tensor]:
-    names = [layer.name for layer in plan.layers if layer.activation_aware]
+    names = [layer.name for layer in plan.layers if layer.calibrated and layer.tied_to is None]
     if not names:
         return {}
     return collect_grams(model, names, job.spec.recipe.calibration or Calibration())

@@ -94,7 +94,7 @@ def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram
         return CPConv2d.from_factors(module, cp_conv(weight, ranks[0], seed=seed), quantize)
     assert quantize is not None
     if plan.kind is LayerKind.LINEAR:
-        return QuantizedLinear.from_dense(module, quantize)
+        return QuantizedLinear.from_dense(module, quantize, gram)
     if plan.kind is LayerKind.CONV2D:
         return QuantizedConv2d.from_dense(module, quantize)
     return QuantizedEmbedding.from_dense(module, quantize)
@@ -102,8 +102,8 @@ def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram
 
 def compress_layer(plan: LayerPlan, module: nn.Module, gram: torch.Tensor | None = None, allocated: int | None = None) -> LayerResult:
     start = time.perf_counter()
-    if plan.activation_aware and gram is None:
-        raise ValueError(f"{plan.name}: activation-aware svd needs calibration statistics")
+    if plan.calibrated and gram is None:
+        raise ValueError(f"{plan.name}: {'activation-aware factors' if plan.activation_aware else 'gptq rounding'} need calibration statistics")
     with torch.no_grad():
         if plan.method is Method.NONE and plan.quantize is None:
             replacement, ranks = module, None  # matched but left dense and unquantized

@@ -20,7 +20,7 @@ from pipeline.decompose.conv import cp_params, tucker2_params
 from pipeline.decompose.pivot import pivoted_break_even_rank, pivoted_params
 from pipeline.decompose.svd import break_even_rank, low_rank_params
 from pipeline.decompose.tt import DEFAULT_CORES, factorize, max_ranks, mpo_params
-from pipeline.spec import LowRankForm, Method, QuantizeConfig, RankRule, Recipe, SpecError
+from pipeline.spec import LowRankForm, Method, QuantizeConfig, RankRule, Recipe, Rounding, SpecError
 
 
 class LayerKind(enum.Enum):
@@ -75,6 +75,17 @@ class LayerPlan:
         return self.quantize is None or self.quantize.bits > 4
 
     @property
+    def gptq(self) -> bool:
+        """Rounded by gptq: a dense Linear weight whose quantize config asks for it."""
+        return self.method is Method.NONE and self.kind is LayerKind.LINEAR and self.quantize is not None \
+            and self.quantize.rounding is Rounding.GPTQ
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs the Gram matrix of its calibration inputs: activation-aware factors, or gptq rounding."""
+        return self.activation_aware or self.gptq
+
+    @property
     def tt_factors(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_features, in_features = self.weight_shape
         return factorize(out_features, DEFAULT_CORES), factorize(in_features, DEFAULT_CORES)
@@ -109,7 +120,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> Plan:
             raise SpecError(f"spec.recipe.rules[{index}].match", _nothing_selected(rule.match, matched, candidates))
         for name, module in fresh:
             claimed.add(name)
-            layers.append(_layer_plan(name, module, index, rule, recipe.quantize))
+            layers.append(_layer_plan(name, module, index, rule, recipe.quantize, recipe.target))
     order = {name: index for index, (name, _) in enumerate(candidates)}
     layers.sort(key=lambda layer: order[layer.name])  # module order, whichever rule claimed them
     return Plan(_resolve_ties(model, layers))
@@ -122,7 +133,22 @@ def _nothing_selected(pattern: str, matched: list, candidates: list) -> str:
     return f"{pattern!r} selects no Linear, Conv2d or Embedding module (names look like: {examples})"
 
 
-def _layer_plan(name: str, module: nn.Module, index: int, rule, default_quantize: QuantizeConfig | None) -> LayerPlan:
+def _rounding_for(name: str, kind: LayerKind, index: int, rule, default: QuantizeConfig | None, target) -> QuantizeConfig | None:
+    """The rule's quantize config, with gptq only where it applies: dense Linear weights, including those a bytesRatio
+    budget may keep dense. recipe.quantize is a default over many rules, so elsewhere it falls back to nearest; a rule
+    of its own asking for gptq where it cannot work is an error."""
+    config = rule.quantize_config(default)
+    budgeted = target is not None and target.bytes_ratio is not None and rule.rank is None
+    if config is None or config.rounding is not Rounding.GPTQ or kind is LayerKind.LINEAR and (rule.method is Method.NONE or budgeted):
+        return config
+    if isinstance(rule.quantize, QuantizeConfig):
+        what = f"a {kind.value}" if kind is not LayerKind.LINEAR else f"stored as {rule.method.value} factors"
+        raise SpecError(f"spec.recipe.rules[{index}].quantize.rounding",
+                        f"gptq rounds dense Linear weights (method none); {name} is {what}: use rounding nearest")  # fmt: skip
+    return config.nearest()
+
+
+def _layer_plan(name: str, module: nn.Module, index: int, rule, default_quantize: QuantizeConfig | None, target=None) -> LayerPlan:
     kind = module_kind(module)
     assert kind is not None
     if kind not in _METHOD_KINDS[rule.method]:
@@ -137,7 +163,7 @@ def _layer_plan(name: str, module: nn.Module, index: int, rule, default_quantize
         rule_index=index,
         rank=rule.rank,
         activation_aware=rule.activation_aware,
-        quantize=rule.quantize_config(default_quantize),
+        quantize=_rounding_for(name, kind, index, rule, default_quantize, target),
         weight_shape=tuple(module.weight.shape),
         params=layer_params(module),
         floor=rule.floor,
@@ -218,11 +244,16 @@ def _resolve_ties(model: nn.Module, layers: list[LayerPlan]) -> list[LayerPlan]:
             owner[id(weight)] = layer
             resolved.append(layer)
             continue
-        if layer.method is not Method.NONE or first.method is not Method.NONE or layer.quantize != first.quantize:
+        if layer.method is not Method.NONE or first.method is not Method.NONE or _layout(layer.quantize) != _layout(first.quantize):
             raise SpecError(
                 f"{layer.field}.method",
                 f"{layer.name} shares its weight with {first.name}; tied weights can only be quantized alike "
                 f"(method none and the same quantize for both)",
             )
-        resolved.append(LayerPlan(**{**layer.__dict__, "tied_to": first.name}))
+        # it stores nothing of its own: it reads the owner's weight, however that was rounded
+        resolved.append(LayerPlan(**{**layer.__dict__, "tied_to": first.name, "quantize": first.quantize}))
     return resolved
+
+
+def _layout(config: QuantizeConfig | None) -> QuantizeConfig | None:
+    return None if config is None else config.nearest()

@@ -11,8 +11,10 @@ input in the model compressed so far:
 
 M0 is the map from X~ that best reproduces W's outputs on X, ridge-shrunk towards W (the plain least-squares
 refit overfits: it has in_features^2 free numbers per layer, fitted on a few thousand tokens). The stage's
-layers are then compressed by the usual activation-aware code with weight M0 and Gram G~ — through the same
-executor, so the layers of a stage are parallel Ray tasks while blocks and stages stay in order.
+layers are then compressed by the usual code with weight M0 and Gram G~ (activation-aware SVD, or gptq
+rounding, which then also makes up for the quantization upstream: SmolLM2 int4 g64 perplexity 26.6 against
+36.1 with the original model's Grams) — through the same executor, so the layers of a stage are parallel
+Ray tasks while blocks and stages stay in order.
 """
 
 from __future__ import annotations
@@ -184,11 +186,11 @@ def _stand_in(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
 def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[str, int], calibration: Calibration,
               progress: ProgressCallback | None = None) -> Execution:  # fmt: skip
     """Every layer of the plan compressed; activation-aware layers inside the blocks by error propagation,
-    the others (and activation-aware ones outside the blocks, with Grams of the original model) as usual."""
-    chained = [layer.name for layer in plan.layers if layer.activation_aware and layer.tied_to is None]
+    the others (activation-aware ones outside the blocks and gptq-rounded ones get Grams of the original model) as usual."""
+    chained = [layer.name for layer in plan.layers if layer.calibrated and layer.tied_to is None]
     blocks = find_blocks(model.module, chained)
     in_blocks = [] if blocks is None else [name for index in range(len(blocks.modules)) for name in blocks.layers_of(index, chained)]
-    outside = [name for name in chained if name not in in_blocks]
+    outside = [layer.name for layer in plan.layers if layer.calibrated and layer.tied_to is None and layer.name not in in_blocks]
     independent = collect_grams(model, outside, calibration) if outside else {}
     if blocks is None:
         print("krunch: calibration.propagate: no nn.ModuleList holds two of the activation-aware layers, "

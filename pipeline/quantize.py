@@ -52,32 +52,60 @@ def packed_shape(shape: tuple[int, ...], config: QuantizeConfig) -> dict[str, tu
     }
 
 
-def quantize(tensor: torch.Tensor, config: QuantizeConfig) -> QuantizedData:
-    shape = tuple(tensor.shape)
-    rows, padded, group = _layout(shape, config)
+def grouped_view(tensor: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
+    """The tensor as float32 (rows, groups, group size), zero-padded to whole groups."""
+    rows, padded, group = _layout(tuple(tensor.shape), config)
     flat = tensor.detach().float().reshape(rows, -1)
     flat = torch.nn.functional.pad(flat, (0, padded - flat.shape[1]))
-    grouped = flat.reshape(rows, padded // group, group)
+    return flat.reshape(rows, padded // group, group)
+
+
+def group_scales(grouped: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16, as stored) and zero point (float; empty when symmetric) of each group, from its range."""
     if config.symmetric:
         qmax = 2 ** (config.bits - 1) - 1
         scale = (grouped.abs().amax(-1) / qmax).clamp(min=1e-8).half()
-        q = torch.round(grouped / scale.float()[..., None]).clamp(-qmax, qmax)
-        zero_point = torch.empty(0, dtype=torch.uint8, device=tensor.device)
-        stored = q + 2 ** (config.bits - 1) if config.bits == 4 else q  # int4 kept as 1..15 for packing
-    else:
-        qmax = 2**config.bits - 1
-        low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
-        scale = ((high - low) / qmax).clamp(min=1e-8).half()
-        zero = torch.round(-low / scale.float()).clamp(0, qmax)
-        q = (torch.round(grouped / scale.float()[..., None]) + zero[..., None]).clamp(0, qmax)
-        zero_point = zero.to(torch.uint8)
-        stored = q
-    stored = stored.reshape(rows, padded)
+        return scale, torch.empty(0, device=grouped.device)
+    qmax = 2**config.bits - 1
+    low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    scale = ((high - low) / qmax).clamp(min=1e-8).half()
+    return scale, torch.round(-low / scale.float()).clamp(0, qmax)
+
+
+def integer_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
+    """Round values to the integer grid their scales (and zero points) define: signed when symmetric, else 0..2^bits-1.
+    `scale` and `zero` broadcast against `values` (a group's, or one column's per row)."""
+    if config.symmetric:
+        qmax = 2 ** (config.bits - 1) - 1
+        return torch.round(values / scale.float()).clamp(-qmax, qmax)
+    return (torch.round(values / scale.float()) + zero).clamp(0, 2**config.bits - 1)
+
+
+def restored(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
+    """The float values integer codes stand for: what `dequantize` gives back for them."""
+    return (codes if config.symmetric else codes - zero) * scale.float()
+
+
+def quantize(tensor: torch.Tensor, config: QuantizeConfig) -> QuantizedData:
+    """Round to nearest, each group on the grid its own range sets."""
+    grouped = grouped_view(tensor, config)
+    scale, zero = group_scales(grouped, config)
+    codes = integer_codes(grouped, scale[..., None], zero[..., None] if zero.numel() else zero, config)
+    return pack(codes, scale, zero, tuple(tensor.shape), config)
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, ...], config: QuantizeConfig) -> QuantizedData:
+    """Integer codes (rows, groups, group size) and their group scales as the stored tensors."""
+    rows, padded, group = _layout(shape, config)
+    stored = codes.reshape(rows, padded)
+    if config.symmetric and config.bits == 4:
+        stored = stored + 2 ** (config.bits - 1)  # int4 kept as 1..15 for packing
     if config.bits == 4:
         nibbles = stored.to(torch.uint8)
         values = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
     else:
         values = stored.to(torch.int8) if config.symmetric else (stored - 128).to(torch.int8)
+    zero_point = zero.to(torch.uint8) if not config.symmetric else torch.empty(0, dtype=torch.uint8, device=codes.device)
     return QuantizedData(values.contiguous(), scale.contiguous(), zero_point.contiguous(), shape, config.bits, group)
 
 

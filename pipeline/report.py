@@ -73,6 +73,7 @@ def format_plan(job_name: str, source: str, plan: Any) -> str:
             rank = "-" if first.method.value == "none" else "from target"
             rank += f" (floor {first.floor:g} of its parameters)" if first.floor is not None else ""
         quantize = f"int{first.quantize.bits}" if first.quantize else "no quantization"
+        quantize += ", gptq rounding" if first.gptq else ""
         aware = ", activation-aware" if first.activation_aware else ""
         aware += ", pivoted" if first.pivoted else (", two factors" if first.method.value == "svd" else "")
         tied = sum(1 for layer in layers if layer.tied_to)

@@ -4,8 +4,9 @@ store in fp32, int8 or int4, so that the layers fit the bytes and the summed nor
 Each layer gets a table of candidates (bytes exact, as the saved tensors will
 be; error estimated): the truncation error is the tail of the spectrum the
 method truncates (as for paramRatio), the quantization error is measured by
-quantizing the layer's own weight, and the two add (quantization noise is
-relative to what is kept). Only candidates smaller than the dense fp32 weight
+quantizing the layer's own weight to nearest, and the two add (quantization
+noise is relative to what is kept; with gptq rounding the dense candidates'
+errors are overestimates on the weight, lower on the outputs). Only candidates smaller than the dense fp32 weight
 are offered, and no factorisation below the rule's floor (dense int8/int4 keep
 every parameter). The table goes through the same Lagrangian allocator as
 paramRatio (`pipeline.budget.allocate`), with bytes as the cost.
@@ -63,9 +64,10 @@ class LayerTable:
 
 
 def quantize_configs(recipe_quantize: QuantizeConfig | None) -> list[QuantizeConfig]:
-    """The int8 and int4 layouts on offer; symmetric unless the recipe's quantize section says otherwise."""
-    symmetric = recipe_quantize.symmetric if recipe_quantize is not None else True
-    return [QuantizeConfig(bits=bits, group_size=group, symmetric=symmetric) for bits, group in LAYOUTS]
+    """The int8 and int4 layouts on offer; symmetric and rounded to nearest unless recipe.quantize says otherwise
+    (gptq reaches the layers kept dense; factors are rounded to nearest)."""
+    base = recipe_quantize or QuantizeConfig()
+    return [base.model_copy(update={"bits": bits, "group_size": group}) for bits, group in LAYOUTS]
 
 
 def quantized_bytes(shape: tuple[int, ...], config: QuantizeConfig) -> int:
@@ -112,11 +114,11 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
         kept = options[rank].error
         candidates.append(Candidate(rank, None, FP32 * factorised_params(fp32, rank) + index_bytes(fp32), kept))
         for config in configs:
-            stored_as = dataclasses.replace(plan, quantize=config)
+            stored_as = dataclasses.replace(plan, quantize=config.nearest())
             shapes = factor_shapes(stored_as, rank)
             if shapes is not None:
                 stored = sum(quantized_bytes(shape, config) for shape in shapes) + index_bytes(stored_as)
-                candidates.append(Candidate(rank, config, stored, kept + (1 - kept) * quant_error[config]))
+                candidates.append(Candidate(rank, config.nearest(), stored, kept + (1 - kept) * quant_error[config]))
     return LayerTable(plan.name, dense_bytes, pareto_front(candidates, dense_bytes))
 
 

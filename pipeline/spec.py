@@ -62,10 +62,24 @@ class RankRule(_Model):
         return self
 
 
+class Rounding(str, enum.Enum):
+    NEAREST = "nearest"  # round to nearest (RTN)
+    GPTQ = "gptq"  # Frantar et al. 2023: rounding errors compensated through the inputs' Gram matrix
+
+
 class QuantizeConfig(_Model):
     bits: Literal[4, 8] = Field(8, description="integer width: 8 or 4 (two values packed per byte)")
     group_size: int | None = Field(None, ge=8, description="values per scale along the input dimension; omit for one scale per output channel")
     symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric (scale and zero point)")
+    rounding: Rounding = Field(
+        Rounding.NEAREST, description="nearest: each value to its nearest level, no data needed. gptq: column by column, "
+        "each column's rounding error compensated in the columns not yet rounded, for the calibration activations "
+        "(recipe.calibration); dense Linear weights only (in recipe.quantize it leaves factors and convolutions at nearest)",
+    )
+
+    def nearest(self) -> QuantizeConfig:
+        """The same layout rounded to nearest: for weights gptq cannot reach (factors, convolutions, embeddings)."""
+        return self.model_copy(update={"rounding": Rounding.NEAREST})
 
     @field_validator("group_size")
     @classmethod
@@ -140,8 +154,8 @@ class Calibration(_Model):
     tokens: int = Field(8192, ge=64, description="calibration tokens (text models)")
     items: int = Field(128, ge=1, description="calibration images or words (vision models)")
     propagate: bool = Field(
-        False, description="error-propagating: compress block by block, each activation-aware layer fitted to the original "
-        "outputs from the inputs of the model compressed so far",
+        False, description="error-propagating: compress block by block, each activation-aware or gptq-rounded layer fitted "
+        "to the original outputs from the inputs of the model compressed so far",
     )
 
 
@@ -175,15 +189,25 @@ class Recipe(_Model):
             for index, rule in enumerate(self.rules):
                 if rule.method is Method.CP and rule.rank is None:
                     raise ValueError(f"rules[{index}].rank: cp needs rank.fixed (it has no spectrum to share a budget by)")
+        if self.target is not None and self.target.bytes_ratio is not None:
+            for index, rule in enumerate(self.rules):
+                if rule.method in FACTORIZING_METHODS and rule.rank is None and rule.quantize is not None:
+                    raise ValueError(f"rules[{index}].quantize: under target.bytesRatio the budget chooses each layer's "
+                                     "storage; set symmetric and rounding in recipe.quantize")  # fmt: skip
         if self.calibration is not None and self.calibration.propagate and not self.needs_calibration:
-            raise ValueError("calibration.propagate: needs a rule with activationAware: true (it refits those layers)")
+            raise ValueError("calibration.propagate: needs a rule with activationAware: true or gptq rounding (it refits those layers)")
         if self.target is not None and not any(rule.method in FACTORIZING_METHODS and rule.rank is None for rule in self.rules):
             raise ValueError("target needs at least one factorizing rule without its own rank to allocate")
         return self
 
     @property
     def needs_calibration(self) -> bool:
-        return any(rule.activation_aware for rule in self.rules)
+        """Some layer is fitted to calibration activations: activation-aware factors or gptq rounding."""
+        return any(rule.activation_aware or _gptq(rule.quantize_config(self.quantize)) for rule in self.rules)
+
+
+def _gptq(config: QuantizeConfig | None) -> bool:
+    return config is not None and config.rounding is Rounding.GPTQ
 
 
 class ModelSource(_Model):

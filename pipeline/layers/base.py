@@ -29,8 +29,12 @@ class QuantizedTensor(nn.Module):
 
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor, config: QuantizeConfig) -> QuantizedTensor:
-        module = cls(tuple(tensor.shape), config)
-        data = quantize(tensor, config)
+        return cls.from_data(quantize(tensor, config), config)
+
+    @classmethod
+    def from_data(cls, data: QuantizedData, config: QuantizeConfig) -> QuantizedTensor:
+        """Codes chosen elsewhere (gptq), stored as round-to-nearest's are."""
+        module = cls(data.shape, config)
         module.values.copy_(data.values)
         module.scale.copy_(data.scale)
         module.zero_point.copy_(data.zero_point)
@@ -45,11 +49,11 @@ class QuantizedTensor(nn.Module):
     def extra_repr(self) -> str:
         group = f"group={self.config.group_size}" if self.config.group_size else "per-channel"
         kind = "sym" if self.config.symmetric else "asym"
-        return f"shape={self.shape}, int{self.config.bits}, {group}, {kind}"
+        return f"shape={self.shape}, int{self.config.bits}, {group}, {kind}, {self.config.rounding.value}"
 
 
 def quantize_config_json(config: QuantizeConfig | None) -> dict[str, Any] | None:
-    return None if config is None else config.model_dump(by_alias=True)
+    return None if config is None else config.model_dump(by_alias=True, mode="json")
 
 
 class CompressedLayer(nn.Module):
@@ -75,9 +79,11 @@ class CompressedLayer(nn.Module):
         else:
             self.add_module(name, QuantizedTensor(shape, self.quantize_config))
 
-    def set_factor(self, name: str, value: torch.Tensor) -> None:
+    def set_factor(self, name: str, value: torch.Tensor | QuantizedData) -> None:
         target = getattr(self, name)
-        if isinstance(target, QuantizedTensor):
+        if isinstance(value, QuantizedData):
+            self.add_module(name, QuantizedTensor.from_data(value, target.config))
+        elif isinstance(target, QuantizedTensor):
             self.add_module(name, QuantizedTensor.from_tensor(value, target.config))
         else:
             with torch.no_grad():

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.gptq import gptq_quantize
 from pipeline.layers.base import CompressedLayer, quantize_config_json
 from pipeline.quantize import QuantizedData, dequantize
-from pipeline.spec import QuantizeConfig
+from pipeline.spec import QuantizeConfig, Rounding
 
 
 class QuantizedLinear(CompressedLayer):
@@ -27,9 +28,15 @@ class QuantizedLinear(CompressedLayer):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
-    def from_dense(cls, source: nn.Linear, quantize: QuantizeConfig) -> QuantizedLinear:
+    def from_dense(cls, source: nn.Linear, quantize: QuantizeConfig, gram: torch.Tensor | None = None) -> QuantizedLinear:
+        """Round to nearest, or with quantize.rounding gptq, for inputs whose Gram matrix is `gram`."""
         layer = cls(source.in_features, source.out_features, source.bias is not None, quantize_config_json(quantize))
-        layer.set_factor("weight_q", source.weight)
+        if quantize.rounding is Rounding.GPTQ:
+            if gram is None:
+                raise ValueError("gptq rounding needs the calibration Gram matrix of the layer's inputs")
+            layer.set_factor("weight_q", gptq_quantize(source.weight, gram, quantize))
+        else:
+            layer.set_factor("weight_q", source.weight)
         return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
