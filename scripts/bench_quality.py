@@ -10,11 +10,11 @@ fp16, the quality metric and its change, throughput speedup, compression time.
     .venv/bin/python scripts/bench_quality.py [--models smollm2-135m,minilm-l6] [--json F] [--plot PNG]  # default: all four
     python scripts/bench_quality.py --full        # every row (TT, more ratios, more healing): hours on 2 CPUs
 
-Measured on a 2-core machine: SmolLM2-135M and MiniLM together took 28 minutes
-(the SmolLM2 healing row alone 12), MiniLM, EasyOCR and MobileNetV2 together 13.
-Each job also evaluates its fp32 baseline, so every speedup is a ratio within
-one job. --json merges into the file: tables of models not run this time stay,
-and --plot draws every table the file then holds.
+Measured on a 2-core machine (summed row times): SmolLM2-135M and MiniLM together
+about 41 minutes (the SmolLM2 healing row alone 15), all four about 46. Each job
+also evaluates its fp32 baseline, so every speedup is a ratio within one job.
+--json merges into the file: tables of models not run this time stay, and with
+--rows only the rows run are replaced; --plot draws every table the file then holds.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ MODELS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 CALIBRATION = {"data": "wikipedia", "tokens": 8192}
 PROPAGATED = {**CALIBRATION, "propagate": True}
+GPTQ = {"rounding": "gptq"}  # fed by error propagation: with the original model's Grams SmolLM2 int4 g64 got worse (36.1 vs 33.2)
+INT4_GPTQ = {"bits": 4, **GPTQ}
 HEAL = {"steps": 100, "tokens": 16384, "lr": 2e-5}  # about 5 s a step for SmolLM2 on 2 CPU cores
 # EasyOCR's first conv (1 input channel) and last (2x2) stay dense, as in examples/easyocr-tucker.yaml
 OCR_CONVS = [{"match": "FeatureExtraction.ConvNet.0", "method": "none"}, {"match": "FeatureExtraction.ConvNet.18", "method": "none"}]
@@ -91,12 +93,14 @@ def rows_for(match: str, full: bool) -> dict[str, dict[str, Any]]:
     rows = {
         "krunch int8": {"rules": [{"match": match, "method": "none"}], "quantize": {"bits": 8}},
         "krunch int4 (g64)": {"rules": [{"match": match, "method": "none"}], "quantize": {"bits": 4, "groupSize": 64}},
+        "krunch int4 (g64), gptq": {"rules": [{"match": match, "method": "none"}], "quantize": {**INT4_GPTQ, "groupSize": 64},
+                                    "calibration": PROPAGATED},
         "plain SVD, params 0.9": {"target": {"paramRatio": 0.9}, "rules": [svd]},
         "whitened SVD, params 0.9": {"target": {"paramRatio": 0.9}, "rules": [aware], "calibration": CALIBRATION},
         "propagated SVD, params 0.9": {"target": {"paramRatio": 0.9}, "rules": [aware], "calibration": PROPAGATED},
         "propagated SVD 0.9 + heal": {"target": {"paramRatio": 0.9}, "rules": [aware], "calibration": PROPAGATED, "heal": HEAL},
         "joint budget, bytes 0.25": {"target": {"bytesRatio": 0.25}, "rules": [svd]},
-        "joint budget, bytes 0.2": {"target": {"bytesRatio": 0.2}, "rules": [svd]},
+        "joint budget, bytes 0.2, gptq": {"target": {"bytesRatio": 0.2}, "rules": [svd], "quantize": GPTQ, "calibration": PROPAGATED},
     }
     if full:
         for ratio in (0.8, 0.7):
@@ -105,7 +109,9 @@ def rows_for(match: str, full: bool) -> dict[str, dict[str, Any]]:
             rows[f"propagated SVD, params {ratio}"] = {"target": {"paramRatio": ratio}, "rules": [aware], "calibration": PROPAGATED}
         rows["whitened SVD 0.9 + heal"] = {"target": {"paramRatio": 0.9}, "rules": [aware], "calibration": CALIBRATION, "heal": HEAL}
         rows["TT, params 0.9"] = {"target": {"paramRatio": 0.9}, "rules": [{"match": match, "method": "tt"}]}
+        rows["joint budget, bytes 0.2"] = {"target": {"bytesRatio": 0.2}, "rules": [svd]}
         rows["joint budget, bytes 0.15"] = {"target": {"bytesRatio": 0.15}, "rules": [svd]}
+        rows["joint budget, bytes 0.15, gptq"] = {"target": {"bytesRatio": 0.15}, "rules": [svd], "quantize": GPTQ, "calibration": PROPAGATED}
     return rows
 
 
@@ -194,12 +200,24 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def merged_rows(earlier: dict[str, Any] | None, fresh: dict[str, Any]) -> dict[str, Any]:
+    """A --rows run's table: the file's rows with the fresh ones replacing rows of the same name (new ones added at
+    the end). Each row keeps the machine it ran on."""
+    if earlier is None:
+        return fresh
+    rows = {row["row"]: {"machine": earlier["machine"], **row} for row in earlier["rows"]}
+    rows |= {row["row"]: {**row, "machine": fresh["machine"]} for row in fresh["rows"]}
+    return {"machine": fresh["machine"], "rows": list(rows.values())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--full", action="store_true", help="every row: TT and more ratios")
     parser.add_argument("--json", type=Path, help="also write the tables as JSON here (merged into the file's other models' tables)")
     parser.add_argument("--plot", type=Path, help="also draw quality against size (PNG) here")
+    parser.add_argument("--rows", help="only rows whose names contain one of these comma-separated parts (fp32 and torch's "
+                                       "int8 always run); --json then replaces just those rows in the file's tables")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     results: dict[str, list[dict[str, Any]]] = {}
@@ -208,6 +226,8 @@ def main() -> int:
             rows = [torch_dynamic_row(model)]
             generic = rows_for(MODELS[model]["match"], args.full) if MODELS[model]["match"] else {}
             for name, recipe in (generic | EXTRA_ROWS.get(model, {})).items():
+                if args.rows and not any(part in name for part in args.rows.split(",")):
+                    continue
                 print(f"  {model}: {name} ...", flush=True)
                 rows.append(krunch_row(model, name, recipe, Path(scratch)))
             results[model] = rows
@@ -215,7 +235,10 @@ def main() -> int:
     machine = f"{torch.get_num_threads()} torch threads, CPU"
     tables = {model: {"machine": machine, "rows": rows} for model, rows in results.items()}
     if args.json and args.json.exists():  # tables of models not run this time stay (each says its machine)
-        tables = json.loads(args.json.read_text()).get("tables", {}) | tables
+        earlier = json.loads(args.json.read_text()).get("tables", {})
+        if args.rows:
+            tables = {model: merged_rows(earlier.get(model), table) for model, table in tables.items()}
+        tables = earlier | tables
     if args.json:
         write_json(args.json, {"tables": tables})
     if args.plot:
