@@ -9,17 +9,18 @@ exactly as round-to-nearest stores it (integer codes, fp16 scales and zero
 points per group), so loading and forward are unchanged; only which integers
 are chosen differs.
 
-A group's scale is set from the compensated weights when its first column is
-reached (per-channel layouts: from the whole weight up front), as in the
-reference implementation. Columns go in their natural order: descending-
-activation order would need scales fixed before compensation for grouped
-layouts.
+A group's scale is set when its first column is reached, from its weights as
+compensated so far (per-channel layouts: from the whole weight up front), as
+the reference implementation does. Columns go in their natural order:
+descending-activation order would need the scales fixed before compensation
+for grouped layouts.
 """
 
 from __future__ import annotations
 
 import torch
 
+from pipeline.decompose.svd import whitening_factor
 from pipeline.quantize import QuantizedData, group_scales, grouped_view, integer_codes, pack, restored
 from pipeline.spec import QuantizeConfig
 
@@ -28,18 +29,9 @@ BLOCK = 128  # columns updated together; the rest get the block's errors in one 
 
 
 def inverse_cholesky(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1 in float64; damping grows until H is
-    positive definite. Columns no input ever reached (zero diagonal) get a unit diagonal: nothing to compensate."""
-    h = gram.detach().double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    scale = h.diagonal().mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(8):
-        lower, info = torch.linalg.cholesky_ex(h + eye * scale * damping * 10**attempt)
-        if int(info) == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-    raise ValueError("calibration Gram matrix is not positive definite even with damping")
+    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, float64. The damping also gives columns no
+    input ever reached (zero diagonal) a pivot, so their errors are not spread anywhere."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(whitening_factor(gram, damping)), upper=True)
 
 
 def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, config: QuantizeConfig) -> QuantizedData:

@@ -20,7 +20,7 @@ from pipeline.decompose.conv import cp_params, tucker2_params
 from pipeline.decompose.pivot import pivoted_break_even_rank, pivoted_params
 from pipeline.decompose.svd import break_even_rank, low_rank_params
 from pipeline.decompose.tt import DEFAULT_CORES, factorize, max_ranks, mpo_params
-from pipeline.spec import LowRankForm, Method, QuantizeConfig, RankRule, Recipe, Rounding, SpecError
+from pipeline.spec import LowRankForm, Method, QuantizeConfig, RankRule, Recipe, Rounding, Rule, SpecError, Target
 
 
 class LayerKind(enum.Enum):
@@ -77,8 +77,8 @@ class LayerPlan:
     @property
     def gptq(self) -> bool:
         """Rounded by gptq: a dense Linear weight whose quantize config asks for it."""
-        return self.method is Method.NONE and self.kind is LayerKind.LINEAR and self.quantize is not None \
-            and self.quantize.rounding is Rounding.GPTQ
+        dense_linear = self.method is Method.NONE and self.kind is LayerKind.LINEAR
+        return dense_linear and self.quantize is not None and self.quantize.rounding is Rounding.GPTQ
 
     @property
     def calibrated(self) -> bool:
@@ -133,7 +133,8 @@ def _nothing_selected(pattern: str, matched: list, candidates: list) -> str:
     return f"{pattern!r} selects no Linear, Conv2d or Embedding module (names look like: {examples})"
 
 
-def _rounding_for(name: str, kind: LayerKind, index: int, rule, default: QuantizeConfig | None, target) -> QuantizeConfig | None:
+def _rounding_for(name: str, kind: LayerKind, index: int, rule: Rule, default: QuantizeConfig | None,
+                  target: Target | None) -> QuantizeConfig | None:  # fmt: skip
     """The rule's quantize config, with gptq only where it applies: dense Linear weights, including those a bytesRatio
     budget may keep dense. recipe.quantize is a default over many rules, so elsewhere it falls back to nearest; a rule
     of its own asking for gptq where it cannot work is an error."""
@@ -148,7 +149,8 @@ def _rounding_for(name: str, kind: LayerKind, index: int, rule, default: Quantiz
     return config.nearest()
 
 
-def _layer_plan(name: str, module: nn.Module, index: int, rule, default_quantize: QuantizeConfig | None, target=None) -> LayerPlan:
+def _layer_plan(name: str, module: nn.Module, index: int, rule: Rule, default_quantize: QuantizeConfig | None,
+                target: Target | None = None) -> LayerPlan:  # fmt: skip
     kind = module_kind(module)
     assert kind is not None
     if kind not in _METHOD_KINDS[rule.method]:

@@ -4,13 +4,11 @@ and the spec says where it applies."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from pipeline.compress import calibration_grams
-from pipeline.distributed.executors import InProcessExecutor
+from pipeline.distributed.executors import InProcessExecutor, RayExecutor
 from pipeline.gptq import gptq_quantize
 from pipeline.layers.quantized import QuantizedLinear
 from pipeline.plan import make_plan
@@ -62,6 +60,24 @@ def test_gptq_reproduces_held_out_outputs_better_than_nearest(minilm):
     print(f"held-out error: nearest {rtn:.4f}, gptq {fitted:.4f}, gptq propagated {chained:.4f}")
     assert fitted < 0.9 * rtn
     assert chained < fitted
+
+
+@pytest.mark.slow
+def test_gptq_on_ray_stores_what_in_process_stores(minilm, ray_cluster):
+    """Layer tasks get their Gram matrices on Ray too: the codes and scales equal the in-process run's."""
+    gptq = job({"rules": [{"match": "encoder.layer.[01].*", "method": "none"}], "quantize": {**INT4, "rounding": "gptq"},
+                "calibration": {"tokens": 1024}})  # fmt: skip
+    plan = make_plan(minilm.module, gptq.spec.recipe)
+    grams = calibration_grams(gptq, minilm, plan)
+    executor = RayExecutor(workers=2)
+    with executor.session():
+        remote = executor.run(minilm, plan, grams, {})
+    local = InProcessExecutor().run(minilm, plan, grams, {})
+    assert remote.info["mode"] == "ray" and len(remote.results) == 12
+    for a, b in zip(remote.results, local.results, strict=True):
+        assert a.name == b.name
+        for name in ("values", "scale"):
+            assert torch.equal(getattr(a.module.weight_q, name), getattr(b.module.weight_q, name)), (a.name, name)
 
 
 def test_gptq_on_factors_is_refused_naming_the_field(minilm):
