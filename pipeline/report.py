@@ -17,6 +17,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _rank(rank: Any) -> str:
+    return "" if rank is None else f" rank {rank}"
+
+
 def format_summary(report: dict[str, Any], worst: int = 5) -> str:
     rows: list[tuple[str, Any, Any]] = [
         ("parameters", report["params_before"], report["params_after"]),
@@ -48,7 +52,7 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
     layers = sorted(report["layers"], key=lambda row: row["rel_error"], reverse=True)[:worst]
     if layers:
         lines.append(f"largest relative weight errors ({len(report['layers'])} layers):")
-        lines += [f"  {r['name']}: {r['method']} rank {r['rank']}, {r['params_before']:,} -> {r['params_after']:,} params, "
+        lines += [f"  {r['name']}: {r['method']}{_rank(r['rank'])}, {r['params_before']:,} -> {r['params_after']:,} params, "
                   f"error {r['rel_error']:.4f}" for r in layers]  # fmt: skip
     return "\n".join(lines)
 
