@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.gptq import gptq_quantize
 from pipeline.layers.base import CompressedLayer, quantize_config_json
 from pipeline.quantize import QuantizedData, dequantize
 from pipeline.spec import QuantizeConfig, Rounding
@@ -32,6 +31,8 @@ class QuantizedLinear(CompressedLayer):
         """Round to nearest, or with quantize.rounding gptq, for inputs whose Gram matrix is `gram`."""
         layer = cls(source.in_features, source.out_features, source.bias is not None, quantize_config_json(quantize))
         if quantize.rounding is Rounding.GPTQ:
+            from pipeline.gptq import gptq_quantize  # building only: consumers load these layers without it (portable.py)
+
             if gram is None:
                 raise ValueError("gptq rounding needs the calibration Gram matrix of the layer's inputs")
             layer.set_factor("weight_q", gptq_quantize(source.weight, gram, quantize))
