@@ -6,7 +6,8 @@ be; error estimated): the truncation error is the tail of the spectrum the
 method truncates (as for paramRatio), the quantization error is measured by
 quantizing the layer's own weight to nearest, and the two add (quantization
 noise is relative to what is kept; with gptq rounding the dense candidates'
-errors are overestimates on the weight, lower on the outputs). Only candidates smaller than the dense fp32 weight
+real weight errors are larger and their output errors smaller than this
+estimate). Only candidates smaller than the dense fp32 weight
 are offered, and no factorisation below the rule's floor (dense int8/int4 keep
 every parameter). The table goes through the same Lagrangian allocator as
 paramRatio (`pipeline.budget.allocate`), with bytes as the cost.
@@ -114,11 +115,12 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
         kept = options[rank].error
         candidates.append(Candidate(rank, None, FP32 * factorised_params(fp32, rank) + index_bytes(fp32), kept))
         for config in configs:
-            stored_as = dataclasses.replace(plan, quantize=config.nearest())
+            nearest = config.nearest()  # factors are always rounded to nearest
+            stored_as = dataclasses.replace(plan, quantize=nearest)
             shapes = factor_shapes(stored_as, rank)
             if shapes is not None:
                 stored = sum(quantized_bytes(shape, config) for shape in shapes) + index_bytes(stored_as)
-                candidates.append(Candidate(rank, config.nearest(), stored, kept + (1 - kept) * quant_error[config]))
+                candidates.append(Candidate(rank, nearest, stored, kept + (1 - kept) * quant_error[config]))
     return LayerTable(plan.name, dense_bytes, pareto_front(candidates, dense_bytes))
 
 
