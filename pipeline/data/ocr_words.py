@@ -2,7 +2,8 @@
 
 No labelled OCR set ships offline, so the labels are exact by construction:
 the rendered text is the label. The word sample is fixed (seeded), so every
-run and every compressed version is judged on the same images.
+run and every compressed version is judged on the same images; calibration and
+healing draw from the other half of the vocabulary.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.data.bundled import gensim_test_file
+from pipeline.data.text import Split
 from pipeline.errors import DataError
 
 DEFAULT_WORD_COUNT = 1000
@@ -28,14 +30,18 @@ class WordImage:
     image: Image.Image
 
 
-def news_words(charset: str, count: int = DEFAULT_WORD_COUNT, seed: int = 0) -> list[str]:
-    """`count` distinct words (2+ characters, all in `charset`) sampled with a fixed seed."""
+def news_words(charset: str, count: int = DEFAULT_WORD_COUNT, split: Split = Split.EVALUATION) -> list[str]:
+    """`count` distinct words (2+ characters, all in `charset`) in a fixed order, from one half of the vocabulary:
+    the words healing and calibration see are never the words evaluation reads."""
     text = gensim_test_file("lee_background.cor").read_text(encoding="utf-8", errors="replace")
     allowed = set(charset)
     vocabulary = sorted({w for w in _WORD_PATTERN.findall(text) if len(w) >= 2 and set(w) <= allowed})
-    if len(vocabulary) < count:
-        raise DataError("ocr words", f"only {len(vocabulary)} distinct words available, {count} were asked for")
-    return random.Random(seed).sample(vocabulary, count)
+    shuffled = random.Random(0).sample(vocabulary, len(vocabulary))
+    half = len(shuffled) // 2
+    pool = shuffled[:half] if split is Split.EVALUATION else shuffled[half:]
+    if len(pool) < count:
+        raise DataError("ocr words", f"the {split.value} half has only {len(pool)} distinct words, {count} were asked for")
+    return pool[:count]
 
 
 def render_word(text: str, font: ImageFont.FreeTypeFont) -> Image.Image:
@@ -46,6 +52,6 @@ def render_word(text: str, font: ImageFont.FreeTypeFont) -> Image.Image:
     return image
 
 
-def word_images(charset: str, count: int = DEFAULT_WORD_COUNT, seed: int = 0) -> list[WordImage]:
+def word_images(charset: str, count: int = DEFAULT_WORD_COUNT, split: Split = Split.EVALUATION) -> list[WordImage]:
     font = ImageFont.load_default(size=FONT_SIZE)
-    return [WordImage(word, render_word(word, font)) for word in news_words(charset, count, seed)]
+    return [WordImage(word, render_word(word, font)) for word in news_words(charset, count, split)]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pipeline.assemble import assemble
-from pipeline.calibrate import calibration_batches
+from pipeline.calibrate import calibration_batches, text_batches
 from pipeline.compress import allocate_ranks, calibration_grams
+from pipeline.data.text import Split
 from pipeline.distributed.executors import InProcessExecutor, RayExecutor
 from pipeline.heal import distillation_loss, heal, model_output, trainable_names
 from pipeline.layers.base import QuantizedTensor
@@ -44,14 +45,9 @@ def compressed_copy(model: LoadedModel) -> LoadedModel:
 
 def held_out_loss(student: LoadedModel, teacher: LoadedModel) -> float:
     """Mean distillation loss on windows the healing never saw (the evaluation half of the text)."""
-    from pipeline.data.text import Split, token_slice
-
-    ids = token_slice(teacher.tokenizer, "wikipedia", Split.EVALUATION, 1024)
     losses = []
     with torch.no_grad():
-        for start in range(0, 1024, 256):
-            chunk = torch.tensor(ids[start : start + 256])[None]
-            kwargs = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        for _, kwargs in text_batches(teacher, "wikipedia", Split.EVALUATION, 2048):
             out, ref = (model_output(teacher.kind, m.module(**kwargs)) for m in (student, teacher))
             losses.append(float(distillation_loss(teacher.kind, out, ref)))
     return sum(losses) / len(losses)

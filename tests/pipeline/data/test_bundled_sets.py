@@ -8,6 +8,7 @@ from pipeline.architectures.crnn import EASYOCR_EN_CHARACTERS
 from pipeline.data.images import photo_crops, photo_paths
 from pipeline.data.ocr_words import news_words, word_images
 from pipeline.data.similarity import lee_documents, lee_human_similarity, polarity_sentences, simlex999, wordsim353
+from pipeline.data.text import Split
 
 
 def test_similarity_sets():
@@ -25,7 +26,9 @@ def test_ocr_words_are_distinct_in_charset_and_fixed():
     assert len(words) == len(set(words)) == 1000
     assert all(set(w) <= set(EASYOCR_EN_CHARACTERS) and len(w) >= 2 for w in words)
     assert words == news_words(EASYOCR_EN_CHARACTERS)
-    assert words != news_words(EASYOCR_EN_CHARACTERS, seed=1)
+    calibration = news_words(EASYOCR_EN_CHARACTERS, 1000, Split.CALIBRATION)
+    assert len(set(calibration)) == 1000 and not set(calibration) & set(words)  # healing never sees a test word
+    assert news_words(EASYOCR_EN_CHARACTERS, 10) == words[:10]  # a smaller evaluation reads a prefix
     sample = word_images(EASYOCR_EN_CHARACTERS, count=5)
     for item in sample:
         pixels = np.asarray(item.image)

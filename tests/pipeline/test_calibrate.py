@@ -1,0 +1,32 @@
+"""Calibration batches on real tokenizers: shaped like the inputs the model sees in use, drawn once each from
+the calibration half of the text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.calibrate import calibration_batches
+from pipeline.data.text import Split, token_slice
+from pipeline.spec import Calibration
+
+pytestmark = pytest.mark.slow
+
+
+def test_sentence_embedder_windows_vary_in_length_and_carry_cls_and_sep(minilm):
+    batches = [kwargs["input_ids"] for _, kwargs in calibration_batches(minilm, Calibration(tokens=2048))]
+    assert [tuple(ids.shape) for ids in batches] == [(16, 32), (8, 64), (4, 128), (2, 256)]
+    rows = [row for ids in batches for row in ids.tolist()]
+    tokenizer = minilm.tokenizer
+    assert all(row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id for row in rows)
+    text = [token for row in rows for token in row[1:-1]]
+    assert text == token_slice(tokenizer, "wikipedia", Split.CALIBRATION, 2048)[: len(text)]  # each token once, in order
+    assert all(torch.equal(kwargs["attention_mask"], torch.ones_like(kwargs["input_ids"]))
+               for _, kwargs in calibration_batches(minilm, Calibration(tokens=2048)))  # fmt: skip
+
+
+def test_causal_lm_windows_are_plain_text(smollm2):
+    batches = [kwargs["input_ids"] for _, kwargs in calibration_batches(smollm2, Calibration(tokens=1100))]
+    assert [tuple(ids.shape) for ids in batches] == [(1, 512), (1, 512)]
+    ids = token_slice(smollm2.tokenizer, "wikipedia", Split.CALIBRATION, 1100)
+    assert torch.cat(batches, dim=1)[0].tolist() == ids[:1024]
