@@ -44,7 +44,8 @@ def text_batches(model: LoadedModel, data: str, split: Split, tokens: int) -> It
     for index in itertools.count():
         length, rows = shapes[index % len(shapes)]
         text = length - len(first) - len(last)
-        if start + rows * text > len(ids):
+        rows = min(rows, (len(ids) - start) // text)  # the last batch may be shorter
+        if rows == 0:
             return
         chunk = torch.tensor([first + ids[start + row * text : start + (row + 1) * text] + last for row in range(rows)])
         start += rows * text

@@ -15,12 +15,14 @@ pytestmark = pytest.mark.slow
 
 def test_sentence_embedder_windows_vary_in_length_and_carry_cls_and_sep(minilm):
     batches = [kwargs["input_ids"] for _, kwargs in calibration_batches(minilm, Calibration(tokens=2048))]
-    assert [tuple(ids.shape) for ids in batches] == [(16, 32), (8, 64), (4, 128), (2, 256)]
+    assert [tuple(ids.shape) for ids in batches] == [(16, 32), (8, 64), (4, 128), (2, 256), (2, 32)]  # 60 left: 2 rows
     rows = [row for ids in batches for row in ids.tolist()]
     tokenizer = minilm.tokenizer
     assert all(row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id for row in rows)
     text = [token for row in rows for token in row[1:-1]]
     assert text == token_slice(tokenizer, "wikipedia", Split.CALIBRATION, 2048)[: len(text)]  # each token once, in order
+    few = [kwargs["input_ids"].shape for _, kwargs in calibration_batches(minilm, Calibration(tokens=100))]
+    assert few == [(3, 32)]  # a budget smaller than one batch still calibrates
     assert all(torch.equal(kwargs["attention_mask"], torch.ones_like(kwargs["input_ids"]))
                for _, kwargs in calibration_batches(minilm, Calibration(tokens=2048)))  # fmt: skip
 
