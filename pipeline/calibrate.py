@@ -1,4 +1,5 @@
-"""Calibration statistics: the Gram matrix X^T X of each selected Linear's inputs, from held-out data.
+"""Calibration statistics: the Gram matrix X^T X of each selected layer's inputs (a Linear's input vectors,
+a Conv2d's input patches), from held-out data.
 
 Text models read the calibration half of the corpus (never the evaluation
 half); vision models get photo crops drawn with a different seed than the
@@ -11,6 +12,7 @@ import itertools
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -23,6 +25,7 @@ from pipeline.spec import Calibration
 # layers at half their parameters kept 0.79 cosine to fp32 on short sentences; 32-token windows alone: 0.83, but
 # Lee-50 on its long documents fell from 0.66 to 0.61).
 WINDOWS = {ModelKind.CAUSAL_LM: ((512, 1),), ModelKind.SENTENCE_EMBEDDING: ((32, 16), (64, 8), (128, 4), (256, 2))}
+ROWS_CHUNK = 4  # batch items whose input rows are formed at once: a conv's patches repeat each pixel kh*kw times
 Batch = tuple[tuple, dict]  # (args, kwargs) for a model's (or a block's) forward
 
 
@@ -74,10 +77,24 @@ def calibration_batches(model: LoadedModel, calibration: Calibration) -> Iterato
         raise ValueError(f"{model.reference}: calibration needs a model kind krunch knows how to feed")
 
 
+def input_rows(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """What the layer multiplies its weight by, one row each: a Linear's input vectors, a Conv2d's input patches
+    (channel-major, in the order of weight.reshape(out, -1))."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(tensor, module.kernel_size, module.dilation, module.padding, module.stride)  # (n, c*kh*kw, places)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _product(rows: torch.Tensor) -> torch.Tensor:
+    x = rows.float()
+    return (x.T @ x).double()
+
+
 def collect_grams(model: LoadedModel, names: list[str], calibration: Calibration) -> dict[str, torch.Tensor]:
-    """Accumulate X^T X (float64) over the calibration data for each named Linear."""
+    """Accumulate X^T X (float64) over the calibration data for each named Linear or Conv2d."""
     grams: dict[str, torch.Tensor] = {}
-    # Modules fed the very same tensor (gate_proj and up_proj) share one product; holding the tensor
+    # Linears fed the very same tensor (gate_proj and up_proj) share one product; holding the tensor
     # in `previous` keeps its memory from being reused, so identity cannot be confused with an address.
     previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -87,9 +104,10 @@ def collect_grams(model: LoadedModel, names: list[str], calibration: Calibration
             cached = previous.get("last")
             if cached is not None and cached[0] is tensor:
                 product = cached[1]
+            elif isinstance(module, nn.Conv2d):
+                product = sum(_product(input_rows(module, part)) for part in tensor.detach().split(ROWS_CHUNK))
             else:
-                x = tensor.detach().reshape(-1, tensor.shape[-1]).float()
-                product = (x.T @ x).double()
+                product = _product(input_rows(module, tensor.detach()))
                 previous["last"] = (tensor, product)
             grams[name] = grams[name] + product if name in grams else product.clone()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.decompose.conv import cp_conv, tucker2
+from pipeline.decompose.conv import activation_aware_tucker2, cp_conv, tucker2
 from pipeline.decompose.pivot import pivoted
 from pipeline.decompose.ranks import error_budget, rank_for_error
 from pipeline.decompose.svd import activation_aware_svd, truncated_svd
@@ -89,7 +89,9 @@ def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram
         whitening = mode_whitening(gram, in_f) if plan.activation_aware else None
         return MPOLinear.from_factors(module, tt_svd(weight, out_f, in_f, tuple(ranks), whitening), quantize)
     if plan.method is Method.TUCKER:
-        return TuckerConv2d.from_factors(module, tucker2(weight, (ranks[0], ranks[1]), seed=seed), quantize)
+        channel_ranks = (ranks[0], ranks[1])
+        tucker = activation_aware_tucker2(weight, gram, channel_ranks) if plan.activation_aware else tucker2(weight, channel_ranks, seed=seed)
+        return TuckerConv2d.from_factors(module, tucker, quantize)
     if plan.method is Method.CP:
         return CPConv2d.from_factors(module, cp_conv(weight, ranks[0], seed=seed), quantize)
     assert quantize is not None

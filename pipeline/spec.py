@@ -93,7 +93,7 @@ class Rule(_Model):
     match: str = Field(min_length=1, description="glob on module names, e.g. '*.mlp.*'; the first matching rule wins")
     method: Method
     rank: RankRule | None = Field(None, description="required for factorizing methods unless recipe.target is set")
-    activation_aware: bool = Field(False, description="svd/tt: truncate for the calibration activations, not the weights (whitening)")
+    activation_aware: bool = Field(False, description="svd/tt/tucker: fit the factors to the layer's outputs on calibration data, not to its weights (svd/tt: whitened truncation; tucker: whitened input channels, least-squares core, principal output channels)")
     quantize: QuantizeConfig | bool | None = Field(None, description="override recipe.quantize for this rule: a config, or false")
     form: LowRankForm | None = Field(
         None, description="svd: how the low-rank weight is stored (default: pivoted, except int4 factors keep two). pivoted: its r pivot rows "
@@ -116,8 +116,8 @@ class Rule(_Model):
     def _rank_fits_method(self) -> Rule:
         if self.method is Method.NONE and self.rank is not None:
             raise ValueError("method none keeps the layer dense; remove rank")
-        if self.activation_aware and self.method not in (Method.SVD, Method.TT):
-            raise ValueError(f"activationAware is available for methods svd and tt, not {self.method.value}")
+        if self.activation_aware and self.method not in (Method.SVD, Method.TT, Method.TUCKER):
+            raise ValueError(f"activationAware is available for methods svd, tt and tucker, not {self.method.value}")
         if self.form is not None and self.method is not Method.SVD:
             raise ValueError(f"form chooses how an svd layer is stored; method {self.method.value} has no form")
         if self.method is Method.CP and self.rank is not None and self.rank.fixed is None:

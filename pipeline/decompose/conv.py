@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.decompose import tensorly_pytorch
+from pipeline.decompose.svd import whitening_factor
 
 TUCKER_ITERATIONS = 20
+CORE_RIDGE = 1e-6  # of the reduced Gram's mean diagonal: numerical safety only, the patches far outnumber the core's inputs
 CP_ITERATIONS = 100
 
 
@@ -69,6 +71,40 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int], seed: int = 0) -> Tuck
     (core, (out_factor, in_factor)), _ = tl.decomposition.partial_tucker(
         weight.detach().double(), rank=list(ranks), modes=[0, 1], n_iter_max=TUCKER_ITERATIONS, init="svd", random_state=seed
     )
+    return Tucker2(*(t.to(weight.dtype).contiguous() for t in (core, out_factor, in_factor)))
+
+
+def activation_aware_tucker2(weight: torch.Tensor, gram: torch.Tensor, ranks: tuple[int, int]) -> Tucker2:
+    """Tucker-2 fitted to the conv's outputs on calibration data, not to its kernel. `gram` is the Gram of the
+    input patches (in*kh*kw square, the order of weight.reshape(out, -1)).
+
+    The input factor is the channel-mode truncation of the kernel whitened by the input-channel covariance
+    (SVD-LLM's whitening, per channel); the core is then the least-squares map from the projected patches to
+    the original outputs; the output factor keeps the principal directions of those fitted outputs (so the
+    core is projected on them). Each step is closed-form; data-free Tucker truncates kernel energy that the
+    inputs may never excite and keeps output directions nothing downstream reads."""
+    r_out, r_in = ranks
+    out_ch, in_ch, kh, kw = weight.shape
+    taps = kh * kw
+    w = weight.detach().double().reshape(out_ch, in_ch * taps)
+    g = gram.double()
+    channels = g.reshape(in_ch, taps, in_ch, taps).diagonal(dim1=1, dim2=3).sum(-1) / taps  # (in, in)
+    lower = whitening_factor(channels)
+    by_channel = w.reshape(out_ch, in_ch, taps).transpose(1, 2).reshape(out_ch * taps, in_ch)
+    _, _, vh = torch.linalg.svd(by_channel @ lower, full_matrices=False)
+    in_factor = torch.linalg.solve_triangular(lower.T, vh[:r_in].T, upper=True)  # L^-T V_r: (in, r_in)
+    lift = torch.kron(in_factor.contiguous(), torch.eye(taps, dtype=w.dtype, device=w.device))  # projected patch -> patch
+    reduced = lift.T @ g @ lift
+    ridge = CORE_RIDGE * reduced.diagonal().mean().clamp(min=1e-30)
+    eye = torch.eye(reduced.shape[0], dtype=w.dtype, device=w.device)
+    fitted = torch.linalg.solve(reduced + ridge * eye, lift.T @ g @ w.T).T  # (out, r_in*taps)
+    _, vectors = torch.linalg.eigh(fitted @ reduced @ fitted.T)  # ascending eigenvalues
+    out_factor = vectors[:, -r_out:].flip(-1)
+    core = (out_factor.T @ fitted).reshape(r_out, r_in, kh, kw)
+    # Whitening leaves the input factor's columns at the scale of 1/sqrt(channel variance); unit columns put that
+    # scale into the core, as data-free Tucker's orthonormal factors do, so healing's steps suit every factor.
+    norms = in_factor.norm(dim=0).clamp(min=1e-30)
+    in_factor, core = in_factor / norms, core * norms[None, :, None, None]
     return Tucker2(*(t.to(weight.dtype).contiguous() for t in (core, out_factor, in_factor)))
 
 

@@ -32,3 +32,19 @@ def test_causal_lm_windows_are_plain_text(smollm2):
     assert [tuple(ids.shape) for ids in batches] == [(1, 512), (1, 512)]
     ids = token_slice(smollm2.tokenizer, "wikipedia", Split.CALIBRATION, 1100)
     assert torch.cat(batches, dim=1)[0].tolist() == ids[:1024]
+
+
+def test_conv_input_rows_are_the_patches_its_kernel_multiplies(easyocr):
+    """A Conv2d's Gram is over its input patches, in the order of weight.reshape(out, -1): the conv's output
+    is that matrix times the rows, at every position (stride and padding included)."""
+    from pipeline.calibrate import input_rows
+
+    conv = easyocr.module.FeatureExtraction.ConvNet[3]
+    strided = torch.nn.Conv2d(32, 64, 3, stride=2, padding=1)
+    for layer in (conv, strided):
+        x = torch.randn(3, 32, 16, 40)
+        with torch.no_grad():
+            expected = layer(x) - (layer.bias[None, :, None, None] if layer.bias is not None else 0)
+            rows = input_rows(layer, x) @ layer.weight.reshape(layer.out_channels, -1).T
+        n, c, h, w = expected.shape
+        assert torch.allclose(rows.reshape(n, h, w, c).permute(0, 3, 1, 2), expected, atol=1e-4)

@@ -86,11 +86,15 @@ def test_smollm2_activation_aware_svd_is_far_better_than_plain_svd(tmp_path):
     assert aware_ppl * 100 < plain_ppl
 
 
-def test_easyocr_tucker_reports_conv_parameters_and_accuracy(tmp_path):
-    report = run_compression(example("easyocr-tucker", evaluation__items=300), tmp_path).report
+def test_easyocr_activation_aware_tucker_reports_conv_parameters_and_keeps_accuracy(tmp_path):
+    """Conv by conv (error-propagating), each conv's Tucker factors fitted on its input patches in a Ray task;
+    kernel-only Tucker at this size loses 23 points."""
+    report = run_compression(example("easyocr-tucker", evaluation__items=300, recipe__calibration={"items": 128, "propagate": True}),
+                             tmp_path).report  # fmt: skip
     check_report_shape(report, tmp_path)
     tucker_rows = [row for row in report["layers"] if row["method"] == "tucker"]
     assert len(tucker_rows) == 5 and all(len(row["rank"]) == 2 for row in tucker_rows)
     assert report["target"]["achieved_ratio"] == pytest.approx(0.5, abs=0.005)
     assert report["metrics_before"]["word_accuracy"] >= 0.97
-    assert 0 < report["metrics_after"]["word_accuracy"] <= report["metrics_before"]["word_accuracy"]
+    assert report["metrics_before"]["word_accuracy"] - 0.1 <= report["metrics_after"]["word_accuracy"] <= report["metrics_before"]["word_accuracy"]
+    assert report["execution"]["calibration"] == "propagated"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.decompose.conv import channel_spectra, cp_conv, tucker2
+from pipeline.decompose.conv import activation_aware_tucker2, channel_spectra, cp_conv, tucker2
 from pipeline.decompose.ranks import rank_for_error, tail_fraction
 from pipeline.decompose.svd import activation_aware_svd, break_even_rank, truncated_svd, whitened_spectrum
 from pipeline.decompose.tt import core_sizes, factorize, max_ranks, mpo_params, tt_svd, unfolding_spectra
@@ -113,6 +113,44 @@ def test_tucker_error_falls_with_rank_and_full_rank_is_exact(easyocr_conv_weight
     out_spectrum, in_spectrum = channel_spectra(w)
     hosvd_bound = (float(tail_fraction(out_spectrum)[48]) + float(tail_fraction(in_spectrum)[48])) ** 0.5
     assert errors[1] <= hosvd_bound + 1e-6
+
+
+OCR_CONV = "FeatureExtraction.ConvNet.11"  # the easyocr_conv_weight kernel
+
+
+def held_out_patch_gram(easyocr, count: int) -> torch.Tensor:
+    """X^T X of the conv's input patches on words from the evaluation half of the vocabulary (never calibrated on)."""
+    from pipeline.calibrate import input_rows
+    from pipeline.data.ocr_words import word_images
+    from pipeline.evaluate.ocr import pad_right_replicating
+
+    conv, grams = easyocr.module.get_submodule(OCR_CONV), []
+    handle = conv.register_forward_pre_hook(lambda module, inputs: grams.append(input_rows(module, inputs[0]).double()))
+    try:
+        with torch.inference_mode():
+            for word in word_images(easyocr.charset, count=count):
+                easyocr.module(pad_right_replicating([easyocr.preprocess(word.image)]))
+    finally:
+        handle.remove()
+    return sum(rows.T @ rows for rows in grams)
+
+
+@pytest.mark.slow
+def test_activation_aware_tucker_lowers_output_error_on_held_out_words(easyocr, easyocr_conv_weight):
+    from pipeline.calibrate import collect_grams
+    from pipeline.spec import Calibration
+
+    w, matrix = easyocr_conv_weight, easyocr_conv_weight.reshape(easyocr_conv_weight.shape[0], -1)
+    calibration = collect_grams(easyocr, [OCR_CONV], Calibration(items=64))[OCR_CONV]
+    assert calibration.shape == (128 * 9, 128 * 9)
+    held_out_error = output_error_on(held_out_patch_gram(easyocr, 32), matrix)
+    ranks = (96, 64)
+    aware = activation_aware_tucker2(w, calibration, ranks)
+    assert aware.ranks == ranks and aware.core.shape == (96, 64, 3, 3)
+    plain = held_out_error(tucker2(w, ranks).to_dense().reshape(matrix.shape))
+    assert held_out_error(aware.to_dense().reshape(matrix.shape)) < 0.8 * plain
+    full = activation_aware_tucker2(w, calibration, tuple(w.shape[:2]))  # the outputs on its own data, reproduced
+    assert output_error_on(calibration, matrix)(full.to_dense().reshape(matrix.shape)) < 1e-3
 
 
 @pytest.mark.slow
