@@ -52,12 +52,29 @@ class HealResult:
     state: dict[str, torch.Tensor] = field(repr=False)  # parameter name -> healed value (CPU)
     workers: int = 1  # data-parallel replicas
     divergence: float = 0.0  # largest difference between the replicas' trained values (DDP keeps it 0)
+    batches: int = 0  # distinct batches the steps cycle over (0: unknown)
+
+    @property
+    def pass_steps(self) -> int:
+        """Steps that read every batch once: the window over which losses compare like with like."""
+        return math.ceil(self.batches / self.workers) if self.batches else 0
+
+    def loss_window(self) -> int:
+        """Steps averaged at each end. A whole pass when the steps hold two of them: batches differ in
+        difficulty (a sentence embedder's 32- to 256-token windows: MiniLM's loss on its long windows is
+        several times that on short ones), so the first and last tenth of the steps, read from different
+        batches, may show a loss that rose while every batch's fell. A tenth otherwise."""
+        passes = self.pass_steps
+        return passes if passes and len(self.losses) >= 2 * passes else max(1, len(self.losses) // 10)
 
     def summary(self, spec: Heal) -> dict:
-        head, tail = self.losses[: max(1, len(self.losses) // 10)], self.losses[-max(1, len(self.losses) // 10) :]
+        window = self.loss_window()
+        head, tail = self.losses[:window], self.losses[-window:]
+        passes = round(len(self.losses) / self.pass_steps, 2) if self.pass_steps else None
         return {"steps": len(self.losses), "lr": spec.lr, "tokens": spec.tokens, "items": spec.items, "device": self.device,
                 "workers": self.workers, "replica_divergence": self.divergence, "trainable_params": self.trainable,
-                "seconds": round(self.seconds, 2),
+                "seconds": round(self.seconds, 2), "batches": self.batches, "batches_per_pass": self.pass_steps,
+                "passes": passes, "loss_window": window,
                 "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail), "losses": self.losses}  # fmt: skip
 
 
@@ -167,7 +184,8 @@ def healing(student: nn.Module, teacher: nn.Module, kind: ModelKind | None, batc
         for name, p in student.named_parameters():
             p.requires_grad_(flags[name])
     state = {name: student.get_parameter(name).detach().to("cpu", copy=True) for name in names}
-    return HealResult(losses, time.perf_counter() - start, device, sum(p.numel() for p in params), state, replica.world)
+    return HealResult(losses, time.perf_counter() - start, device, sum(p.numel() for p in params), state, replica.world,
+                      batches=len(batches))
 
 
 def _mean_over_replicas(loss: torch.Tensor, world: int) -> float:

@@ -68,13 +68,14 @@ def quality_size_figure(points: list[VersionPoint], baseline: tuple[float, float
     return figure
 
 
-def heal_figure(losses: list[float], title: str) -> Figure:
-    """Distillation loss per step (log scale: it falls by orders of magnitude early), with a running mean."""
+def heal_figure(losses: list[float], title: str, window: int = 0) -> Figure:
+    """Distillation loss per step (log scale: it falls by orders of magnitude early), with a running mean over
+    `window` steps: one pass over the batches, whose difficulties differ, shows the trend a step's loss hides."""
     figure = Figure(figsize=(7, 4))
     axes = figure.subplots()
     steps = range(1, len(losses) + 1)
     axes.plot(steps, losses, color="#8c8c8c", linewidth=0.8, label="per step")
-    window = max(1, len(losses) // 20)
+    window = window or max(1, len(losses) // 20)
     running = [sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
     axes.plot(steps, running, color="#c44e52", linewidth=2, label=f"mean of {window}")
     axes.set_yscale("log")

@@ -45,8 +45,11 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
     if "heal" in report:
         h = report["heal"]
         replicas = f" x {h['workers']} replicas (DDP)" if h.get("workers", 1) > 1 else ""
+        window = h.get("loss_window", 1)
+        means = "" if window <= 1 else (f", means of the first and last pass over its {h['batches']} batches"
+                                         if window == h.get("batches_per_pass") else f", means of the first and last {window} steps")
         lines.append(f"heal: {h['steps']} steps on {h['device']}{replicas}, distillation loss {h['loss_first']:.4g} -> {h['loss_last']:.4g} "
-                     f"({h['trainable_params']:,} trainable numbers)")  # fmt: skip
+                     f"({h['trainable_params']:,} trainable numbers{means})")  # fmt: skip
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report["timings"].items())
     lines.append(f"time: {timings}")
     layers = sorted(report["layers"], key=lambda row: row["rel_error"], reverse=True)[:worst]

@@ -198,7 +198,7 @@ def log_heal_curve(run_id: str, heal: dict[str, Any], job_name: str) -> None:
     client = _client()
     for start in range(0, len(series), 1000):  # the tracking API's batch limit
         client.log_batch(run_id, metrics=series[start : start + 1000])
-    mlflow.log_figure(heal_figure(heal["losses"], f"{job_name}: healing (distillation) loss"), "plots/heal_loss.png")
+    mlflow.log_figure(heal_figure(heal["losses"], f"{job_name}: healing (distillation) loss", heal.get("batches_per_pass", 0)), "plots/heal_loss.png")
 
 
 def layers_csv(rows: list[dict[str, Any]]) -> str:
