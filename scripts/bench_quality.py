@@ -40,6 +40,7 @@ from pipeline.compress import evaluation_task, load_source, run_compression  # n
 from pipeline.distributed.executors import InProcessExecutor  # noqa: E402
 from pipeline.evaluate import EvalOptions, evaluate  # noqa: E402
 from pipeline.model import LoadedModel  # noqa: E402
+from pipeline.sizes import weight_bytes  # noqa: E402
 from pipeline.spec import parse_job  # noqa: E402
 
 # model -> (layers the recipes select, evaluation section, metric, higher is better, speed key)
@@ -154,6 +155,24 @@ def krunch_row(model: str, name: str, recipe: dict[str, Any], scratch: Path) -> 
     }  # fmt: skip
 
 
+def dynamic_int8_bytes(module: torch.nn.Module) -> int:
+    """What torch's dynamically quantized model stores: each quantized Linear's int8 weight, its scale and zero
+    point and fp32 bias; every other tensor as it is (a tie to a quantized Linear's weight is broken by the
+    quantization, so the embedding it shared stays fp32 beside the int8 copy)."""
+    seen: set[int] = set()
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, torch.ao.nn.quantized.dynamic.Linear):
+            weight, bias = sub._weight_bias()
+            total += weight.numel() * weight.element_size() + 16 + (bias.numel() * bias.element_size() if bias is not None else 0)
+            continue
+        for tensor in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
+            if tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def torch_dynamic_row(model: str) -> dict[str, Any]:
     """torch.ao's one-liner: int8 weights and int8 activations (what most users reach for first)."""
     job = job_for(model, "bench", {"rules": [{"match": MODELS[model]["match"] or "*", "method": "none"}]})
@@ -167,8 +186,9 @@ def torch_dynamic_row(model: str) -> dict[str, Any]:
     after = evaluate(LoadedModel("torch-dynamic-int8", quantized, original.kind, original.tokenizer, original.preprocess,
                                  original.charset, dict(original.metadata)), task, options, reference=original)  # fmt: skip
     info = MODELS[model]
-    return {"row": "torch quantize_dynamic int8", "params_after": None, "params_before": None, "bytes_vs_fp32": None,
-            "bytes_vs_fp16": None, "metric_before": before[info["metric"]], "metric_after": after[info["metric"]],
+    size = dynamic_int8_bytes(quantized) / weight_bytes(original.module)
+    return {"row": "torch quantize_dynamic int8", "params_after": None, "params_before": None, "bytes_vs_fp32": size,
+            "bytes_vs_fp16": 2 * size, "metric_before": before[info["metric"]], "metric_after": after[info["metric"]],
             "speedup": after[info["speed"]] / before[info["speed"]], "secondary": after.get(info.get("secondary", "")),
             "compression_s": seconds, "wall_s": None, "target": None}  # fmt: skip
 
@@ -200,13 +220,16 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         axes.set_visible(False)
     for axes, (model, rows) in zip(panels, results.items(), strict=False):
         info = MODELS[model]
-        sized = [row for row in rows if row["bytes_vs_fp32"] is not None]
+        torch_row = rows[0]
+        sized = [row for row in rows[1:] if row["bytes_vs_fp32"] is not None]
         axes.scatter([1.0], [rows[0]["metric_before"]], marker="*", s=180, color="#4c72b0", label="fp32", zorder=3)
         axes.scatter([r["bytes_vs_fp32"] for r in sized], [r["metric_after"] for r in sized], color="#c44e52", label="krunch", zorder=3)
         for row in sized:
             axes.annotate(row["row"], (row["bytes_vs_fp32"], row["metric_after"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        torch_row = rows[0]
-        axes.axhline(torch_row["metric_after"], color="#8c8c8c", linestyle="--", label="torch quantize_dynamic int8")
+        axes.axhline(torch_row["metric_after"], color="#8c8c8c", linestyle="--", linewidth=0.8)
+        if torch_row["bytes_vs_fp32"] is not None:  # tables measured before its size was
+            axes.scatter([torch_row["bytes_vs_fp32"]], [torch_row["metric_after"]], marker="X", s=90, color="#8c8c8c",
+                         label="torch quantize_dynamic int8", zorder=3)
         axes.set_xlabel("weight bytes / fp32 (whole model)")
         axes.set_ylabel(info["metric"])
         if not info["higher_better"]:
