@@ -250,8 +250,9 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
             path = blocks.path_of(index)
             working_block = copy.deepcopy(original_block)
             for name, result in results.items():  # layers compressed independently still feed their errors forward
-                if inside(name, path) is not None and result.module is not None:
-                    working_block = _installed(working_block, _within(name, path), result.module)
+                relative = inside(name, path)
+                if relative is not None and result.module is not None:
+                    working_block = _installed(working_block, relative, result.module)
             names = blocks.layers_of(index, in_blocks)
             stages = stages_of(original_block, names, path, inputs[0]) if names else []
             readers = [_within(stage[0], path) for stage in stages]  # one layer per stage names its input

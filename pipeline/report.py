@@ -21,6 +21,16 @@ def _rank(rank: Any) -> str:
     return "" if rank is None else f" rank {rank}"
 
 
+def _loss_means(heal: dict[str, Any]) -> str:
+    """What the summary's first and last losses average (older reports lack the window: say nothing)."""
+    window = heal.get("loss_window", 1)
+    if window <= 1:
+        return ""
+    if window == heal.get("batches_per_pass"):
+        return f", means of the first and last pass over its {heal['batches']} batches"
+    return f", means of the first and last {window} steps"
+
+
 def format_summary(report: dict[str, Any], worst: int = 5) -> str:
     rows: list[tuple[str, Any, Any]] = [
         ("parameters", report["params_before"], report["params_after"]),
@@ -45,9 +55,7 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
     if "heal" in report:
         h = report["heal"]
         replicas = f" x {h['workers']} replicas (DDP)" if h.get("workers", 1) > 1 else ""
-        window = h.get("loss_window", 1)
-        means = "" if window <= 1 else (f", means of the first and last pass over its {h['batches']} batches"
-                                         if window == h.get("batches_per_pass") else f", means of the first and last {window} steps")
+        means = _loss_means(h)
         lines.append(f"heal: {h['steps']} steps on {h['device']}{replicas}, distillation loss {h['loss_first']:.4g} -> {h['loss_last']:.4g} "
                      f"({h['trainable_params']:,} trainable numbers{means})")  # fmt: skip
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report["timings"].items())

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from pipeline.heal import HealResult
+from pipeline.report import _loss_means
 from pipeline.spec import Heal
 
-DIFFICULTY = [1.0, 1.0, 4.0, 4.0]  # short windows then long ones, as a sentence embedder's batches come
+DIFFICULTY = [1.0, 1.0, 4.0, 4.0]  # easy batches then hard ones (MiniLM's later Wikipedia articles lose twice as much)
 
 
 def cycled_losses(passes: int, shrink: float) -> list[float]:
@@ -27,6 +28,7 @@ def test_a_loss_that_falls_on_every_batch_is_reported_falling():
     assert summary["loss_window"] == len(DIFFICULTY) and summary["passes"] == 3.0
     assert summary["loss_first"] == pytest.approx(sum(DIFFICULTY) / 4)
     assert summary["loss_last"] == pytest.approx(sum(DIFFICULTY) / 4 * 0.64)
+    assert _loss_means(summary) == ", means of the first and last pass over its 4 batches"  # what the report line says
 
 
 def test_replicas_share_a_pass_and_short_runs_fall_back_to_a_tenth():
