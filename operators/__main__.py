@@ -1,6 +1,6 @@
-"""`python -m operators`: the operator as the Helm chart runs it, every setting from the environment.
+"""`python -m krunch.operator`: the operator as the Helm chart runs it, every setting from the environment.
 
-Equivalent to `kopf run --standalone -m operators.handlers` with the namespaces
+Equivalent to `kopf run --standalone -m krunch.operator.handlers` with the namespaces
 and the liveness endpoint taken from KRUNCH_NAMESPACES and KRUNCH_HEALTH_PORT,
 so one set of environment variables configures everything. Standalone: the
 concurrency limit lives in this one process, so run a single replica.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import kopf
 
-from operators import handlers
+from krunch.operator import handlers
 
 
 def main() -> None:

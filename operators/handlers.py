@@ -1,9 +1,9 @@
 """The kopf operator for CompressionJobs: decorators and start-up settings only; each step is in
-`operators.reconcile`.
+`krunch.operator.reconcile`.
 
-    python -m operators      # or: kopf run --standalone -m operators.handlers --all-namespaces --liveness=http://0.0.0.0:8080/healthz
+    python -m krunch.operator      # or: kopf run --standalone -m krunch.operator.handlers --all-namespaces --liveness=http://0.0.0.0:8080/healthz
 
-Settings come from the environment (operators.settings). Run one replica: the
+Settings come from the environment (krunch.operator.settings). Run one replica: the
 concurrency limit is kept by this process (`--standalone`, no peering).
 """
 
@@ -15,12 +15,12 @@ from typing import Any
 
 import kopf
 
-from operators import metrics, reconcile
-from operators.crd import GROUP, PLURAL, VERSION
-from operators.lifecycle import Phase, Reason, phase_of
-from operators.scheduling import Entry
-from operators.settings import OperatorSettings
-from pipeline.spec import SpecError
+from krunch.operator import metrics, reconcile
+from krunch.operator.crd import GROUP, PLURAL, VERSION
+from krunch.operator.lifecycle import Phase, Reason, phase_of
+from krunch.operator.scheduling import Entry
+from krunch.operator.settings import OperatorSettings
+from krunch.spec import SpecError
 
 SETTINGS = OperatorSettings.from_env()  # fails at start-up, naming the variable, on a bad value
 # Ray's JobSubmissionClient replaces the address it is given with $RAY_ADDRESS (or $RAY_API_SERVER_ADDRESS)

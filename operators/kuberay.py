@@ -17,9 +17,9 @@ from typing import Any
 
 import kopf
 
-from operators.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment, job_metadata
-from operators.settings import OperatorSettings
-from pipeline.spec import Executor
+from krunch.operator.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment, job_metadata
+from krunch.operator.settings import OperatorSettings
+from krunch.spec import Executor
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 RAY_VERSION = "2.60.0"
@@ -160,7 +160,7 @@ class KubeRayBackend:
         state = RunState(phase, message)
         dashboard, job_id = status.get("dashboardURL"), status.get("jobId")
         if dashboard and job_id:  # the cluster is up: its Jobs API has the logs with our events
-            from operators.ray_jobs import RayJobsBackend
+            from krunch.operator.ray_jobs import RayJobsBackend
 
             url = dashboard if dashboard.startswith("http") else f"http://{dashboard}"
             try:

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from operators.lifecycle import Phase
-from operators.scheduling import Entry
+from krunch.operator.lifecycle import Phase
+from krunch.operator.scheduling import Entry
 
 REGISTRY = CollectorRegistry()
 SUBMISSIONS = Counter("krunch_submissions", "Jobs submitted to Ray (each attempt)", ["executor"], registry=REGISTRY)

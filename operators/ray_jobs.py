@@ -12,9 +12,9 @@ from typing import Any
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from operators.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment, job_metadata
-from pipeline.job_events import parse_events
-from pipeline.spec import Executor
+from krunch.operator.runs import JOB_ENTRYPOINT, BackendUnavailable, RunPhase, RunState, job_environment, job_metadata
+from krunch.job_events import parse_events
+from krunch.spec import Executor
 
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 5, 30
 

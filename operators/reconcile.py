@@ -1,6 +1,6 @@
 """One step of a CompressionJob's lifecycle per call: admit, start when a slot frees, poll, cancel.
 
-The handlers in `operators.handlers` delegate here. Every step reads the
+The handlers in `krunch.operator.handlers` delegate here. Every step reads the
 durable state from `status` (never from memory alone), so an operator restart
 or a replayed watch event resumes where the last process stopped; the only
 in-memory state is which jobs this process has just started (`claimed`), until
@@ -17,12 +17,12 @@ from typing import Any
 
 import kopf
 
-from operators import metrics
-from operators.lifecycle import Phase, Reason, event_type, parse_time, phase_of, transition
-from operators.runs import Backend, BackendUnavailable, RunPhase, RunState, submission_id
-from operators.scheduling import Entry, Key, may_start, queue_position
-from operators.settings import OperatorSettings
-from pipeline.spec import Executor, SpecError, parse_job
+from krunch.operator import metrics
+from krunch.operator.lifecycle import Phase, Reason, event_type, parse_time, phase_of, transition
+from krunch.operator.runs import Backend, BackendUnavailable, RunPhase, RunState, submission_id
+from krunch.operator.scheduling import Entry, Key, may_start, queue_position
+from krunch.operator.settings import OperatorSettings
+from krunch.spec import Executor, SpecError, parse_job
 
 
 @dataclass
@@ -73,10 +73,10 @@ def backend_for(body: dict[str, Any], settings: OperatorSettings) -> Backend:
         raise SpecError("spec.executor", f"{executor.value!r} is not enabled in this operator (enabled: {allowed}; "
                                          f"KRUNCH_EXECUTORS, Helm value operator.executors)")  # fmt: skip
     if executor is Executor.RAY_JOB:
-        from operators.kuberay import KubeRayBackend
+        from krunch.operator.kuberay import KubeRayBackend
 
         return KubeRayBackend(settings, body["metadata"]["namespace"], body)
-    from operators.ray_jobs import RayJobsBackend
+    from krunch.operator.ray_jobs import RayJobsBackend
 
     address = job.spec.ray_address or settings.ray_address
     if not address:

@@ -12,8 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from pipeline.job_events import JobEvents
-from pipeline.spec import Executor
+from krunch.job_events import JobEvents
+from krunch.spec import Executor
 
 
 class RunPhase(str, enum.Enum):
@@ -57,7 +57,7 @@ class Backend(Protocol):
     def stop(self, submission_id: str) -> None: ...
 
 
-JOB_ENTRYPOINT = "python -m pipeline.job"
+JOB_ENTRYPOINT = "python -m krunch.job"
 
 
 def submission_id(uid: str, attempt: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from operators.lifecycle import Phase
+from krunch.operator.lifecycle import Phase
 
 Key = tuple[str, str]  # (namespace, name)
 

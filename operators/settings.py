@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.spec import Executor
+from krunch.spec import Executor
 
 
 class SettingsError(ValueError):

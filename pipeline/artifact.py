@@ -15,12 +15,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from pipeline import __version__
-from pipeline.assemble import assemble
-from pipeline.errors import ModelSourceError
-from pipeline.layers import build_layer
-from pipeline.layers.base import CompressedLayer
-from pipeline.model import LoadedModel
+from krunch import __version__
+from krunch.assemble import assemble
+from krunch.errors import ModelSourceError
+from krunch.runtime import build_layer
+from krunch.runtime.base import CompressedLayer
+from krunch.model import LoadedModel
 
 FORMAT = "krunch-compressed/1"
 MANIFEST = "manifest.json"
@@ -66,7 +66,7 @@ def read_manifest(directory: Path, reference: str) -> dict[str, Any]:
 
 
 def load_compressed(directory: Path, reference: str | None = None) -> LoadedModel:
-    from pipeline.io import load_model
+    from krunch.io import load_model
 
     reference = reference or f"krunch:{directory}"
     manifest = read_manifest(directory, reference)

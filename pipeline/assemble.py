@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.layers.base import CompressedLayer
+from krunch.runtime.base import CompressedLayer
 
 
 def swap_module(model: nn.Module, name: str, replacement: nn.Module) -> None:

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data.text import Split, token_slice
-from pipeline.model import LoadedModel, ModelKind
-from pipeline.spec import Calibration
+from krunch.data.text import Split, token_slice
+from krunch.model import LoadedModel, ModelKind
+from krunch.spec import Calibration
 
 # (tokens per sequence, sequences per batch), taken in turn. Sentence embedders see sentences and documents:
 # windows of one length only fit the layers to that length (256-token windows alone: MiniLM's feed-forward
@@ -60,15 +60,15 @@ def calibration_batches(model: LoadedModel, calibration: Calibration) -> Iterato
     if model.kind in WINDOWS:
         yield from text_batches(model, calibration.data, Split.CALIBRATION, calibration.tokens)
     elif model.kind is ModelKind.IMAGE_CLASSIFIER:
-        from pipeline.data.images import photo_crops
+        from krunch.data.images import photo_crops
 
         crops = photo_crops(crops_per_photo=max(1, calibration.items // 10), seed=1)[: calibration.items]
         tensors = torch.stack([model.preprocess(crop) for crop in crops])
         for start in range(0, len(tensors), 16):
             yield (tensors[start : start + 16],), {}
     elif model.kind is ModelKind.TEXT_RECOGNIZER:
-        from pipeline.data.ocr_words import word_images
-        from pipeline.evaluate.ocr import pad_right_replicating
+        from krunch.data.ocr_words import word_images
+        from krunch.evaluate.ocr import pad_right_replicating
 
         images = word_images(model.charset, count=calibration.items, split=Split.CALIBRATION)
         for start in range(0, len(images), 16):

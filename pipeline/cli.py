@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import __version__
-from pipeline.errors import KrunchError
+from krunch import __version__
+from krunch.errors import KrunchError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def text_data_reference(value: str | None) -> str | None:
     """`--data` takes a built-in corpus name or a path; paths become file: references."""
-    from pipeline.data.text import BUILTIN_CORPORA
+    from krunch.data.text import BUILTIN_CORPORA
 
     if value is None or value in BUILTIN_CORPORA or value.startswith("file:"):
         return value
@@ -83,8 +83,8 @@ def set_threads(threads: int | None) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.evaluate import EvalOptions, default_task, evaluate, parse_task
-    from pipeline.io import load_model
+    from krunch.evaluate import EvalOptions, default_task, evaluate, parse_task
+    from krunch.io import load_model
 
     set_threads(args.threads)
     if args.items is not None and args.items < 1:
@@ -127,9 +127,9 @@ def format_table(report: dict) -> str:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from pipeline.compress import run_compression
-    from pipeline.report import format_summary
-    from pipeline.spec import load_job
+    from krunch.compress import run_compression
+    from krunch.report import format_summary
+    from krunch.spec import load_job
 
     set_threads(args.threads)
     job = load_job(args.job)
@@ -138,7 +138,7 @@ def run_compress(args: argparse.Namespace) -> int:
     out_dir = args.out or Path("results") / job.metadata.name
     checked = None
     if not args.no_track:
-        from pipeline.tracking import preflight
+        from krunch.tracking import preflight
 
         checked = preflight(job)  # the server answers and the job is new, before any work
         if checked.existing_version:
@@ -149,7 +149,7 @@ def run_compress(args: argparse.Namespace) -> int:
     print(format_summary(result.report))
     print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
     if checked is not None:
-        from pipeline.tracking import TrackingError, track
+        from krunch.tracking import TrackingError, track
 
         try:
             tracked = track(job, result, out_dir, checked)
@@ -166,9 +166,9 @@ def run_compress(args: argparse.Namespace) -> int:
 def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     """Everything that can be checked without compressing: the spec, the source model, the rules' matches,
     fixed ranks against break-even. The same job file `kubectl apply` takes."""
-    from pipeline.compress import load_source
-    from pipeline.plan import make_plan
-    from pipeline.report import format_plan, format_stages
+    from krunch.compress import load_source
+    from krunch.plan import make_plan
+    from krunch.report import format_plan, format_stages
 
     model = load_source(job)
     plan = make_plan(model.module, job.spec.recipe)
@@ -180,7 +180,7 @@ def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
 
 
 def run_models_list(args: argparse.Namespace) -> int:
-    from pipeline.tracking import list_versions
+    from krunch.tracking import list_versions
 
     rows = list_versions(args.name)
     columns = ("version", "aliases", "ratio", "metric", "before", "after", "delta", "source", "methods")
@@ -194,7 +194,7 @@ def run_models_list(args: argparse.Namespace) -> int:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
-    from pipeline.zoo import zoo_names
+    from krunch.zoo import zoo_names
 
     for name in zoo_names():
         print(f"zoo:{name}")

@@ -2,7 +2,7 @@
 assemble -> heal (optional) -> evaluate before and after -> save, returning the report.
 
 Each stage is a function of plain inputs; the per-layer stage runs through an
-executor (Ray by default, see pipeline.distributed), the rest in this process.
+executor (Ray by default, see krunch.distributed), the rest in this process.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ from typing import Any
 
 import torch
 
-from pipeline import __version__
-from pipeline.artifact import WEIGHTS, save_compressed
-from pipeline.assemble import assemble
-from pipeline.budget import BudgetError, allocate
-from pipeline.calibrate import calibration_batches, collect_grams
-from pipeline.compress_layer import LayerResult
-from pipeline.distributed.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
-from pipeline.errors import KrunchError
-from pipeline.evaluate import EvalOptions, Task, default_task, evaluate
-from pipeline.heal import HealResult, StepCallback
-from pipeline.io import load_model
-from pipeline.model import LoadedModel
-from pipeline.plan import LayerPlan, Plan, largest_saving_rank, make_plan
-from pipeline.profile import layer_spectra, profile
-from pipeline.sizes import bytes_without_bias, count_params, weight_bytes
-from pipeline.spec import Calibration, CompressionJob, SpecError
+from krunch import __version__
+from krunch.artifact import WEIGHTS, save_compressed
+from krunch.assemble import assemble
+from krunch.budget import BudgetError, allocate
+from krunch.calibrate import calibration_batches, collect_grams
+from krunch.compress_layer import LayerResult
+from krunch.distributed.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
+from krunch.errors import KrunchError
+from krunch.evaluate import EvalOptions, Task, default_task, evaluate
+from krunch.heal import HealResult, StepCallback
+from krunch.io import load_model
+from krunch.model import LoadedModel
+from krunch.plan import LayerPlan, Plan, largest_saving_rank, make_plan
+from krunch.profile import layer_spectra, profile
+from krunch.sizes import bytes_without_bias, count_params, weight_bytes
+from krunch.spec import Calibration, CompressionJob, SpecError
 
 REPORT = "report.json"
 BUDGET = "budget.json"  # target.bytesRatio: every layer's candidates and the one chosen
@@ -95,7 +95,7 @@ def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan, executo
 def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor) -> Allocation:
     """target.bytesRatio: per layer, dense / factorised at a rank, in fp32 / int8 / int4, within the bytes.
     Each layer's candidate table (an SVD and a quantization per layout) is a task on the executor."""
-    from pipeline.size_budget import applied, choose, quantize_configs, table_for
+    from krunch.size_budget import applied, choose, quantize_configs, table_for
 
     target = job.spec.recipe.target
     configs = quantize_configs(job.spec.recipe.quantize)
@@ -182,7 +182,7 @@ def compress_layers(job: CompressionJob, executor: Executor, original: LoadedMod
     (which takes its own statistics, from the partly compressed model)."""
     calibration = job.spec.recipe.calibration
     if calibration is not None and calibration.propagate:
-        from pipeline.propagate import propagate
+        from krunch.propagate import propagate
 
         return propagate(executor, original, plan, ranks, calibration, progress)
     return executor.run(original, plan, calibration_grams(job, original, plan), ranks, progress)
@@ -260,7 +260,7 @@ def bytes_target_report(budget: dict[str, Any], results: list[LayerResult]) -> d
 
 def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replacement: torch.nn.Module) -> torch.nn.Module:
     """A tied layer gets a module of its own type that will point at the owner's quantized weight."""
-    from pipeline.compress_layer import build_replacement
+    from krunch.compress_layer import build_replacement
 
     layer = next(layer for layer in plan.layers if layer.name == name)
     if layer.quantize is None:

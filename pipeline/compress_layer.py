@@ -14,19 +14,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.decompose.conv import activation_aware_tucker2, cp_conv, tucker2
-from pipeline.decompose.pivot import pivoted
-from pipeline.decompose.ranks import error_budget, rank_for_error
-from pipeline.decompose.svd import activation_aware_svd, truncated_svd
-from pipeline.decompose.tt import mode_whitening, tt_svd
-from pipeline.layers.base import CompressedLayer, QuantizedTensor
-from pipeline.layers.conv import CPConv2d, TuckerConv2d
-from pipeline.layers.linear import LowRankLinear, MPOLinear, PivotedLowRankLinear
-from pipeline.layers.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
-from pipeline.plan import LayerKind, LayerPlan, params_for_ranks, saving_problem
-from pipeline.plan import plan_rank_caps
-from pipeline.profile import layer_spectra
-from pipeline.spec import Method, SpecError
+from krunch.decompose.conv import activation_aware_tucker2, cp_conv, tucker2
+from krunch.decompose.pivot import pivoted
+from krunch.decompose.ranks import error_budget, rank_for_error
+from krunch.decompose.svd import activation_aware_svd, truncated_svd
+from krunch.decompose.tt import mode_whitening, tt_svd
+from krunch.gptq import gptq_quantize
+from krunch.runtime.base import CompressedLayer, QuantizedTensor
+from krunch.runtime.conv import CPConv2d, TuckerConv2d
+from krunch.runtime.linear import LowRankLinear, MPOLinear, PivotedLowRankLinear
+from krunch.runtime.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
+from krunch.plan import LayerKind, LayerPlan, params_for_ranks, saving_problem
+from krunch.plan import plan_rank_caps
+from krunch.profile import layer_spectra
+from krunch.spec import Method, Rounding, SpecError
 
 
 @dataclass
@@ -96,7 +97,12 @@ def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram
         return CPConv2d.from_factors(module, cp_conv(weight, ranks[0], seed=seed), quantize)
     assert quantize is not None
     if plan.kind is LayerKind.LINEAR:
-        return QuantizedLinear.from_dense(module, quantize, gram)
+        codes = None
+        if quantize.rounding is Rounding.GPTQ:
+            if gram is None:
+                raise ValueError("gptq rounding needs the calibration Gram matrix of the layer's inputs")
+            codes = gptq_quantize(module.weight, gram, quantize)
+        return QuantizedLinear.from_dense(module, quantize, codes)
     if plan.kind is LayerKind.CONV2D:
         return QuantizedConv2d.from_dense(module, quantize)
     return QuantizedEmbedding.from_dense(module, quantize)

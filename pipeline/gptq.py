@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.decompose.svd import whitening_factor
-from pipeline.quantize import QuantizedData, group_scales, grouped_view, integer_codes, pack, restored
-from pipeline.spec import QuantizeConfig
+from krunch.decompose.svd import whitening_factor
+from krunch.runtime.quant import QuantizedData, group_scales, grouped_view, integer_codes, pack, restored
+from krunch.spec import QuantizeConfig
 
 DAMPING = 0.01  # of H's mean diagonal, as in the reference implementation
 BLOCK = 128  # columns updated together; the rest get the block's errors in one product

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.calibrate import Batch
-from pipeline.layers.base import CompressedLayer
-from pipeline.model import ModelKind
-from pipeline.spec import Heal, SpecError
+from krunch.calibrate import Batch
+from krunch.runtime.base import CompressedLayer
+from krunch.model import ModelKind
+from krunch.spec import Heal, SpecError
 
 StepCallback = Callable[[int, int, float], None]  # (step done, total steps, loss)
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)

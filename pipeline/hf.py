@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import ModelSourceError
-from pipeline.model import LoadedModel, ModelKind
+from krunch.errors import ModelSourceError
+from krunch.model import LoadedModel, ModelKind
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 

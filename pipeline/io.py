@@ -14,10 +14,10 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.errors import ModelSourceError
-from pipeline.hf import load_hf_directory
-from pipeline.weights import SAFETENSORS_SUFFIXES, load_strict, read_state_dict
-from pipeline.zoo import LoadedModel, load_zoo_model
+from krunch.errors import ModelSourceError
+from krunch.hf import load_hf_directory
+from krunch.weights import SAFETENSORS_SUFFIXES, load_strict, read_state_dict
+from krunch.zoo import LoadedModel, load_zoo_model
 
 REFERENCE_FORMS = ("zoo:NAME, hf:DIR, file:PATH (with a module:callable factory), krunch:DIR (a compressed model), "
                    "models:/NAME/VERSION or models:/NAME@ALIAS (a version krunch registered in MLflow)")
@@ -34,11 +34,11 @@ def load_model(reference: str, factory: str | None = None) -> LoadedModel:
     if scheme == "file":
         return load_file_model(Path(rest).expanduser(), reference, factory)
     if scheme == "krunch":
-        from pipeline.artifact import load_compressed
+        from krunch.artifact import load_compressed
 
         return load_compressed(Path(rest).expanduser(), reference)
     if scheme == "models":
-        from pipeline.registry_source import load_registered
+        from krunch.registry_source import load_registered
 
         return load_registered(reference)
     raise ModelSourceError(reference, f"unknown reference scheme {scheme!r}; use {REFERENCE_FORMS}")

@@ -1,10 +1,10 @@
 """The entry point a Ray job runs: one CompressionJob in, a registered model version out.
 
-    KRUNCH_JOB='{"apiVersion": ..., "metadata": {"name": ..., "uid": ...}, "spec": {...}}' python -m pipeline.job
+    KRUNCH_JOB='{"apiVersion": ..., "metadata": {"name": ..., "uid": ...}, "spec": {...}}' python -m krunch.job
 
 The operator submits this through the Ray Jobs API (or a KubeRay RayJob). The
 job is the same pipeline `krunch compress` runs; it reports through
-`krunch-event` lines (pipeline.job_events) and is idempotent: the version it
+`krunch-event` lines (krunch.job_events) and is idempotent: the version it
 registers carries the resource's UID, so a resubmission finds it and stops.
 """
 
@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.errors import KrunchError
-from pipeline.job_events import emit
-from pipeline.spec import CompressionJob, SpecError, parse_job
+from krunch.errors import KrunchError
+from krunch.job_events import emit
+from krunch.spec import CompressionJob, SpecError, parse_job
 
 JOB_ENV = "KRUNCH_JOB"
 HEAL_EVENT_S = 2.0  # the operator polls every few seconds: more events would only grow the log
@@ -38,9 +38,9 @@ def read_job() -> CompressionJob:
 
 def run(job: CompressionJob, out_dir: Path) -> dict:
     """Compress, track and register; return the result event's payload."""
-    from pipeline.compress import run_compression
-    from pipeline.lineage import quality
-    from pipeline.tracking import preflight, track
+    from krunch.compress import run_compression
+    from krunch.lineage import quality
+    from krunch.tracking import preflight, track
 
     emit("stage", stage="preflight")
     checked = preflight(job)

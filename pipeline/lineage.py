@@ -12,8 +12,8 @@ import json
 from collections import Counter
 from typing import Any
 
-from pipeline import __version__
-from pipeline.spec import CompressionJob
+from krunch import __version__
+from krunch.spec import CompressionJob
 
 TAG_PREFIX = "krunch."
 # The one number per task that says "how good": (metric key, True when higher is better).

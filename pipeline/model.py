@@ -47,6 +47,6 @@ class LoadedModel:
     def parameter_count(self) -> int:
         """Distinct stored numbers: tied weights (an embedding reused as LM head) once, each quantized value
         as one (quantized weights are buffers, so counting nn.Parameters alone would miss them)."""
-        from pipeline.sizes import count_params
+        from krunch.sizes import count_params
 
         return count_params(self.module)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pipeline.decompose.conv import cp_params, tucker2_params
-from pipeline.decompose.pivot import pivoted_break_even_rank, pivoted_params
-from pipeline.decompose.svd import break_even_rank, low_rank_params
-from pipeline.decompose.tt import DEFAULT_CORES, factorize, max_ranks, mpo_params
-from pipeline.spec import LowRankForm, Method, QuantizeConfig, RankRule, Recipe, Rounding, Rule, SpecError, Target
+from krunch.decompose.conv import cp_params, tucker2_params
+from krunch.decompose.pivot import pivoted_break_even_rank, pivoted_params
+from krunch.decompose.svd import break_even_rank, low_rank_params
+from krunch.decompose.tt import DEFAULT_CORES, factorize, max_ranks, mpo_params
+from krunch.spec import LowRankForm, Method, QuantizeConfig, RankRule, Recipe, Rounding, Rule, SpecError, Target
 
 
 class LayerKind(enum.Enum):

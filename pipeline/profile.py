@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.budget import LayerProfile, RankOption
-from pipeline.decompose.conv import channel_spectra
-from pipeline.decompose.ranks import tail_fraction
-from pipeline.decompose.svd import whitened_spectrum
-from pipeline.decompose.tt import mode_whitening, unfolding_spectra
-from pipeline.plan import LayerPlan, factorised_params, largest_saving_rank, plan_rank_caps
-from pipeline.spec import Method
+from krunch.budget import LayerProfile, RankOption
+from krunch.decompose.conv import channel_spectra
+from krunch.decompose.ranks import tail_fraction
+from krunch.decompose.svd import whitened_spectrum
+from krunch.decompose.tt import mode_whitening, unfolding_spectra
+from krunch.plan import LayerPlan, factorised_params, largest_saving_rank, plan_rank_caps
+from krunch.spec import Method
 
 
 def layer_spectra(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.assemble import swap_module
-from pipeline.calibrate import ROWS_CHUNK, Batch, calibration_batches, collect_grams, input_rows
-from pipeline.compress_layer import LayerResult, relative_error
-from pipeline.distributed.executors import Execution, Executor, ProgressCallback
-from pipeline.model import LoadedModel, ModelKind
-from pipeline.plan import LayerPlan, Plan
-from pipeline.spec import Calibration
+from krunch.assemble import swap_module
+from krunch.calibrate import ROWS_CHUNK, Batch, calibration_batches, collect_grams, input_rows
+from krunch.compress_layer import LayerResult, relative_error
+from krunch.distributed.executors import Execution, Executor, ProgressCallback
+from krunch.model import LoadedModel, ModelKind
+from krunch.plan import LayerPlan, Plan
+from krunch.spec import Calibration
 
 RIDGE = 0.5  # lam as a fraction of G~'s mean diagonal; MiniLM held-out fidelity: 0 -> 0.52, 0.05 -> 0.60, 0.5 -> 0.61, inf (M0 = W) -> 0.55
 # A conv's refit sees every patch position of every image (10^5-10^6 rows for in*kh*kw <= 2304 unknowns): it hardly

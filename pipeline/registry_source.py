@@ -6,9 +6,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline.artifact import MANIFEST, load_compressed
-from pipeline.errors import ModelSourceError
-from pipeline.model import LoadedModel
+from krunch.artifact import MANIFEST, load_compressed
+from krunch.errors import ModelSourceError
+from krunch.model import LoadedModel
 
 KRUNCH_FILES = "extra_files"  # where mlflow.pytorch.log_model puts the extra files inside the model
 
@@ -17,7 +17,7 @@ def load_registered(reference: str) -> LoadedModel:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import configure, parse_models_uri, registry_version, version_files_uri
+    from krunch.tracking import configure, parse_models_uri, registry_version, version_files_uri
 
     name, version, alias = parse_models_uri(reference)  # the shape first: a clear error without touching the server
     configure()

@@ -10,7 +10,7 @@ real weight errors are larger and their output errors smaller than this
 estimate). Only candidates smaller than the dense fp32 weight
 are offered, and no factorisation below the rule's floor (dense int8/int4 keep
 every parameter). The table goes through the same Lagrangian allocator as
-paramRatio (`pipeline.budget.allocate`), with bytes as the cost.
+paramRatio (`krunch.budget.allocate`), with bytes as the cost.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.budget import LayerProfile, RankOption, allocate
-from pipeline.plan import LayerPlan, factorised_params, largest_saving_rank
-from pipeline.profile import profile
-from pipeline.quantize import dequantize, packed_shape, quantize
-from pipeline.spec import Method, QuantizeConfig
+from krunch.budget import LayerProfile, RankOption, allocate
+from krunch.plan import LayerPlan, factorised_params, largest_saving_rank
+from krunch.profile import profile
+from krunch.runtime.quant import dequantize, packed_shape, quantize
+from krunch.spec import Method, QuantizeConfig
 
 FP32 = 4
 RANK_STEPS = 16  # ranks offered per factorised layer, spread up to the break-even rank
@@ -126,7 +126,7 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
 
 def table_for(plan: LayerPlan, weight: torch.Tensor, configs: list[QuantizeConfig]) -> LayerTable:
     """One layer's whole table from its weight alone: the unit of work a Ray task runs."""
-    from pipeline.profile import layer_spectra
+    from krunch.profile import layer_spectra
 
     return layer_table(plan, weight, layer_spectra(plan, weight), configs)
 

@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from pipeline.layers.base import QuantizedTensor
+from krunch.runtime.base import QuantizedTensor
 
 
 def count_params(module: nn.Module) -> int:

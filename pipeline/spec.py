@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from pipeline.errors import KrunchError
+from krunch.errors import KrunchError
 
 API_VERSION = "krunch.dev/v1alpha1"
 KIND = "CompressionJob"
@@ -216,7 +216,7 @@ class ModelSource(_Model):
 
 
 class Task(enum.Enum):
-    """Evaluation tasks (their evaluators live in pipeline.evaluate). Here so that validating a spec, as the
+    """Evaluation tasks (their evaluators live in krunch.evaluate). Here so that validating a spec, as the
     operator does, needs no torch."""
 
     PERPLEXITY = "perplexity"

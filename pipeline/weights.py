@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline.errors import ModelSourceError, UnsafeCheckpointError
+from krunch.errors import ModelSourceError, UnsafeCheckpointError
 
 StateDict = dict[str, torch.Tensor]
 

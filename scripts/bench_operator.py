@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 from kubernetes import client as k8s, config as k8s_config  # noqa: E402
 from ray.job_submission import JobSubmissionClient  # noqa: E402
 
-from operators.crd import GROUP, PLURAL, VERSION  # noqa: E402
-from operators.reconcile import job_document  # noqa: E402
-from operators.runs import JOB_ENTRYPOINT, job_environment, submission_id  # noqa: E402
-from pipeline.cli import write_json  # noqa: E402
-from pipeline.job_events import PREFIX, parse_events  # noqa: E402
+from krunch.operator.crd import GROUP, PLURAL, VERSION  # noqa: E402
+from krunch.operator.reconcile import job_document  # noqa: E402
+from krunch.operator.runs import JOB_ENTRYPOINT, job_environment, submission_id  # noqa: E402
+from krunch.cli import write_json  # noqa: E402
+from krunch.job_events import PREFIX, parse_events  # noqa: E402
 from tests.mlflow_server import local_mlflow_server  # noqa: E402
 from tests.operators.cluster import OperatorProcess, kube_api  # noqa: E402
 from tests.ray_cluster import HEAD_IP, free_port, local_ray_head, wait_for_jobs_api  # noqa: E402

@@ -35,13 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cli import write_json  # noqa: E402
-from pipeline.compress import evaluation_task, load_source, run_compression  # noqa: E402
-from pipeline.distributed.executors import InProcessExecutor  # noqa: E402
-from pipeline.evaluate import EvalOptions, evaluate  # noqa: E402
-from pipeline.model import LoadedModel  # noqa: E402
-from pipeline.sizes import weight_bytes  # noqa: E402
-from pipeline.spec import parse_job  # noqa: E402
+from krunch.cli import write_json  # noqa: E402
+from krunch.compress import evaluation_task, load_source, run_compression  # noqa: E402
+from krunch.distributed.executors import InProcessExecutor  # noqa: E402
+from krunch.evaluate import EvalOptions, evaluate  # noqa: E402
+from krunch.model import LoadedModel  # noqa: E402
+from krunch.sizes import weight_bytes  # noqa: E402
+from krunch.spec import parse_job  # noqa: E402
 
 # model -> (layers the recipes select, evaluation section, metric, higher is better, speed key)
 MODELS: dict[str, dict[str, Any]] = {

@@ -42,11 +42,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cli import write_json  # noqa: E402
-from pipeline.distributed.executors import Execution, InProcessExecutor, RayExecutor  # noqa: E402
-from pipeline.distributed.session import ray_session  # noqa: E402
-from pipeline.plan import make_plan  # noqa: E402
-from pipeline.spec import Recipe  # noqa: E402
+from krunch.cli import write_json  # noqa: E402
+from krunch.distributed.executors import Execution, InProcessExecutor, RayExecutor  # noqa: E402
+from krunch.distributed.session import ray_session  # noqa: E402
+from krunch.plan import make_plan  # noqa: E402
+from krunch.spec import Recipe  # noqa: E402
 
 ROW_TIMEOUT_S = 900
 RECIPE = {"rules": [{"match": "model.layers.*", "method": "svd", "rank": {"fixed": 128}}], "quantize": {"bits": 8}}
@@ -89,7 +89,7 @@ def digest(execution: Execution) -> str:
 def measure_row(mode: str, workers: int, gpus_per_task: float) -> dict:
     """One row, in a fresh process, so that no row's memory or warm caches leak into another's."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pipeline.zoo import load_zoo_model
+    from krunch.zoo import load_zoo_model
 
     process = psutil.Process()
     ray_start = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from operators.crd import CRD_PATH, render  # noqa: E402
+from krunch.operator.crd import CRD_PATH, render  # noqa: E402
 
 
 def main() -> int:
@@ -24,7 +24,7 @@ def main() -> int:
     if args.check:
         current = CRD_PATH.read_text(encoding="utf-8") if CRD_PATH.is_file() else ""
         if current != text:
-            print(f"{CRD_PATH} is out of date with pipeline.spec; run scripts/gen_crd.py", file=sys.stderr)
+            print(f"{CRD_PATH} is out of date with krunch.spec; run scripts/gen_crd.py", file=sys.stderr)
             return 1
         return 0
     CRD_PATH.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ def krunch_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _zoo(name: str):
-    from pipeline.zoo import load_zoo_model
+    from krunch.zoo import load_zoo_model
 
     return load_zoo_model(name)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.sizes import weight_bytes
+from krunch.sizes import weight_bytes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.spec import Method, Rounding, parse_job
-from pipeline.zoo.registry import zoo_names
+from krunch.spec import Method, Rounding, parse_job
+from krunch.zoo.registry import zoo_names
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

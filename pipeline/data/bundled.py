@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pipeline.errors import DataError
+from krunch.errors import DataError
 
 
 def package_root(module: str) -> Path:

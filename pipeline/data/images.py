@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.data.bundled import package_root
-from pipeline.errors import DataError
+from krunch.data.bundled import package_root
+from krunch.errors import DataError
 
 _PHOTOS = (
     ("skimage", "data/astronaut.png"),

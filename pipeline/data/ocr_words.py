@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.data.bundled import gensim_test_file
-from pipeline.data.text import Split
-from pipeline.errors import DataError
+from krunch.data.bundled import gensim_test_file
+from krunch.data.text import Split
+from krunch.errors import DataError
 
 DEFAULT_WORD_COUNT = 1000
 FONT_SIZE = 36

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.bundled import gensim_test_file
+from krunch.data.bundled import gensim_test_file
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.cache import cache_path, write_text_atomic
-from pipeline.data.bundled import WIKIPEDIA_DUMP, gensim_test_file
-from pipeline.errors import DataError
+from krunch.cache import cache_path, write_text_atomic
+from krunch.data.bundled import WIKIPEDIA_DUMP, gensim_test_file
+from krunch.errors import DataError
 
 BUILTIN_CORPORA = ("wikipedia",)
 MIN_ARTICLE_CHARS = 2000

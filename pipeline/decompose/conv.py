@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.decompose import tensorly_pytorch
-from pipeline.decompose.svd import whitening_factor
+from krunch.decompose import tensorly_pytorch
+from krunch.decompose.svd import whitening_factor
 
 TUCKER_ITERATIONS = 20
 CORE_RIDGE = 1e-6  # of the reduced Gram's mean diagonal: numerical safety only, the patches far outnumber the core's inputs

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.decompose.svd import LowRank
+from krunch.decompose.svd import LowRank
 
 
 @dataclass(frozen=True)

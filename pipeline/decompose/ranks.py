@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pipeline.spec import RankRule
+from krunch.spec import RankRule
 
 
 def tail_fraction(singular_values: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.decompose import tensorly_pytorch
+from krunch.decompose import tensorly_pytorch
+from krunch.runtime.linear import mpo_to_dense
 
 DEFAULT_CORES = 3
 
@@ -136,7 +137,7 @@ def kronecker_gram_factors(gram: torch.Tensor, in_factors: tuple[int, ...]) -> l
 
 def mode_whitening(gram: torch.Tensor, in_factors: tuple[int, ...]) -> list[torch.Tensor]:
     """Lower Cholesky factors of the per-mode Grams: the Kronecker whitening for activation-aware TT."""
-    from pipeline.decompose.svd import whitening_factor
+    from krunch.decompose.svd import whitening_factor
 
     return [whitening_factor(factor) for factor in kronecker_gram_factors(gram, in_factors)]
 
@@ -178,14 +179,3 @@ def tt_svd(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple
         out_f[k : k + 2] = [out_f[k] * out_f[k + 1]]
         in_f[k : k + 2] = [in_f[k] * in_f[k + 1]]
     return MPO([core.to(weight.dtype).contiguous() for core in cores], tuple(out_f), tuple(in_f))
-
-
-def mpo_to_dense(cores: list[torch.Tensor], out_factors: tuple[int, ...], in_factors: tuple[int, ...]) -> torch.Tensor:
-    """Contract the chain back to the (out x in) matrix; for checks and error measurement only."""
-    result = cores[0]  # (1, o1, i1, r1)
-    for core in cores[1:]:
-        result = torch.einsum("aoir,rpjs->aopijs", result, core)
-        a, o, p, i, j, s = result.shape
-        result = result.reshape(a, o * p, i * j, s)
-    # Each step merged (o, p) and (i, j) row-major, so rows index (o1 o2 ..) and columns (i1 i2 ..).
-    return result.reshape(math.prod(out_factors), math.prod(in_factors))

@@ -21,16 +21,16 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from pipeline.compress_layer import LayerResult
-from pipeline.distributed.faults import FaultInjection
-from pipeline.distributed.session import RaySession, ray_session
-from pipeline.distributed.healing import heal_on_ray
-from pipeline.distributed.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task, torch_threads
-from pipeline.errors import KrunchError
-from pipeline.heal import Batch, HealResult, StepCallback, heal, load_healed
-from pipeline.model import LoadedModel
-from pipeline.plan import LayerPlan, Plan
-from pipeline.spec import Heal, Resources, SpecError
+from krunch.compress_layer import LayerResult
+from krunch.distributed.faults import FaultInjection
+from krunch.distributed.session import RaySession, ray_session
+from krunch.distributed.healing import heal_on_ray
+from krunch.distributed.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task, torch_threads
+from krunch.errors import KrunchError
+from krunch.heal import Batch, HealResult, StepCallback, heal, load_healed
+from krunch.model import LoadedModel
+from krunch.plan import LayerPlan, Plan
+from krunch.spec import Heal, Resources, SpecError
 
 log = logging.getLogger(__name__)
 

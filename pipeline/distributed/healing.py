@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.distributed.session import RaySession
-from pipeline.errors import KrunchError
-from pipeline.heal import Batch, HealResult, Replica, StepCallback, check_healable, healing
-from pipeline.model import ModelKind
-from pipeline.spec import Heal, SpecError
+from krunch.distributed.session import RaySession
+from krunch.errors import KrunchError
+from krunch.heal import Batch, HealResult, Replica, StepCallback, check_healable, healing
+from krunch.model import ModelKind
+from krunch.spec import Heal, SpecError
 
 WORKERS_FIELD = "spec.resources.healWorkers"
 POLL_S = 1.0  # how often the driver looks for progress while Ray Train runs

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from pipeline.errors import KrunchError
+from krunch.errors import KrunchError
 
 GIB = 2**30
 OBJECT_STORE_FRACTION = 0.15  # of physical memory; grams and results pass through, weights mostly don't
@@ -64,7 +64,7 @@ def ray_session(address: str | None = None) -> Iterator[RaySession]:
 
 
 def _import_layer_code() -> int:
-    import pipeline.distributed.tasks  # noqa: F401 - torch, tensorly and the decompositions
+    import krunch.distributed.tasks  # noqa: F401 - torch, tensorly and the decompositions
 
     return os.getpid()
 

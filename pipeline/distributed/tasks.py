@@ -25,10 +25,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pipeline.compress_layer import LayerResult, compress_layer
-from pipeline.distributed.faults import FaultInjection
-from pipeline.model import LoadedModel
-from pipeline.plan import LayerPlan, Plan
+from krunch.compress_layer import LayerResult, compress_layer
+from krunch.distributed.faults import FaultInjection
+from krunch.model import LoadedModel
+from krunch.plan import LayerPlan, Plan
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 
-from pipeline.data.similarity import lee_documents, lee_human_similarity, polarity_sentences, simlex999, wordsim353
-from pipeline.errors import KrunchError
-from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
-from pipeline.evaluate.timing import timed_batches
-from pipeline.model import LoadedModel, ModelKind
+from krunch.data.similarity import lee_documents, lee_human_similarity, polarity_sentences, simlex999, wordsim353
+from krunch.errors import KrunchError
+from krunch.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
+from krunch.evaluate.timing import timed_batches
+from krunch.model import LoadedModel, ModelKind
 
 MAX_SEQUENCE_LENGTH = 256  # what sentence-transformers uses for all-MiniLM-L6-v2
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.images import DEFAULT_CROPS_PER_PHOTO, photo_crops
-from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
-from pipeline.evaluate.timing import timed_batches
-from pipeline.zoo.mobilenet import imagenet_preprocess
-from pipeline.model import LoadedModel, ModelKind
+from krunch.data.images import DEFAULT_CROPS_PER_PHOTO, photo_crops
+from krunch.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
+from krunch.evaluate.timing import timed_batches
+from krunch.zoo.mobilenet import imagenet_preprocess
+from krunch.model import LoadedModel, ModelKind
 
 
 def class_logits(model: LoadedModel, images: list, batch_size: int) -> tuple[torch.Tensor, dict]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.architectures.crnn import EASYOCR_EN_CHARACTERS
-from pipeline.data.ocr_words import DEFAULT_WORD_COUNT, word_images
-from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
-from pipeline.evaluate.timing import timed_batches
-from pipeline.zoo.easyocr import word_image_preprocess
-from pipeline.model import LoadedModel, ModelKind
+from krunch.architectures.crnn import EASYOCR_EN_CHARACTERS
+from krunch.data.ocr_words import DEFAULT_WORD_COUNT, word_images
+from krunch.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
+from krunch.evaluate.timing import timed_batches
+from krunch.zoo.easyocr import word_image_preprocess
+from krunch.model import LoadedModel, ModelKind
 
 
 def greedy_ctc_decode(logits: torch.Tensor, charset: str) -> list[str]:

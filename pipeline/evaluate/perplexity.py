@@ -7,11 +7,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.text import Split, token_slice
-from pipeline.errors import KrunchError
-from pipeline.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
-from pipeline.evaluate.timing import timed_batches
-from pipeline.model import LoadedModel, ModelKind
+from krunch.data.text import Split, token_slice
+from krunch.errors import KrunchError
+from krunch.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
+from krunch.evaluate.timing import timed_batches
+from krunch.model import LoadedModel, ModelKind
 
 DEFAULT_DATA = "wikipedia"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.errors import KrunchError
-from pipeline.model import LoadedModel, ModelKind
-from pipeline.spec import Task
+from krunch.errors import KrunchError
+from krunch.model import LoadedModel, ModelKind
+from krunch.spec import Task
 
 Metrics = dict[str, float | int | str]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from pipeline.architectures.crnn import EASYOCR_EN_CHARACTERS, CRNNRecognizer
-from pipeline.weights import load_strict, read_state_dict, strip_prefix
-from pipeline.model import LoadedModel, ModelKind
-from pipeline.zoo.registry import package_dir, register, require_file
+from krunch.architectures.crnn import EASYOCR_EN_CHARACTERS, CRNNRecognizer
+from krunch.weights import load_strict, read_state_dict, strip_prefix
+from krunch.model import LoadedModel, ModelKind
+from krunch.zoo.registry import package_dir, register, require_file
 
 INPUT_HEIGHT = 64
 

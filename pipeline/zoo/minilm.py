@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.hf import load_hf_directory
-from pipeline.model import LoadedModel
-from pipeline.zoo.registry import package_dir, register
+from krunch.hf import load_hf_directory
+from krunch.model import LoadedModel
+from krunch.zoo.registry import package_dir, register
 
 
 @register("minilm-l6")

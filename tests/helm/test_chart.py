@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from operators.crd import CRD_PATH
+from krunch.operator.crd import CRD_PATH
 from tests.helm.chart import ALL_ON, CHART, NAMESPACE, merged, notes, of_kind, render
 
 KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes the chart's kubeVersion admits that kubernetes-validate knows

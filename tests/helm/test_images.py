@@ -35,7 +35,7 @@ def test_dockerfile_pins_match_the_project(image):
 
 def test_the_operator_image_has_every_package_the_operator_imports():
     """Import the operator in a fresh interpreter and list the third-party top-level modules it loaded."""
-    code = ("import sys, operators.handlers, operators.ray_jobs, operators.kuberay, operators.__main__; "
+    code = ("import sys, krunch.operator.handlers, krunch.operator.ray_jobs, krunch.operator.kuberay, krunch.operator.__main__; "
             "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))")  # fmt: skip
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                                 timeout=120).stdout.split())  # fmt: skip

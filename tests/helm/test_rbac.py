@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from operators.kuberay import USER_AGENT
+from krunch.operator.kuberay import USER_AGENT
 from tests.helm.chart import of_kind, render, rule_set
 from tests.operators.cluster import KubeAPI, OperatorProcess, kube_api
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from operators.crd import CRD_PATH
+from krunch.operator.crd import CRD_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -167,7 +167,7 @@ def _stop(process: subprocess.Popen, grace_s: float = 15) -> None:
 
 @dataclass
 class OperatorProcess:
-    """The real operator process (`python -m operators`, i.e. kopf), watching one namespace."""
+    """The real operator process (`python -m krunch.operator`, i.e. kopf), watching one namespace."""
 
     api: KubeAPI
     namespace: str

@@ -12,8 +12,8 @@ import jsonschema
 import pytest
 import yaml
 
-from operators.crd import CRD_PATH, render, validation_schema
-from pipeline.spec import SpecError, parse_job
+from krunch.operator.crd import CRD_PATH, render, validation_schema
+from krunch.spec import SpecError, parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -11,8 +11,8 @@ import yaml
 from mlflow import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
-from operators.kuberay import rayjob_name
-from operators.runs import submission_id
+from krunch.operator.kuberay import rayjob_name
+from krunch.operator.runs import submission_id
 from tests.operators.cluster import KubeAPI, OperatorProcess
 
 pytestmark = pytest.mark.slow

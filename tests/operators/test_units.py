@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from operators.kuberay import build_rayjob_manifest, map_status, rayjob_name
-from operators.lifecycle import Phase, Reason, transition
-from operators.runs import RunPhase, submission_id
-from operators.scheduling import Entry, may_start, queue_position
-from operators.settings import OperatorSettings, SettingsError
-from pipeline.job_events import emit, parse_events
-from pipeline.spec import Executor
+from krunch.operator.kuberay import build_rayjob_manifest, map_status, rayjob_name
+from krunch.operator.lifecycle import Phase, Reason, transition
+from krunch.operator.runs import RunPhase, submission_id
+from krunch.operator.scheduling import Entry, may_start, queue_position
+from krunch.operator.settings import OperatorSettings, SettingsError
+from krunch.job_events import emit, parse_events
+from krunch.spec import Executor
 
 
 def entry(name: str, phase: Phase, priority: int = 0, created: str = "2026-01-01T00:00:00Z") -> Entry:
@@ -91,7 +91,7 @@ def test_rayjob_manifest_sizes_the_cluster_from_resources() -> None:
     sid = submission_id("0c1d2e3f-aaaa-bbbb-cccc-1234567890ab", 1)
     manifest = build_rayjob_manifest(job, sid, OperatorSettings(None, "http://mlflow:5000"))
     assert manifest["metadata"]["name"] == rayjob_name(sid) and len(manifest["metadata"]["name"]) <= 63
-    assert manifest["spec"]["jobId"] == sid and manifest["spec"]["entrypoint"] == "python -m pipeline.job"
+    assert manifest["spec"]["jobId"] == sid and manifest["spec"]["entrypoint"] == "python -m krunch.job"
     [group] = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 3
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]

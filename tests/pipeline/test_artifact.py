@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from pipeline.artifact import load_compressed, save_compressed
-from pipeline.assemble import assemble
-from pipeline.compress_layer import compress_layer
-from pipeline.errors import ModelSourceError
-from pipeline.plan import make_plan
-from pipeline.spec import Recipe
+from krunch.artifact import load_compressed, save_compressed
+from krunch.assemble import assemble
+from krunch.compress_layer import compress_layer
+from krunch.errors import ModelSourceError
+from krunch.plan import make_plan
+from krunch.spec import Recipe
 
 pytestmark = pytest.mark.slow
 

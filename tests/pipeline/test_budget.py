@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.budget import BudgetError, LayerProfile, RankOption, allocate
+from krunch.budget import BudgetError, LayerProfile, RankOption, allocate
 
 
 def svd_like(name: str, decay: float, size: int = 64) -> LayerProfile:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cache import atomic_directory, cache_path
+from krunch.cache import atomic_directory, cache_path
 
 
 def test_atomic_directory_publishes_only_on_success(monkeypatch, tmp_path):

@@ -35,7 +35,7 @@ def test_unknown_zoo_name():
 def test_missing_weight_file(tmp_path):
     missing = tmp_path / "nope.safetensors"
     assert_one_line_error(
-        krunch("eval", f"file:{missing}", "--factory", "pipeline.architectures.mobilenet_v2:MobileNetV2"),
+        krunch("eval", f"file:{missing}", "--factory", "krunch.architectures.mobilenet_v2:MobileNetV2"),
         str(missing),
         "file not found",
     )
@@ -45,7 +45,7 @@ def test_pickled_object_checkpoint_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"weight": torch.zeros(2), "callback": print}, evil)
     assert_one_line_error(
-        krunch("eval", f"file:{evil}", "--factory", "pipeline.architectures.mobilenet_v2:MobileNetV2"),
+        krunch("eval", f"file:{evil}", "--factory", "krunch.architectures.mobilenet_v2:MobileNetV2"),
         str(evil),
         "refused",
         "pickled Python objects",

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.artifact import load_compressed
-from pipeline.compress import run_compression
-from pipeline.evaluate import EvalOptions, Task, evaluate
-from pipeline.data.similarity import lee_documents
-from pipeline.evaluate.embedding import encode
-from pipeline.spec import load_job, parse_job
+from krunch.artifact import load_compressed
+from krunch.compress import run_compression
+from krunch.evaluate import EvalOptions, Task, evaluate
+from krunch.data.similarity import lee_documents
+from krunch.evaluate.embedding import encode
+from krunch.spec import load_job, parse_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]  # layer tasks run on a real Ray cluster
 EXAMPLES = Path(__file__).parents[2] / "examples"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.compress import allocate_ranks, allocate_target
-from pipeline.plan import factorised_params, make_plan
-from pipeline.spec import CompressionJob, SpecError, parse_job
+from krunch.compress import allocate_ranks, allocate_target
+from krunch.plan import factorised_params, make_plan
+from krunch.spec import CompressionJob, SpecError, parse_job
 
 pytestmark = pytest.mark.slow
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.compress import calibration_grams
-from pipeline.distributed.executors import InProcessExecutor, RayExecutor
-from pipeline.gptq import gptq_quantize
-from pipeline.layers.quantized import QuantizedLinear
-from pipeline.plan import make_plan
-from pipeline.propagate import propagate
-from pipeline.quantize import quantize
-from pipeline.spec import Calibration, CompressionJob, QuantizeConfig, Rounding, SpecError, parse_job
+from krunch.compress import calibration_grams
+from krunch.distributed.executors import InProcessExecutor, RayExecutor
+from krunch.gptq import gptq_quantize
+from krunch.runtime.quantized import QuantizedLinear
+from krunch.plan import make_plan
+from krunch.propagate import propagate
+from krunch.runtime.quant import quantize
+from krunch.spec import Calibration, CompressionJob, QuantizeConfig, Rounding, SpecError, parse_job
 from tests.pipeline.test_propagate import compressed, held_out_error
 from tests.pipeline.test_quantize import CONFIGS
 

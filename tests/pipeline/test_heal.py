@@ -8,16 +8,16 @@ import copy
 import pytest
 import torch
 
-from pipeline.assemble import assemble
-from pipeline.calibrate import calibration_batches, text_batches
-from pipeline.compress import allocate_ranks, calibration_grams
-from pipeline.data.text import Split
-from pipeline.distributed.executors import InProcessExecutor, RayExecutor
-from pipeline.heal import distillation_loss, heal, model_output, trainable_names
-from pipeline.layers.base import QuantizedTensor
-from pipeline.model import LoadedModel
-from pipeline.plan import make_plan
-from pipeline.spec import Calibration, CompressionJob, Heal, SpecError
+from krunch.assemble import assemble
+from krunch.calibrate import calibration_batches, text_batches
+from krunch.compress import allocate_ranks, calibration_grams
+from krunch.data.text import Split
+from krunch.distributed.executors import InProcessExecutor, RayExecutor
+from krunch.heal import distillation_loss, heal, model_output, trainable_names
+from krunch.runtime.base import QuantizedTensor
+from krunch.model import LoadedModel
+from krunch.plan import make_plan
+from krunch.spec import Calibration, CompressionJob, Heal, SpecError
 
 pytestmark = pytest.mark.slow
 

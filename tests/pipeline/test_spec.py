@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.spec import Method, SpecError, load_job, parse_job
+from krunch.spec import Method, SpecError, load_job, parse_job
 
 EXAMPLE = {
     "apiVersion": "krunch.dev/v1alpha1",

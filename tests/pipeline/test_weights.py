@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.errors import ModelSourceError, UnsafeCheckpointError
-from pipeline.weights import load_strict, read_state_dict, strip_prefix
+from krunch.errors import ModelSourceError, UnsafeCheckpointError
+from krunch.weights import load_strict, read_state_dict, strip_prefix
 
 
 class _SideEffect:

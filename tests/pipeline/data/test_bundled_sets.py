@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.architectures.crnn import EASYOCR_EN_CHARACTERS
-from pipeline.data.images import photo_crops, photo_paths
-from pipeline.data.ocr_words import news_words, word_images
-from pipeline.data.similarity import lee_documents, lee_human_similarity, polarity_sentences, simlex999, wordsim353
-from pipeline.data.text import Split
+from krunch.architectures.crnn import EASYOCR_EN_CHARACTERS
+from krunch.data.images import photo_crops, photo_paths
+from krunch.data.ocr_words import news_words, word_images
+from krunch.data.similarity import lee_documents, lee_human_similarity, polarity_sentences, simlex999, wordsim353
+from krunch.data.text import Split
 
 
 def test_similarity_sets():

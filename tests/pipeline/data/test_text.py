@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.data.text import Split, corpus_documents, split_documents, token_slice, wikipedia_articles
-from pipeline.errors import DataError
+from krunch.data.text import Split, corpus_documents, split_documents, token_slice, wikipedia_articles
+from krunch.errors import DataError
 
 
 class CharacterTokenizer:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.decompose.conv import activation_aware_tucker2, channel_spectra, cp_conv, tucker2
-from pipeline.decompose.ranks import rank_for_error, tail_fraction
-from pipeline.decompose.svd import activation_aware_svd, break_even_rank, truncated_svd, whitened_spectrum
-from pipeline.decompose.tt import core_sizes, factorize, max_ranks, mpo_params, tt_svd, unfolding_spectra
+from krunch.decompose.conv import activation_aware_tucker2, channel_spectra, cp_conv, tucker2
+from krunch.decompose.ranks import rank_for_error, tail_fraction
+from krunch.decompose.svd import activation_aware_svd, break_even_rank, truncated_svd, whitened_spectrum
+from krunch.decompose.tt import core_sizes, factorize, max_ranks, mpo_params, tt_svd, unfolding_spectra
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -45,8 +45,8 @@ def test_svd_error_falls_with_rank_and_full_rank_is_exact(minilm_ffn_weight, ran
 @pytest.fixture(scope="module")
 def ffn_gram(minilm) -> torch.Tensor:
     """X^T X of the real inputs of MiniLM layer 2's intermediate dense, on calibration text."""
-    from pipeline.calibrate import collect_grams
-    from pipeline.spec import Calibration
+    from krunch.calibrate import collect_grams
+    from krunch.spec import Calibration
 
     name = "encoder.layer.2.intermediate.dense"
     return collect_grams(minilm, [name], Calibration(tokens=2048))[name]
@@ -92,7 +92,7 @@ def test_tt_error_falls_with_bond_and_full_bond_is_exact(minilm_ffn_weight):
 
 @pytest.mark.slow
 def test_activation_aware_tt_lowers_output_error_on_real_activations(minilm_ffn_weight, ffn_gram):
-    from pipeline.decompose.tt import mode_whitening
+    from krunch.decompose.tt import mode_whitening
 
     w = minilm_ffn_weight
     out_f, in_f = factorize(w.shape[0], 3), factorize(w.shape[1], 3)
@@ -120,9 +120,9 @@ OCR_CONV = "FeatureExtraction.ConvNet.11"  # the easyocr_conv_weight kernel
 
 def held_out_patch_gram(easyocr, count: int) -> torch.Tensor:
     """X^T X of the conv's input patches on words from the evaluation half of the vocabulary (never calibrated on)."""
-    from pipeline.calibrate import input_rows
-    from pipeline.data.ocr_words import word_images
-    from pipeline.evaluate.ocr import pad_right_replicating
+    from krunch.calibrate import input_rows
+    from krunch.data.ocr_words import word_images
+    from krunch.evaluate.ocr import pad_right_replicating
 
     conv, grams = easyocr.module.get_submodule(OCR_CONV), []
     handle = conv.register_forward_pre_hook(lambda module, inputs: grams.append(input_rows(module, inputs[0]).double()))
@@ -137,8 +137,8 @@ def held_out_patch_gram(easyocr, count: int) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_activation_aware_tucker_lowers_output_error_on_held_out_words(easyocr, easyocr_conv_weight):
-    from pipeline.calibrate import collect_grams
-    from pipeline.spec import Calibration
+    from krunch.calibrate import collect_grams
+    from krunch.spec import Calibration
 
     w, matrix = easyocr_conv_weight, easyocr_conv_weight.reshape(easyocr_conv_weight.shape[0], -1)
     calibration = collect_grams(easyocr, [OCR_CONV], Calibration(items=64))[OCR_CONV]

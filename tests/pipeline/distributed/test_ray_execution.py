@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.compress import allocate_ranks, calibration_grams
-from pipeline.distributed.executors import Execution, InProcessExecutor, LayerFailedError, RayExecutor
-from pipeline.distributed.faults import FaultInjection
-from pipeline.plan import make_plan
-from pipeline.spec import SpecError
+from krunch.compress import allocate_ranks, calibration_grams
+from krunch.distributed.executors import Execution, InProcessExecutor, LayerFailedError, RayExecutor
+from krunch.distributed.faults import FaultInjection
+from krunch.plan import make_plan
+from krunch.spec import SpecError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -35,7 +35,7 @@ EASYOCR_RECIPE = {"rules": [{"match": f"FeatureExtraction.ConvNet.{index}", "met
 
 
 def stage_inputs(model, recipe: dict):
-    from pipeline.spec import CompressionJob
+    from krunch.spec import CompressionJob
 
     job = CompressionJob.model_validate({"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "t"},
                                          "spec": {"model": {"source": model.reference}, "recipe": recipe}})  # fmt: skip

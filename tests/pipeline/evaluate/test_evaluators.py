@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.evaluate import EvalOptions, Task, evaluate
-from pipeline.model import LoadedModel
+from krunch.evaluate import EvalOptions, Task, evaluate
+from krunch.model import LoadedModel
 
 pytestmark = pytest.mark.slow
 

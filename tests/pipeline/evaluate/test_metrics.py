@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import KrunchError
-from pipeline.evaluate import EvalOptions, Task, evaluate, parse_task
-from pipeline.evaluate.ocr import edit_distance, greedy_ctc_decode, pad_right_replicating
-from pipeline.model import LoadedModel, ModelKind
+from krunch.errors import KrunchError
+from krunch.evaluate import EvalOptions, Task, evaluate, parse_task
+from krunch.evaluate.ocr import edit_distance, greedy_ctc_decode, pad_right_replicating
+from krunch.model import LoadedModel, ModelKind
 
 
 def one_hot_path(path: list[int], classes: int = 5) -> torch.Tensor:

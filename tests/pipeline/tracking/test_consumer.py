@@ -5,6 +5,8 @@ The consumer's virtual environment is a real, separate one: its site-packages
 links the packages of krunch's environment except krunch itself and what only
 compression needs (tensorly, Ray, kopf), so the model can rely on nothing but
 what it ships (its bundled layer code) and declares (torch, transformers...).
+Its working directory holds packages of its own named `pipeline` and `krunch`: the model must load its
+own shipped code, not theirs, and leave the consumer's `pipeline` alone.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.cli import main
-from pipeline.io import load_model
+from krunch.cli import main
+from krunch.io import load_model
 
 LEFT_OUT = ("krunch", "__editable__", "tensorly", "ray", "kopf")  # distributions the consumer must not see
 REGISTERED = f"minilm-int8-{uuid.uuid4().hex[:6]}"
@@ -32,7 +34,7 @@ CONSUMER = """
 import importlib.util, json, sys
 import torch
 from safetensors.torch import load_file, save_file
-for name in ("pipeline", "tensorly", "ray"):
+for name in ("tensorly", "ray"):
     assert importlib.util.find_spec(name) is None, name + " is importable in the consumer environment"
 import mlflow.pytorch
 model = mlflow.pytorch.load_model(sys.argv[1])
@@ -40,7 +42,11 @@ torch.set_num_threads(1)
 with torch.no_grad():
     hidden = model(**load_file(sys.argv[2])).last_hidden_state
 save_file({"hidden": hidden.contiguous()}, sys.argv[3])
-print(json.dumps({"type": type(model).__name__, "layer_code": sys.modules["pipeline"].__file__}))
+import pipeline  # the consumer's own package, untouched by the model
+ran = sorted({m._packed.kernel.value for m in model.modules() if type(m).__name__ == "QuantizedTensor" and m._packed})
+print(json.dumps({"type": type(model).__name__, "layer_code": sys.modules["krunch"].__file__,
+                  "consumer_pipeline": pipeline.MARKER, "kernels_ran": ran,
+                  "krunch_modules": sorted(m for m in sys.modules if m.startswith("krunch"))}))
 """
 
 
@@ -80,6 +86,7 @@ def test_consumer_without_krunch_loads_the_alias_and_gets_the_same_outputs(regis
     batch = compressed.tokenizer(["Tensor networks compress weight matrices.", "A short one."], padding=True, return_tensors="pt")
     inputs = {key: value.contiguous() for key, value in batch.items()}
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    assert compressed.module.encoder.layer[0].attention.self.query.weight_q.kernel()[0].value == "int8pack"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the consumer: the last bits of a matmul depend on the thread count
     try:
@@ -90,6 +97,9 @@ def test_consumer_without_krunch_loads_the_alias_and_gets_the_same_outputs(regis
 
     python = consumer_environment(tmp_path / "venv")
     (tmp_path / "consumer.py").write_text(CONSUMER, encoding="utf-8")
+    for name in ("pipeline", "krunch"):  # the consumer's own packages of these names, beside its script
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"MARKER = 'consumer {name}'\n", encoding="utf-8")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "KRUNCH"))}
     env |= {"MLFLOW_TRACKING_URI": mlflow_server, "HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}
     result = subprocess.run(
@@ -99,7 +109,10 @@ def test_consumer_without_krunch_loads_the_alias_and_gets_the_same_outputs(regis
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["type"] == "BertModel"
-    assert str(tmp_path) not in loaded["layer_code"] and "/code/pipeline/" in loaded["layer_code"]  # shipped with the model
+    assert str(tmp_path) not in loaded["layer_code"] and "/code/krunch/" in loaded["layer_code"]  # shipped with the model
+    assert loaded["consumer_pipeline"] == "consumer pipeline"
+    assert "int8pack" in loaded["kernels_ran"]  # the consumer gets the quantized kernel, not a dequantized copy
+    assert all(name == "krunch" or name.startswith(("krunch.runtime", "krunch.architectures")) for name in loaded["krunch_modules"])
     hidden = load_file(str(tmp_path / "out.safetensors"))["hidden"]
     assert torch.equal(hidden, expected)
     with torch.no_grad():

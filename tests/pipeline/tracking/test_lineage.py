@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.lineage import flatten, job_identity, method_summary, quality_delta, recipe_hash, version_tags
-from pipeline.spec import SpecError, parse_job
+from krunch.lineage import flatten, job_identity, method_summary, quality_delta, recipe_hash, version_tags
+from krunch.spec import SpecError, parse_job
 
 JOB = {
     "apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "j"},

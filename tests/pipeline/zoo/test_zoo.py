@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.images import photo_paths
-from pipeline.data.ocr_words import render_word
-from pipeline.errors import ModelSourceError
-from pipeline.zoo import ModelKind, load_zoo_model, zoo_names
+from krunch.data.images import photo_paths
+from krunch.data.ocr_words import render_word
+from krunch.errors import ModelSourceError
+from krunch.zoo import ModelKind, load_zoo_model, zoo_names
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_smollm2_completes_the_capital_of_france(smollm2):
 
 
 def test_smollm2_second_load_reads_the_safetensors_cache(smollm2, monkeypatch):
-    from pipeline.zoo import smollm2 as loader
+    from krunch.zoo import smollm2 as loader
 
     assert (loader.cached_directory() / "model.safetensors").is_file()
     monkeypatch.setattr(loader, "dequantize_to", lambda target: pytest.fail("dequantized again"))
@@ -58,7 +58,7 @@ def test_mobilenet_sees_espresso_in_the_coffee_photo(mobilenet):
 def test_easyocr_reads_a_rendered_word(easyocr):
     from PIL import ImageFont
 
-    from pipeline.evaluate.ocr import greedy_ctc_decode
+    from krunch.evaluate.ocr import greedy_ctc_decode
 
     assert easyocr.kind is ModelKind.TEXT_RECOGNIZER
     assert easyocr.parameter_count == 3_781_345
@@ -70,7 +70,7 @@ def test_easyocr_reads_a_rendered_word(easyocr):
 
 
 def test_minilm_puts_paraphrases_closer_than_unrelated_sentences(minilm):
-    from pipeline.evaluate.embedding import encode
+    from krunch.evaluate.embedding import encode
 
     assert minilm.kind is ModelKind.SENTENCE_EMBEDDING
     assert minilm.parameter_count == 22_713_216

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.decompose.pivot import Pivoted
-from pipeline.decompose.svd import LowRank, truncated_svd
-from pipeline.decompose.tt import DEFAULT_CORES, MPO, factorize, mpo_to_dense, tt_svd
-from pipeline.layers.base import CompressedLayer, quantize_config_json
-from pipeline.spec import QuantizeConfig
+from krunch.runtime.base import CompressedLayer, quantize_config_json
+from krunch.runtime.quant import QuantFormat
+
+if TYPE_CHECKING:  # the factors' types are built at compression time; the runtime only reads their fields
+    from krunch.decompose.pivot import Pivoted
+    from krunch.decompose.svd import LowRank
+    from krunch.decompose.tt import MPO
 
 
 class _RankLinear(CompressedLayer):
@@ -43,19 +45,14 @@ class LowRankLinear(_RankLinear):
         self.add_factor("left", (self.out_features, self.rank))
 
     @classmethod
-    def from_factors(cls, source: nn.Linear, factors: LowRank, quantize: QuantizeConfig | None = None) -> LowRankLinear:
+    def from_factors(cls, source: nn.Linear, factors: LowRank, quantize: QuantFormat | None = None) -> LowRankLinear:
         layer = cls(source.in_features, source.out_features, factors.rank, source.bias is not None, quantize_config_json(quantize))
         layer.set_factor("right", factors.right)
         layer.set_factor("left", factors.left)
         return layer.finish_from(source)
 
-    @classmethod
-    def from_dense(cls, source: nn.Linear, rank: int, quantize: QuantizeConfig | None = None, seed: int = 0) -> LowRankLinear:
-        """Truncated SVD of the source's weight at `rank`."""
-        return cls.from_factors(source, truncated_svd(source.weight, rank, seed=seed), quantize)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.factor("right")), self.factor("left"), self.bias)
+        return self.linear(self.linear(x, "right"), "left", self.bias)
 
     def to_dense(self) -> torch.Tensor:
         return self.factor("left") @ self.factor("right")
@@ -75,7 +72,7 @@ class PivotedLowRankLinear(_RankLinear):
         self.register_buffer("order", torch.arange(self.out_features, dtype=torch.int32))
 
     @classmethod
-    def from_factors(cls, source: nn.Linear, factors: Pivoted, quantize: QuantizeConfig | None = None) -> PivotedLowRankLinear:
+    def from_factors(cls, source: nn.Linear, factors: Pivoted, quantize: QuantFormat | None = None) -> PivotedLowRankLinear:
         layer = cls(source.in_features, source.out_features, factors.rank, source.bias is not None, quantize_config_json(quantize))
         layer.set_factor("core", factors.core)
         layer.set_factor("coefficients", factors.coefficients)
@@ -83,8 +80,8 @@ class PivotedLowRankLinear(_RankLinear):
         return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kept = F.linear(x, self.factor("core"))
-        rows = torch.cat([kept, F.linear(kept, self.factor("coefficients"))], dim=-1)
+        kept = self.linear(x, "core")
+        rows = torch.cat([kept, self.linear(kept, "coefficients")], dim=-1)
         # gathering along the last dim of a 2-D view is several times faster on CPU than of the N-D tensor
         out = rows.reshape(-1, self.out_features).index_select(1, self.order).reshape(rows.shape)
         return out + self.bias if self.bias is not None else out
@@ -111,18 +108,11 @@ class MPOLinear(CompressedLayer):
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
 
     @classmethod
-    def from_factors(cls, source: nn.Linear, mpo: MPO, quantize: QuantizeConfig | None = None) -> MPOLinear:
+    def from_factors(cls, source: nn.Linear, mpo: MPO, quantize: QuantFormat | None = None) -> MPOLinear:
         layer = cls(list(mpo.out_factors), list(mpo.in_factors), list(mpo.ranks), source.bias is not None, quantize_config_json(quantize))
         for k, core in enumerate(mpo.cores):
             layer.set_factor(f"core{k}", core)
         return layer.finish_from(source)
-
-    @classmethod
-    def from_dense(cls, source: nn.Linear, ranks: tuple[int, ...], quantize: QuantizeConfig | None = None,
-                   cores: int = DEFAULT_CORES) -> MPOLinear:  # fmt: skip
-        """TT-SVD of the source's weight with the given inner bond dimensions."""
-        out_f, in_f = factorize(source.out_features, cores), factorize(source.in_features, cores)
-        return cls.from_factors(source, tt_svd(source.weight, out_f, in_f, ranks), quantize)
 
     def cores(self) -> list[torch.Tensor]:
         return [self.factor(f"core{k}") for k in range(len(self.out_factors))]
@@ -145,3 +135,14 @@ class MPOLinear(CompressedLayer):
 
     def to_dense(self) -> torch.Tensor:
         return mpo_to_dense(self.cores(), self.out_factors, self.in_factors)
+
+
+def mpo_to_dense(cores: list[torch.Tensor], out_factors: tuple[int, ...], in_factors: tuple[int, ...]) -> torch.Tensor:
+    """Contract the chain back to the (out x in) matrix; for checks and error measurement only."""
+    result = cores[0]  # (1, o1, i1, r1)
+    for core in cores[1:]:
+        result = torch.einsum("aoir,rpjs->aopijs", result, core)
+        a, o, p, i, j, s = result.shape
+        result = result.reshape(a, o * p, i * j, s)
+    # Each step merged (o, p) and (i, j) row-major, so rows index (o1 o2 ..) and columns (i1 i2 ..).
+    return result.reshape(math.prod(out_factors), math.prod(in_factors))

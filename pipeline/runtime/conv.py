@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.decompose.conv import CPConv, Tucker2, cp_conv, tucker2
-from pipeline.layers.base import CompressedLayer, quantize_config_json
-from pipeline.spec import QuantizeConfig
+from krunch.runtime.base import CompressedLayer, quantize_config_json
+from krunch.runtime.quant import QuantFormat
+
+if TYPE_CHECKING:  # built at compression time; the runtime only reads their fields
+    from krunch.decompose.conv import CPConv, Tucker2
 
 
 def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
@@ -43,16 +45,11 @@ class TuckerConv2d(_FactorisedConv):
         self.add_factor("out_factor", (self.geometry["out_channels"], r_out))
 
     @classmethod
-    def from_factors(cls, source: nn.Conv2d, tucker: Tucker2, quantize: QuantizeConfig | None = None) -> TuckerConv2d:
+    def from_factors(cls, source: nn.Conv2d, tucker: Tucker2, quantize: QuantFormat | None = None) -> TuckerConv2d:
         layer = cls(list(tucker.ranks), quantize_config_json(quantize), **_geometry(source))
         for name in ("in_factor", "core", "out_factor"):
             layer.set_factor(name, getattr(tucker, name))
         return layer.finish_from(source)
-
-    @classmethod
-    def from_dense(cls, source: nn.Conv2d, ranks: tuple[int, int], quantize: QuantizeConfig | None = None, seed: int = 0) -> TuckerConv2d:
-        """Tucker-2 of the source's kernel with (output, input) channel ranks."""
-        return cls.from_factors(source, tucker2(source.weight, ranks, seed=seed), quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -80,16 +77,11 @@ class CPConv2d(_FactorisedConv):
         self.add_factor("out_factor", (self.geometry["out_channels"], rank))
 
     @classmethod
-    def from_factors(cls, source: nn.Conv2d, cp: CPConv, quantize: QuantizeConfig | None = None) -> CPConv2d:
+    def from_factors(cls, source: nn.Conv2d, cp: CPConv, quantize: QuantFormat | None = None) -> CPConv2d:
         layer = cls(cp.rank, quantize_config_json(quantize), **_geometry(source))
         for name in ("in_factor", "height_factor", "width_factor", "out_factor"):
             layer.set_factor(name, getattr(cp, name))
         return layer.finish_from(source)
-
-    @classmethod
-    def from_dense(cls, source: nn.Conv2d, rank: int, quantize: QuantizeConfig | None = None, seed: int = 0) -> CPConv2d:
-        """CP (ALS) of the source's kernel with `rank` components."""
-        return cls.from_factors(source, cp_conv(source.weight, rank, seed=seed), quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, r = self.geometry, self.rank

@@ -13,7 +13,37 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.spec import QuantizeConfig
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How a tensor's integer codes are laid out: what the runtime needs to run them, as a plain dataclass.
+
+    The recipe's `QuantizeConfig` (pydantic, build time) has the same attributes, so either can be passed
+    to the functions here; `rounding` records how the codes were chosen and never changes how they run.
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    rounding: str = "nearest"
+
+    @classmethod
+    def of(cls, config: QuantFormat | object) -> QuantFormat:
+        """From anything with the four attributes (the spec's QuantizeConfig)."""
+        rounding = getattr(config, "rounding", "nearest")
+        return cls(int(config.bits), config.group_size, bool(config.symmetric), str(getattr(rounding, "value", rounding)))
+
+    @classmethod
+    def from_json(cls, data: dict) -> QuantFormat:
+        """The manifest's form (the recipe's camelCase keys), as written by `to_json` and by earlier versions."""
+        unknown = set(data) - {"bits", "groupSize", "symmetric", "rounding"}
+        if unknown or data.get("bits") not in (4, 8):
+            raise ValueError(f"invalid quantize_config {data!r}: expected bits 4 or 8, groupSize, symmetric, rounding")
+        return cls(data["bits"], data.get("groupSize"), bool(data.get("symmetric", True)), data.get("rounding", "nearest"))
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits, "groupSize": self.group_size, "symmetric": self.symmetric, "rounding": self.rounding}
 
 
 @dataclass(frozen=True)
@@ -30,7 +60,7 @@ class QuantizedData:
         return sum(t.numel() * t.element_size() for t in (self.values, self.scale, self.zero_point))
 
 
-def _layout(shape: tuple[int, ...], config: QuantizeConfig) -> tuple[int, int, int]:
+def _layout(shape: tuple[int, ...], config: QuantFormat) -> tuple[int, int, int]:
     rows, columns = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
     group = config.group_size or columns
     group = min(group, columns) if config.group_size else columns
@@ -40,7 +70,7 @@ def _layout(shape: tuple[int, ...], config: QuantizeConfig) -> tuple[int, int, i
     return rows, padded, group
 
 
-def packed_shape(shape: tuple[int, ...], config: QuantizeConfig) -> dict[str, tuple[int, ...]]:
+def packed_shape(shape: tuple[int, ...], config: QuantFormat) -> dict[str, tuple[int, ...]]:
     """Shapes of the stored tensors, so an empty module can be built before loading weights."""
     rows, padded, group = _layout(shape, config)
     groups = padded // group
@@ -52,7 +82,7 @@ def packed_shape(shape: tuple[int, ...], config: QuantizeConfig) -> dict[str, tu
     }
 
 
-def grouped_view(tensor: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
+def grouped_view(tensor: torch.Tensor, config: QuantFormat) -> torch.Tensor:
     """The tensor as float32 (rows, groups, group size), zero-padded to whole groups."""
     rows, padded, group = _layout(tuple(tensor.shape), config)
     flat = tensor.detach().float().reshape(rows, -1)
@@ -60,7 +90,7 @@ def grouped_view(tensor: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
     return flat.reshape(rows, padded // group, group)
 
 
-def group_scales(grouped: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def group_scales(grouped: torch.Tensor, config: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float16, as stored) and zero point (float; empty when symmetric) of each group, from its range."""
     if config.symmetric:
         qmax = 2 ** (config.bits - 1) - 1
@@ -72,7 +102,7 @@ def group_scales(grouped: torch.Tensor, config: QuantizeConfig) -> tuple[torch.T
     return scale, torch.round(-low / scale.float()).clamp(0, qmax)
 
 
-def integer_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
+def integer_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantFormat) -> torch.Tensor:
     """Round values to the integer grid their scales (and zero points) define: signed when symmetric, else 0..2^bits-1.
     `scale` and `zero` broadcast against `values` (a group's, or one column's per row)."""
     if config.symmetric:
@@ -81,12 +111,12 @@ def integer_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return (torch.round(values / scale.float()) + zero).clamp(0, 2**config.bits - 1)
 
 
-def restored(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
+def restored(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantFormat) -> torch.Tensor:
     """The float values integer codes stand for: what `dequantize` gives back for them."""
     return (codes if config.symmetric else codes - zero) * scale.float()
 
 
-def quantize(tensor: torch.Tensor, config: QuantizeConfig) -> QuantizedData:
+def quantize(tensor: torch.Tensor, config: QuantFormat) -> QuantizedData:
     """Round to nearest, each group on the grid its own range sets."""
     grouped = grouped_view(tensor, config)
     scale, zero = group_scales(grouped, config)
@@ -94,7 +124,7 @@ def quantize(tensor: torch.Tensor, config: QuantizeConfig) -> QuantizedData:
     return pack(codes, scale, zero, tuple(tensor.shape), config)
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, ...], config: QuantizeConfig) -> QuantizedData:
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, ...], config: QuantFormat) -> QuantizedData:
     """Integer codes (rows, groups, group size) and their group scales as the stored tensors."""
     rows, padded, group = _layout(shape, config)
     stored = codes.reshape(rows, padded)

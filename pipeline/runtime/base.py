@@ -5,34 +5,41 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.quantize import QuantizedData, dequantize, packed_shape, quantize
-from pipeline.spec import QuantizeConfig
+from krunch.runtime.kernels import Kernel, Packed, choose_kernel, pack, quantized_linear
+from krunch.runtime.quant import QuantFormat, QuantizedData, dequantize, packed_shape, quantize
 
 _LAYER_TYPES: dict[str, type[CompressedLayer]] = {}
 
 
 class QuantizedTensor(nn.Module):
-    """A quantized tensor as buffers (values, scale, zero point); `dequantize()` gives float32 back."""
+    """A quantized tensor as buffers (values, scale, zero point); `dequantize()` gives float32 back.
 
-    def __init__(self, shape: tuple[int, ...], config: QuantizeConfig) -> None:
+    Matmuls go through `quantized_linear`, which packs the codes once per device for the best kernel
+    (`packed`); the pack is a cache, never part of the state dict or of a pickle.
+    """
+
+    def __init__(self, shape: tuple[int, ...], config: QuantFormat | Any) -> None:
         super().__init__()
         self.shape = tuple(shape)
-        self.config = config
-        layout = packed_shape(self.shape, config)
+        self.config = QuantFormat.of(config)
+        layout = packed_shape(self.shape, self.config)
         self.group_size = layout["group_size"][0]
-        dtype = torch.uint8 if config.bits == 4 else torch.int8
+        dtype = torch.uint8 if self.config.bits == 4 else torch.int8
         self.register_buffer("values", torch.zeros(layout["values"], dtype=dtype))
         self.register_buffer("scale", torch.zeros(layout["scale"], dtype=torch.float16))
         self.register_buffer("zero_point", torch.zeros(layout["zero_point"], dtype=torch.uint8))
+        self.exact = False  # True: dequantize and run in fp32 (the reference), whatever kernel exists
+        self._packed: Packed | None = None
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor, config: QuantizeConfig) -> QuantizedTensor:
+    def from_tensor(cls, tensor: torch.Tensor, config: QuantFormat | Any) -> QuantizedTensor:
         return cls.from_data(quantize(tensor, config), config)
 
     @classmethod
-    def from_data(cls, data: QuantizedData, config: QuantizeConfig) -> QuantizedTensor:
+    def from_data(cls, data: QuantizedData, config: QuantFormat | Any) -> QuantizedTensor:
         """Codes chosen elsewhere (gptq), stored as round-to-nearest's are."""
         module = cls(data.shape, config)
         module.values.copy_(data.values)
@@ -46,14 +53,38 @@ class QuantizedTensor(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.data(), self.config.symmetric)
 
+    def kernel(self, device: torch.device | str | None = None) -> tuple[Kernel, str]:
+        """Which kernel a matmul with this weight runs on `device` (default: where the codes are), and why."""
+        if self.exact:
+            return Kernel.DEQUANTIZE, "exact: fp32 reference path chosen"
+        return choose_kernel(self.data(), self.config, torch.device(device) if device else self.values.device)
+
+    def packed(self, device: torch.device) -> Packed:
+        if self._packed is None or self._packed.device != device:
+            self._packed = pack(self.data(), self.config, device)
+        return self._packed
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedTensor:  # .to(), .cuda(), .half(): pack again
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {**state, "_packed": None}
+
     def extra_repr(self) -> str:
         group = f"group={self.config.group_size}" if self.config.group_size else "per-channel"
         kind = "sym" if self.config.symmetric else "asym"
-        return f"shape={self.shape}, int{self.config.bits}, {group}, {kind}, {self.config.rounding.value}"
+        return f"shape={self.shape}, int{self.config.bits}, {group}, {kind}, {self.config.rounding}, kernel={self.kernel()[0].value}"
 
 
-def quantize_config_json(config: QuantizeConfig | None) -> dict[str, Any] | None:
-    return None if config is None else config.model_dump(by_alias=True, mode="json")
+def quantize_config_json(config: QuantFormat | Any | None) -> dict[str, Any] | None:
+    """The manifest's form of a quantization layout (the spec's QuantizeConfig or a QuantFormat)."""
+    return None if config is None else QuantFormat.of(config).to_json()
 
 
 class CompressedLayer(nn.Module):
@@ -68,7 +99,7 @@ class CompressedLayer(nn.Module):
 
     def __init__(self, quantize_config: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.quantize_config = QuantizeConfig.model_validate(quantize_config) if quantize_config else None
+        self.quantize_config = QuantFormat.from_json(quantize_config) if quantize_config else None
         self.factor_names: list[str] = []
 
     def add_factor(self, name: str, shape: tuple[int, ...]) -> None:
@@ -97,8 +128,21 @@ class CompressedLayer(nn.Module):
         return self.to(source.weight.device)
 
     def factor(self, name: str) -> torch.Tensor:
+        """A factor as a float tensor: dequantized when quantized (convolutions, tensor-train cores, checks)."""
         value = getattr(self, name)
         return value.dequantize() if isinstance(value, QuantizedTensor) else value
+
+    def linear(self, x: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x times factor `name` transposed, on a quantized kernel when the factor is quantized."""
+        value = getattr(self, name)
+        if isinstance(value, QuantizedTensor):
+            return quantized_linear(x, value, bias)
+        return F.linear(x, value, bias)
+
+    def kernels(self) -> dict[str, str]:
+        """Which kernel each quantized factor runs on (`fp32` for float factors)."""
+        return {name: getattr(self, name).kernel()[0].value if isinstance(getattr(self, name), QuantizedTensor) else "fp32"
+                for name in self.factor_names}  # fmt: skip
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments as JSON: enough to rebuild an empty layer before loading its tensors."""
@@ -112,6 +156,15 @@ class CompressedLayer(nn.Module):
         quant = "" if self.quantize_config is None else f", int{self.quantize_config.bits}"
         details = ", ".join(f"{k}={v}" for k, v in self.config().items() if k not in ("quantize_config",))
         return f"method={self.method}, {details}{quant}"
+
+
+def set_exact(module: nn.Module, exact: bool = True) -> int:
+    """Run every quantized weight in `module` on the fp32 dequantize-then-matmul reference (or, with
+    exact=False, on its packed kernel again); returns how many weights it switched."""
+    weights = [m for m in module.modules() if isinstance(m, QuantizedTensor)]
+    for weight in weights:
+        weight.exact = exact
+    return len(weights)
 
 
 def layer_types() -> dict[str, type[CompressedLayer]]:

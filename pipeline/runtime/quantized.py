@@ -1,7 +1,7 @@
-"""Dense layers whose weight is stored quantized (method none + quantize); dequantized on the fly in forward.
+"""Dense layers whose weight is stored quantized (method none + quantize).
 
-Dequantize-then-matmul is what plain PyTorch offers on every device; the
-saving is in storage and memory traffic, not in arithmetic.
+Linear layers (and so a tied LM head) multiply on the quantized kernels of `runtime.kernels`; an
+embedding dequantizes only the rows it looks up; convolutions dequantize (no quantized conv kernel).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.layers.base import CompressedLayer, quantize_config_json
-from pipeline.quantize import QuantizedData, dequantize
-from pipeline.spec import QuantizeConfig, Rounding
+from krunch.runtime.base import CompressedLayer, quantize_config_json
+from krunch.runtime.quant import QuantFormat, QuantizedData, dequantize
 
 
 class QuantizedLinear(CompressedLayer):
@@ -27,21 +26,17 @@ class QuantizedLinear(CompressedLayer):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
-    def from_dense(cls, source: nn.Linear, quantize: QuantizeConfig, gram: torch.Tensor | None = None) -> QuantizedLinear:
-        """Round to nearest, or with quantize.rounding gptq, for inputs whose Gram matrix is `gram`."""
+    def from_dense(cls, source: nn.Linear, quantize: QuantFormat, codes: QuantizedData | None = None) -> QuantizedLinear:
+        """Round to nearest, or store `codes` chosen elsewhere (gptq) in the same layout."""
         layer = cls(source.in_features, source.out_features, source.bias is not None, quantize_config_json(quantize))
-        if quantize.rounding is Rounding.GPTQ:
-            from pipeline.gptq import gptq_quantize  # building only: consumers load these layers without it (portable.py)
-
-            if gram is None:
-                raise ValueError("gptq rounding needs the calibration Gram matrix of the layer's inputs")
-            layer.set_factor("weight_q", gptq_quantize(source.weight, gram, quantize))
-        else:
-            layer.set_factor("weight_q", source.weight)
+        layer.set_factor("weight_q", source.weight if codes is None else codes)
         return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.factor("weight_q"), self.bias)
+        return self.linear(x, "weight_q", self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel={self.weight_q.kernel()[0].value}"
 
     def config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.has_bias,
@@ -63,7 +58,7 @@ class QuantizedConv2d(CompressedLayer):
         self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if bias else None
 
     @classmethod
-    def from_dense(cls, source: nn.Conv2d, quantize: QuantizeConfig) -> QuantizedConv2d:
+    def from_dense(cls, source: nn.Conv2d, quantize: QuantFormat) -> QuantizedConv2d:
         if not isinstance(source.padding, tuple) or source.padding_mode != "zeros":
             raise ValueError("only numeric zero padding is supported")
         layer = cls(list(source.weight.shape), list(source.stride), list(source.padding), list(source.dilation),
@@ -93,7 +88,7 @@ class QuantizedEmbedding(CompressedLayer):
         self.add_factor("weight_q", (num_embeddings, embedding_dim))
 
     @classmethod
-    def from_dense(cls, source: nn.Embedding, quantize: QuantizeConfig) -> QuantizedEmbedding:
+    def from_dense(cls, source: nn.Embedding, quantize: QuantFormat) -> QuantizedEmbedding:
         layer = cls(source.num_embeddings, source.embedding_dim, source.padding_idx, quantize_config_json(quantize))
         layer.set_factor("weight_q", source.weight)
         return layer.finish_from(source)

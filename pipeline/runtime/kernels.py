@@ -1,0 +1,123 @@
+"""Matmuls that read quantized codes, not a float copy of the weight: the kernel is chosen per device and shape.
+
+A decode step multiplies one token's activations by every weight once, so it is bound by the bytes it
+reads: torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) read int8 or
+packed int4 codes directly and take bf16 activations. Many rows at once (prefill) are bound by arithmetic
+instead, where a transient bf16 weight and one bf16 GEMM win; `exact` layers keep the fp32 reference path.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from krunch.runtime.quant import QuantFormat, QuantizedData
+
+# Rows up to which the packed weight-only kernels beat a bf16 GEMM on a transient weight (docs/kernels.md).
+PACKED_MAX_ROWS = 16
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+class Kernel(str, enum.Enum):
+    INT8_CPU = "int8pack"  # aten._weight_int8pack_mm: int8 codes, bf16 activations, fp32 scales applied after
+    INT4_CPU = "int4pack"  # aten._weight_int4pack_mm_for_cpu: codes packed at load, bf16 scale and zero per group
+    DEQUANTIZE = "dequantize"  # no kernel for this layout or device: dequantize, then F.linear in fp32
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A weight's codes in the chosen kernel's layout, for one device; never saved (the stored codes are)."""
+
+    kernel: Kernel
+    device: torch.device
+    weight: torch.Tensor | None = None  # int8 codes (N, K), or the int4 pack
+    scale: torch.Tensor | None = None  # int8: fp32 (N,); int4: bf16 (K / group, N, 2) scale and zero
+    offset: torch.Tensor | None = None  # asymmetric int8: fp32 (N,), times the sum of each row's inputs
+    ones: torch.Tensor | None = None  # int8: bf16 (N,) unit scales (the fp32 scales are applied to the output)
+    group_size: int = 0
+
+
+def choose_kernel(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> tuple[Kernel, str]:
+    """The kernel for a stored 2-D weight on a device, and why (shown by extra_repr and the report)."""
+    if len(data.shape) != 2:
+        return Kernel.DEQUANTIZE, "not a matrix"
+    rows, columns = data.shape
+    if device.type != "cpu":
+        return Kernel.DEQUANTIZE, f"no packed kernel for {device.type} yet"
+    padded = data.values.shape[1] * (2 if data.bits == 4 else 1)
+    if padded != columns:
+        return Kernel.DEQUANTIZE, f"{columns} columns are not whole groups of {data.group_size}"
+    if data.bits == 8:
+        if fmt.group_size is not None and data.group_size != columns:
+            return Kernel.DEQUANTIZE, "int8 in groups (the int8 kernel takes one scale per output channel)"
+        return Kernel.INT8_CPU, "int8 per channel"
+    if data.group_size not in INT4_GROUPS:
+        return Kernel.DEQUANTIZE, f"int4 group {data.group_size} (the int4 kernel takes {', '.join(map(str, INT4_GROUPS))})"
+    if rows % 16:
+        return Kernel.DEQUANTIZE, f"{rows} output channels (the int4 kernel takes multiples of 16)"
+    return Kernel.INT4_CPU, f"int4 group {data.group_size}"
+
+
+def pack(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> Packed:
+    """The codes in the layout of the best kernel for `device`; the stored tensors are left as they are."""
+    kernel, _ = choose_kernel(data, fmt, device)
+    if kernel is Kernel.INT8_CPU:
+        scale = data.scale.float().reshape(-1)
+        rows = data.shape[0]
+        ones = torch.ones(rows, dtype=torch.bfloat16, device=device)
+        if fmt.symmetric:
+            return Packed(kernel, device, data.values, scale, None, ones)
+        # stored v = code - 128, w = (code - z) s = v s + (128 - z) s
+        offset = (128 - data.zero_point.float().reshape(-1)) * scale
+        return Packed(kernel, device, data.values, scale, offset, ones)
+    if kernel is Kernel.INT4_CPU:
+        nibbles = torch.stack([data.values & 0x0F, data.values >> 4], dim=-1).reshape(data.shape[0], -1)
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 1)
+        scale = data.scale.float()
+        # the kernel computes (n - 8) * scale + zero for a nibble n; symmetric nibbles are code + 8
+        zero = torch.zeros_like(scale) if fmt.symmetric else (8 - data.zero_point.float()) * scale
+        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return Packed(kernel, device, weight, scale_zero, group_size=data.group_size)
+    return Packed(kernel, device)
+
+
+def packed_matmul(x: torch.Tensor, packed: Packed, out_features: int) -> torch.Tensor:
+    """x (rows, K) as bf16 times the packed weight, returned as fp32 (rows, N)."""
+    xb = x.to(torch.bfloat16)
+    if packed.kernel is Kernel.INT8_CPU:
+        out = torch.ops.aten._weight_int8pack_mm(xb, packed.weight, packed.ones).float() * packed.scale
+        if packed.offset is not None:
+            out = out + xb.float().sum(-1, keepdim=True) * packed.offset
+        return out
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed.weight, packed.group_size, packed.scale).float()
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight) for a quantized weight, on the kernel its layout and the number of rows call for."""
+    packed = weight.packed(x.device)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    out_features = weight.shape[0]
+    if packed.kernel is Kernel.DEQUANTIZE or weight.exact:
+        return F.linear(x, weight.dequantize().to(x.dtype), bias)
+    if rows > PACKED_MAX_ROWS:
+        out = F.linear(x.to(torch.bfloat16), weight.dequantize().to(torch.bfloat16)).to(x.dtype)
+    else:
+        out = packed_matmul(x.reshape(rows, x.shape[-1]), packed, out_features).to(x.dtype)
+        out = out.reshape(*x.shape[:-1], out_features)
+    return out + bias if bias is not None else out
+
+
+class QuantizedWeight(Protocol):
+    """What `quantized_linear` needs of a weight (runtime.base's QuantizedTensor)."""
+
+    shape: tuple[int, ...]
+    exact: bool
+
+    def packed(self, device: torch.device) -> Packed: ...
+
+    def dequantize(self) -> torch.Tensor: ...
+
