@@ -1,6 +1,28 @@
-"""krunch's compression library: load, decompose, quantize, evaluate, register.
+"""krunch: compress PyTorch models with tensor networks and quantization, and run them faster.
 
-This package never imports Kubernetes code; the operator lives in `operators`.
+    import krunch
+    result = krunch.compress(model, recipe, calibration=texts, tokenizer=tokenizer)
+    krunch.save(result, "out/")
+
+The functions are imported on first use, so `import krunch` stays light (the operator and the consumer
+runtime import parts of this package without torch's compression stack). The operator is
+`krunch.operator`, consumers need only `krunch.runtime`.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Compressed", "compress", "evaluate", "load", "save"]
+
+if TYPE_CHECKING:
+    from krunch.api import Compressed, compress, evaluate, load, save
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from krunch import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'krunch' has no attribute {name!r}")

@@ -25,6 +25,8 @@ from krunch.model import LoadedModel
 FORMAT = "krunch-compressed/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+ARCHITECTURE = "architecture"  # config.json (+ tokenizer) of a transformers model compressed in memory
+MEMORY = "memory:"
 
 
 def layer_entries(module: torch.nn.Module, tied: dict[str, str]) -> list[dict[str, Any]]:
@@ -52,6 +54,37 @@ def save_compressed(directory: Path, model: LoadedModel, source: dict[str, Any],
     return directory
 
 
+def architecture_source(model: LoadedModel, directory: Path) -> dict[str, Any]:
+    """How `load_compressed` rebuilds the architecture around the compressed layers: the source reference it
+    was loaded from; for a transformers model handed over in memory, its config (and tokenizer) saved beside
+    the weights; for any other module in memory, an instance the caller passes to `krunch.load`."""
+    if not model.reference.startswith(MEMORY):
+        return {"source": model.reference, "factory": model.metadata.get("factory")}
+    config = getattr(model.module, "config", None)
+    if type(model.module).__module__.startswith("transformers.") and hasattr(config, "save_pretrained"):
+        config.save_pretrained(directory / ARCHITECTURE)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(directory / ARCHITECTURE)
+        return {"architecture": "transformers", "class": type(model.module).__name__}
+    return {"architecture": "module", "class": f"{type(model.module).__module__}.{type(model.module).__qualname__}"}
+
+
+def _architecture(directory: Path, source: dict[str, Any], reference: str, skeleton: torch.nn.Module | None) -> LoadedModel:
+    """The model the compressed layers go into; nothing named by the manifest is imported or called."""
+    from krunch.io import load_model
+
+    if skeleton is not None:
+        return LoadedModel(reference, skeleton)
+    if "source" in source:
+        return load_model(source["source"], source.get("factory"))
+    if source.get("architecture") == "transformers":
+        from krunch.hf import hf_architecture
+
+        return hf_architecture(directory / ARCHITECTURE, reference)
+    raise ModelSourceError(reference, f"was compressed from a {source.get('class', 'module')} in memory: pass an instance "
+                                      "of that architecture, krunch.load(directory, model=...)")  # fmt: skip
+
+
 def read_manifest(directory: Path, reference: str) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
@@ -65,13 +98,11 @@ def read_manifest(directory: Path, reference: str) -> dict[str, Any]:
     return manifest
 
 
-def load_compressed(directory: Path, reference: str | None = None) -> LoadedModel:
-    from krunch.io import load_model
-
+def load_compressed(directory: Path, reference: str | None = None, skeleton: torch.nn.Module | None = None) -> LoadedModel:
     reference = reference or f"krunch:{directory}"
     manifest = read_manifest(directory, reference)
     source = manifest["source"]
-    loaded = load_model(source["source"], source.get("factory"))
+    loaded = _architecture(directory, source, reference, skeleton)
     try:
         replacements = {entry["name"]: build_layer(entry["type"], entry["config"]) for entry in manifest["layers"]}
     except (TypeError, ValueError) as err:
@@ -85,7 +116,7 @@ def load_compressed(directory: Path, reference: str | None = None) -> LoadedMode
         raise ModelSourceError(reference, f"{WEIGHTS} does not match the manifest: {detail}") from None
     loaded.module.eval()
     loaded.reference = reference
-    loaded.metadata["compressed_from"] = source["source"]
+    loaded.metadata["compressed_from"] = source.get("source") or f"{MEMORY}{source.get('class')}"
     for key in ("pinned_reference", "registry_version"):  # those described the source, not this model
         loaded.metadata.pop(key, None)
     return loaded

@@ -56,8 +56,10 @@ def text_batches(model: LoadedModel, data: str, split: Split, tokens: int) -> It
 
 
 def calibration_batches(model: LoadedModel, calibration: Calibration) -> Iterator[Batch]:
-    """(args, kwargs) for model.module, one batch at a time."""
-    if model.kind in WINDOWS:
+    """(args, kwargs) for model.module, one batch at a time: the caller's own inputs when it gave some."""
+    if model.calibration_inputs is not None:
+        yield from model.calibration_inputs
+    elif model.kind in WINDOWS:
         yield from text_batches(model, calibration.data, Split.CALIBRATION, calibration.tokens)
     elif model.kind is ModelKind.IMAGE_CLASSIFIER:
         from krunch.data.images import photo_crops
@@ -68,7 +70,7 @@ def calibration_batches(model: LoadedModel, calibration: Calibration) -> Iterato
             yield (tensors[start : start + 16],), {}
     elif model.kind is ModelKind.TEXT_RECOGNIZER:
         from krunch.data.ocr_words import word_images
-        from krunch.evaluate.ocr import pad_right_replicating
+        from krunch.evaluation.ocr import pad_right_replicating
 
         images = word_images(model.charset, count=calibration.items, split=Split.CALIBRATION)
         for start in range(0, len(images), 16):

@@ -83,7 +83,7 @@ def set_threads(threads: int | None) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from krunch.evaluate import EvalOptions, default_task, evaluate, parse_task
+    from krunch.evaluation import EvalOptions, default_task, evaluate, parse_task
     from krunch.io import load_model
 
     set_threads(args.threads)
@@ -127,7 +127,7 @@ def format_table(report: dict) -> str:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from krunch.compress import run_compression
+    from krunch.run import run_compression
     from krunch.report import format_summary
     from krunch.spec import load_job
 
@@ -166,7 +166,7 @@ def run_compress(args: argparse.Namespace) -> int:
 def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     """Everything that can be checked without compressing: the spec, the source model, the rules' matches,
     fixed ranks against break-even. The same job file `kubectl apply` takes."""
-    from krunch.compress import load_source
+    from krunch.run import load_source
     from krunch.plan import make_plan
     from krunch.report import format_plan, format_stages
 

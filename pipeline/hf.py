@@ -68,3 +68,25 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
         metadata={"architecture": ",".join(config.get("architectures") or [type(module).__name__])},
         weight_files=tuple(sorted(directory.glob("*.safetensors"))),
     )
+
+
+def hf_architecture(directory: Path, reference: str) -> LoadedModel:
+    """A transformers model built from a saved config alone (its weights come from elsewhere): only classes
+    transformers itself defines, never remote code."""
+    config = read_hf_config(directory, reference)
+    if config.get("auto_map"):
+        raise ModelSourceError(reference, "config.json names remote code (auto_map); krunch never runs it")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kind = hf_model_kind(config)
+    auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel
+    try:
+        hf_config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        module = auto.from_config(hf_config, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelSourceError(reference, f"transformers could not build it: {str(err).strip()[:200]}") from None
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    return LoadedModel(reference, module, kind if tokenizer is not None else None, tokenizer)

@@ -38,7 +38,7 @@ def read_job() -> CompressionJob:
 
 def run(job: CompressionJob, out_dir: Path) -> dict:
     """Compress, track and register; return the result event's payload."""
-    from krunch.compress import run_compression
+    from krunch.run import run_compression
     from krunch.lineage import quality
     from krunch.tracking import preflight, track
 

@@ -39,6 +39,8 @@ class LoadedModel:
     # safetensors files the module's state dict was loaded from, key for key, unchanged: layer tasks
     # on Ray read their own tensors from them instead of receiving copies from the driver
     weight_files: tuple[Path, ...] = ()
+    # inputs the caller gave for calibration ((args, kwargs) per batch): used instead of a corpus
+    calibration_inputs: list[tuple[tuple, dict]] | None = None
 
     def __post_init__(self) -> None:
         self.module.eval()

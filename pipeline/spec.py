@@ -216,7 +216,7 @@ class ModelSource(_Model):
 
 
 class Task(enum.Enum):
-    """Evaluation tasks (their evaluators live in krunch.evaluate). Here so that validating a spec, as the
+    """Evaluation tasks (their evaluators live in krunch.evaluation). Here so that validating a spec, as the
     operator does, needs no torch."""
 
     PERPLEXITY = "perplexity"

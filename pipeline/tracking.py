@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import yaml
 
 from krunch.artifact import MANIFEST, WEIGHTS
-from krunch.compress import BUDGET, REPORT, CompressionResult
+from krunch.run import BUDGET, REPORT, CompressionResult
 from krunch.errors import KrunchError
 from krunch.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
 from krunch.portable import pip_requirements, runtime_code

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from krunch.cli import write_json  # noqa: E402
-from krunch.compress import evaluation_task, load_source, run_compression  # noqa: E402
+from krunch.run import evaluation_task, load_source, run_compression  # noqa: E402
 from krunch.distributed.executors import InProcessExecutor  # noqa: E402
-from krunch.evaluate import EvalOptions, evaluate  # noqa: E402
+from krunch.evaluation import EvalOptions, evaluate  # noqa: E402
 from krunch.model import LoadedModel  # noqa: E402
 from krunch.sizes import weight_bytes  # noqa: E402
 from krunch.spec import parse_job  # noqa: E402

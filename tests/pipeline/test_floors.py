@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from krunch.compress import allocate_ranks, allocate_target
+from krunch.run import allocate_ranks, allocate_target
 from krunch.plan import factorised_params, make_plan
 from krunch.spec import CompressionJob, SpecError, parse_job
 
@@ -29,8 +29,8 @@ def test_a_rule_floor_holds_its_layers_and_the_budget_still_fits(minilm):
     unfloored = job({"paramRatio": 0.5}, [EARLY, REST])
     floored = job({"paramRatio": 0.5}, [{**EARLY, "floor": 0.8}, REST])
     plan = make_plan(minilm.module, floored.spec.recipe)
-    before = allocate_ranks(unfloored, minilm, make_plan(minilm.module, unfloored.spec.recipe))
-    after = allocate_ranks(floored, minilm, plan)
+    before = allocate_ranks(unfloored.spec.recipe, minilm, make_plan(minilm.module, unfloored.spec.recipe))
+    after = allocate_ranks(floored.spec.recipe, minilm, plan)
 
     early = [layer.name for layer in plan.layers if layer.rule_index == 0]
     assert min(kept_share(plan, name, before[name]) for name in early) < 0.8  # the floor changes something
@@ -45,7 +45,7 @@ def test_a_rule_floor_holds_its_layers_and_the_budget_still_fits(minilm):
 def test_a_floor_under_bytes_ratio_keeps_factorised_layers_large_and_lets_quantized_ones_be(minilm):
     floored = job({"bytesRatio": 0.15}, [{**EARLY, "floor": 0.9}, REST])
     plan = make_plan(minilm.module, floored.spec.recipe)
-    allocation = allocate_target(floored, minilm, plan)
+    allocation = allocate_target(floored.spec.recipe, minilm, plan)
     layers = {layer.name: layer for layer in plan.layers}
     early = [t for t in allocation.budget["tables"] if t["name"].startswith(("encoder.layer.0.", "encoder.layer.1."))]
     for table in early:
@@ -58,10 +58,10 @@ def test_a_floor_under_bytes_ratio_keeps_factorised_layers_large_and_lets_quanti
 def test_floors_that_cannot_hold_name_their_field(minilm):
     impossible = job({"paramRatio": 0.5}, [{**EARLY, "floor": 0.999}, REST])
     with pytest.raises(SpecError, match=r"spec\.recipe\.rules\[0\]\.floor: 0\.999 of encoder\.layer\.0\..*\(break-even rank 383\)"):
-        allocate_ranks(impossible, minilm, make_plan(minilm.module, impossible.spec.recipe))
+        allocate_ranks(impossible.spec.recipe, minilm, make_plan(minilm.module, impossible.spec.recipe))
     greedy = job({"paramRatio": 0.3}, [{**REST, "floor": 0.9}])
     with pytest.raises(SpecError, match=r"spec\.recipe\.target\.paramRatio: .*rule floors \(spec\.recipe\.rules\[0\]\.floor\)"):
-        allocate_ranks(greedy, minilm, make_plan(minilm.module, greedy.spec.recipe))
+        allocate_ranks(greedy.spec.recipe, minilm, make_plan(minilm.module, greedy.spec.recipe))
 
 
 @pytest.mark.parametrize("recipe", [

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from krunch.compress import calibration_grams
+from krunch.run import calibration_grams
 from krunch.distributed.executors import InProcessExecutor, RayExecutor
 from krunch.gptq import gptq_quantize
 from krunch.runtime.quantized import QuantizedLinear
@@ -53,7 +53,7 @@ def test_gptq_reproduces_held_out_outputs_better_than_nearest(minilm):
     gptq = job({"rules": EVERY_LINEAR, "quantize": {**INT4, "rounding": "gptq"}, "calibration": {"tokens": 4096}})
     plan = make_plan(minilm.module, gptq.spec.recipe)
     assert all(layer.gptq for layer in plan.layers)
-    independent = executor.run(minilm, plan, calibration_grams(gptq, minilm, plan), {})
+    independent = executor.run(minilm, plan, calibration_grams(gptq.spec.recipe, minilm, plan), {})
     assert all(isinstance(r.module, QuantizedLinear) and r.module.quantize_config.rounding is Rounding.GPTQ for r in independent.results)
     fitted = held_out_error(minilm, compressed(minilm, independent))
     chained = held_out_error(minilm, compressed(minilm, propagate(executor, minilm, plan, {}, Calibration(tokens=4096, propagate=True))))
@@ -68,7 +68,7 @@ def test_gptq_on_ray_stores_what_in_process_stores(minilm, ray_cluster):
     gptq = job({"rules": [{"match": "encoder.layer.[01].*", "method": "none"}], "quantize": {**INT4, "rounding": "gptq"},
                 "calibration": {"tokens": 1024}})  # fmt: skip
     plan = make_plan(minilm.module, gptq.spec.recipe)
-    grams = calibration_grams(gptq, minilm, plan)
+    grams = calibration_grams(gptq.spec.recipe, minilm, plan)
     executor = RayExecutor(workers=2)
     with executor.session():
         remote = executor.run(minilm, plan, grams, {})

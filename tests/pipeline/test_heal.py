@@ -10,7 +10,7 @@ import torch
 
 from krunch.assemble import assemble
 from krunch.calibrate import calibration_batches, text_batches
-from krunch.compress import allocate_ranks, calibration_grams
+from krunch.run import allocate_ranks, calibration_grams
 from krunch.data.text import Split
 from krunch.distributed.executors import InProcessExecutor, RayExecutor
 from krunch.heal import distillation_loss, heal, model_output, trainable_names
@@ -37,7 +37,7 @@ def compressed_copy(model: LoadedModel) -> LoadedModel:
     job = CompressionJob.model_validate({"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "t"},
                                          "spec": {"model": {"source": model.reference}, "recipe": RECIPE}})  # fmt: skip
     plan = make_plan(model.module, job.spec.recipe)
-    results = InProcessExecutor().run(model, plan, calibration_grams(job, model, plan), allocate_ranks(job, model, plan)).results
+    results = InProcessExecutor().run(model, plan, calibration_grams(job.spec.recipe, model, plan), allocate_ranks(job.spec.recipe, model, plan)).results
     module = copy.deepcopy(model.module)
     assemble(module, {r.name: r.module for r in results}, {})
     return LoadedModel("compressed", module, model.kind, model.tokenizer)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from krunch.compress import allocate_ranks, calibration_grams
+from krunch.run import allocate_ranks, calibration_grams
 from krunch.compress_layer import compress_layer
 from krunch.decompose.pivot import pivoted, pivoted_params
 from krunch.decompose.svd import truncated_svd
@@ -50,8 +50,8 @@ def test_at_one_parameter_budget_the_pivoted_form_fits_the_activations_better(mi
     for form in ("pivoted", "factors"):
         spec = job(form)
         plan = make_plan(minilm.module, spec.spec.recipe)
-        ranks = allocate_ranks(spec, minilm, plan)
-        grams = calibration_grams(spec, minilm, plan)
+        ranks = allocate_ranks(spec.spec.recipe, minilm, plan)
+        grams = calibration_grams(spec.spec.recipe, minilm, plan)
         budget = RATIO * sum(layer.params for layer in plan.layers) - sum(layer.bias_params for layer in plan.layers)
         spent = sum(factorised_params(layer, ranks[layer.name]) for layer in plan.layers)
         assert 0.99 * budget < spent <= budget

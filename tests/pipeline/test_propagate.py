@@ -11,7 +11,7 @@ import torch
 
 from krunch.assemble import assemble
 from krunch.calibrate import text_batches
-from krunch.compress import calibration_grams
+from krunch.run import calibration_grams
 from krunch.data.text import Split
 from krunch.distributed.executors import InProcessExecutor, RayExecutor
 from krunch.plan import make_plan
@@ -82,7 +82,7 @@ def test_propagation_beats_independent_calibration_on_held_out_text(minilm):
     with sentence-shaped windows: independent 0.819, propagated 0.787 (at rank 192 the two are within 1%)."""
     job = job_for(minilm, "encoder.layer.*", 128)
     plan = make_plan(minilm.module, job.spec.recipe)
-    grams = calibration_grams(job, minilm, plan)
+    grams = calibration_grams(job.spec.recipe, minilm, plan)
     independent = InProcessExecutor().run(minilm, plan, grams, {})
     propagated = propagate(InProcessExecutor(), minilm, plan, {}, job.spec.recipe.calibration)
 
@@ -97,7 +97,7 @@ def test_propagation_beats_independent_calibration_on_held_out_text(minilm):
 def held_out_feature_error(model, module) -> float:
     """Relative error of EasyOCR's conv features against the original on words of the evaluation half."""
     from krunch.data.ocr_words import word_images
-    from krunch.evaluate.ocr import pad_right_replicating
+    from krunch.evaluation.ocr import pad_right_replicating
 
     num = den = 0.0
     with torch.inference_mode():
@@ -122,7 +122,7 @@ def test_a_conv_stack_propagates_conv_by_conv(easyocr):
     blocks = find_blocks(easyocr.module, convs)
     assert blocks.path == "FeatureExtraction.ConvNet" and len(blocks.modules) == 20
     assert blocks.layers_of(3, convs) == ["FeatureExtraction.ConvNet.3"] and blocks.layers_of(4, convs) == []
-    independent = InProcessExecutor().run(easyocr, plan, calibration_grams(job, easyocr, plan), {})
+    independent = InProcessExecutor().run(easyocr, plan, calibration_grams(job.spec.recipe, easyocr, plan), {})
     propagated = propagate(InProcessExecutor(), easyocr, plan, {}, job.spec.recipe.calibration)
 
     assert propagated.info["calibration"] == "propagated" and propagated.info["blocks"] == 20

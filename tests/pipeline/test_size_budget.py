@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from krunch.compress import allocate_target
+from krunch.run import allocate_target
 from krunch.compress_layer import compress_layer
 from krunch.size_budget import Candidate, pareto_front
 from krunch.sizes import bytes_without_bias
@@ -36,7 +36,7 @@ def test_pareto_front_offers_nothing_larger_than_the_dense_weight_and_nothing_do
 def test_budget_is_met_within_one_percent_and_the_planned_bytes_are_the_built_bytes(minilm, ratio):
     """MiniLM's 36 encoder linears: the plan fits the bytes, spends at least 99% of them, never makes a layer
     bigger than its dense weight, and the built layers store exactly the bytes the planner counted."""
-    allocation = allocate_target(job({"bytesRatio": ratio}), minilm, _plan(minilm))
+    allocation = allocate_target(job({"bytesRatio": ratio}).spec.recipe, minilm, _plan(minilm))
     budget = allocation.budget
     assert budget is not None and len(budget["choices"]) == 36
     assert 0.99 * budget["budget_bytes"] <= budget["planned_bytes"] <= budget["budget_bytes"]
@@ -56,7 +56,7 @@ def test_smaller_budgets_never_lower_the_error_and_use_cheaper_storage(minilm):
     plan = _plan(minilm)
     errors, kinds = [], []
     for ratio in (0.3, 0.2, 0.12, 0.08):
-        budget = allocate_target(job({"bytesRatio": ratio}), minilm, plan).budget
+        budget = allocate_target(job({"bytesRatio": ratio}).spec.recipe, minilm, plan).budget
         errors.append(sum(choice["error"] for choice in budget["choices"].values()))
         kinds.append({choice["kind"] for choice in budget["choices"].values()})
     assert errors == sorted(errors) and errors[0] < errors[-1]
@@ -66,7 +66,7 @@ def test_smaller_budgets_never_lower_the_error_and_use_cheaper_storage(minilm):
 @pytest.mark.slow
 def test_a_budget_below_every_layers_smallest_candidate_names_the_field(minilm):
     with pytest.raises(SpecError, match="spec.recipe.target.bytesRatio.*below the smallest possible"):
-        allocate_target(job({"bytesRatio": 0.001}), minilm, _plan(minilm))
+        allocate_target(job({"bytesRatio": 0.001}).spec.recipe, minilm, _plan(minilm))
 
 
 def _plan(model):
@@ -81,6 +81,6 @@ def test_candidate_tables_computed_as_ray_tasks_equal_the_in_process_ones(minilm
     from krunch.distributed.executors import RayExecutor
 
     plan = _plan(minilm)
-    local = allocate_target(job({"bytesRatio": 0.2}), minilm, plan).budget
-    remote = allocate_target(job({"bytesRatio": 0.2}), minilm, plan, RayExecutor()).budget
+    local = allocate_target(job({"bytesRatio": 0.2}).spec.recipe, minilm, plan).budget
+    remote = allocate_target(job({"bytesRatio": 0.2}).spec.recipe, minilm, plan, RayExecutor()).budget
     assert remote["tables"] == local["tables"] and remote["choices"] == local["choices"]

@@ -122,7 +122,7 @@ def held_out_patch_gram(easyocr, count: int) -> torch.Tensor:
     """X^T X of the conv's input patches on words from the evaluation half of the vocabulary (never calibrated on)."""
     from krunch.calibrate import input_rows
     from krunch.data.ocr_words import word_images
-    from krunch.evaluate.ocr import pad_right_replicating
+    from krunch.evaluation.ocr import pad_right_replicating
 
     conv, grams = easyocr.module.get_submodule(OCR_CONV), []
     handle = conv.register_forward_pre_hook(lambda module, inputs: grams.append(input_rows(module, inputs[0]).double()))

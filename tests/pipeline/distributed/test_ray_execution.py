@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from krunch.compress import allocate_ranks, calibration_grams
+from krunch.run import allocate_ranks, calibration_grams
 from krunch.distributed.executors import Execution, InProcessExecutor, LayerFailedError, RayExecutor
 from krunch.distributed.faults import FaultInjection
 from krunch.plan import make_plan
@@ -40,7 +40,7 @@ def stage_inputs(model, recipe: dict):
     job = CompressionJob.model_validate({"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "t"},
                                          "spec": {"model": {"source": model.reference}, "recipe": recipe}})  # fmt: skip
     plan = make_plan(model.module, job.spec.recipe)
-    return plan, calibration_grams(job, model, plan), allocate_ranks(job, model, plan)
+    return plan, calibration_grams(job.spec.recipe, model, plan), allocate_ranks(job.spec.recipe, model, plan)
 
 
 def assert_identical(a: Execution, b: Execution) -> None:

@@ -173,7 +173,7 @@ def test_without_a_tracking_uri_the_store_is_a_sqlite_file_here_with_artifacts_b
 
 
 def test_a_server_lost_after_compression_fails_the_job_after_bounded_retries_and_keeps_the_model(ray_cluster, tmp_path_factory, monkeypatch):
-    from krunch.compress import run_compression
+    from krunch.run import run_compression
     from krunch.tracking import TrackingError, preflight, track
     from tests.mlflow_server import local_mlflow_server
 

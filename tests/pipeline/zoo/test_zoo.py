@@ -58,7 +58,7 @@ def test_mobilenet_sees_espresso_in_the_coffee_photo(mobilenet):
 def test_easyocr_reads_a_rendered_word(easyocr):
     from PIL import ImageFont
 
-    from krunch.evaluate.ocr import greedy_ctc_decode
+    from krunch.evaluation.ocr import greedy_ctc_decode
 
     assert easyocr.kind is ModelKind.TEXT_RECOGNIZER
     assert easyocr.parameter_count == 3_781_345
@@ -70,7 +70,7 @@ def test_easyocr_reads_a_rendered_word(easyocr):
 
 
 def test_minilm_puts_paraphrases_closer_than_unrelated_sentences(minilm):
-    from krunch.evaluate.embedding import encode
+    from krunch.evaluation.embedding import encode
 
     assert minilm.kind is ModelKind.SENTENCE_EMBEDDING
     assert minilm.parameter_count == 22_713_216

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from krunch.evaluate import EvalOptions, Task, evaluate
+from krunch.evaluation import EvalOptions, Task, evaluate
 from krunch.model import LoadedModel
 
 pytestmark = pytest.mark.slow

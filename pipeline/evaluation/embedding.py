@@ -9,8 +9,8 @@ from scipy.stats import pearsonr, spearmanr
 
 from krunch.data.similarity import lee_documents, lee_human_similarity, polarity_sentences, simlex999, wordsim353
 from krunch.errors import KrunchError
-from krunch.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
-from krunch.evaluate.timing import timed_batches
+from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
+from krunch.evaluation.timing import timed_batches
 from krunch.model import LoadedModel, ModelKind
 
 MAX_SEQUENCE_LENGTH = 256  # what sentence-transformers uses for all-MiniLM-L6-v2

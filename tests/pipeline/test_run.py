@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from krunch.artifact import load_compressed
-from krunch.compress import run_compression
-from krunch.evaluate import EvalOptions, Task, evaluate
+from krunch.run import run_compression
+from krunch.evaluation import EvalOptions, Task, evaluate
 from krunch.data.similarity import lee_documents
-from krunch.evaluate.embedding import encode
+from krunch.evaluation.embedding import encode
 from krunch.spec import load_job, parse_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]  # layer tasks run on a real Ray cluster

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from krunch.data.text import Split, token_slice
 from krunch.errors import KrunchError
-from krunch.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
-from krunch.evaluate.timing import timed_batches
+from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
+from krunch.evaluation.timing import timed_batches
 from krunch.model import LoadedModel, ModelKind
 
 DEFAULT_DATA = "wikipedia"

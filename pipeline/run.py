@@ -25,14 +25,14 @@ from krunch.calibrate import calibration_batches, collect_grams
 from krunch.compress_layer import LayerResult
 from krunch.distributed.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
 from krunch.errors import KrunchError
-from krunch.evaluate import EvalOptions, Task, default_task, evaluate
+from krunch.evaluation import EvalOptions, Task, default_task, evaluate
 from krunch.heal import HealResult, StepCallback
 from krunch.io import load_model
 from krunch.model import LoadedModel
 from krunch.plan import LayerPlan, Plan, largest_saving_rank, make_plan
 from krunch.profile import layer_spectra, profile
 from krunch.sizes import bytes_without_bias, count_params, weight_bytes
-from krunch.spec import Calibration, CompressionJob, SpecError
+from krunch.spec import Calibration, CompressionJob, Recipe, SpecError
 
 REPORT = "report.json"
 BUDGET = "budget.json"  # target.bytesRatio: every layer's candidates and the one chosen
@@ -66,11 +66,11 @@ def evaluation_task(job: CompressionJob, model: LoadedModel) -> Task:
     return Task(job.spec.evaluation.task) if job.spec.evaluation.task else default_task(model)
 
 
-def calibration_grams(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, torch.Tensor]:
+def calibration_grams(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, torch.Tensor]:
     names = [layer.name for layer in plan.layers if layer.calibrated and layer.tied_to is None]
     if not names:
         return {}
-    return collect_grams(model, names, job.spec.recipe.calibration or Calibration())
+    return collect_grams(model, names, recipe.calibration or Calibration())
 
 
 @dataclass
@@ -83,22 +83,22 @@ class Allocation:
     budget: dict[str, Any] | None = None
 
 
-def allocate_target(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor | None = None) -> Allocation:
-    target = job.spec.recipe.target
+def allocate_target(recipe: Recipe, model: LoadedModel, plan: Plan, executor: Executor | None = None) -> Allocation:
+    target = recipe.target
     if target is None:
         return Allocation(plan, {})
     if target.bytes_ratio is not None:
-        return allocate_bytes(job, model, plan, executor or InProcessExecutor())
-    return Allocation(plan, allocate_ranks(job, model, plan))
+        return allocate_bytes(recipe, model, plan, executor or InProcessExecutor())
+    return Allocation(plan, allocate_ranks(recipe, model, plan))
 
 
-def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan, executor: Executor) -> Allocation:
+def allocate_bytes(recipe: Recipe, model: LoadedModel, plan: Plan, executor: Executor) -> Allocation:
     """target.bytesRatio: per layer, dense / factorised at a rank, in fp32 / int8 / int4, within the bytes.
     Each layer's candidate table (an SVD and a quantization per layout) is a task on the executor."""
     from krunch.size_budget import applied, choose, quantize_configs, table_for
 
-    target = job.spec.recipe.target
-    configs = quantize_configs(job.spec.recipe.quantize)
+    target = recipe.target
+    configs = quantize_configs(recipe.quantize)
     tables = executor.map_layers(partial(table_for, configs=configs), model, plan.allocated, "size budget")
     dense = sum(table.dense_bytes for table in tables)
     budget = round(target.bytes_ratio * dense)
@@ -119,7 +119,7 @@ def allocate_bytes(job: CompressionJob, model: LoadedModel, plan: Plan, executor
     return Allocation(Plan(layers), ranks, summary)
 
 
-def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[str, int]:
+def allocate_ranks(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, int]:
     """target.paramRatio: ranks for the layers that share the parameter budget, each above its rule's floor;
     empty without a target.
 
@@ -130,7 +130,7 @@ def allocate_ranks(job: CompressionJob, model: LoadedModel, plan: Plan) -> dict[
     measured (SmolLM2 propagated 67.9 vs 67.1; MiniLM fidelity 0.808 vs 0.829 at 0.9, 0.731 vs 0.750 for
     the feed-forward layers at 0.5).
     """
-    target = job.spec.recipe.target
+    target = recipe.target
     if target is None or target.param_ratio is None:
         return {}
     layers = plan.allocated
@@ -153,16 +153,16 @@ def _floors_hint(layers: list[LayerPlan]) -> str:
     return f"; rule floors ({', '.join(f + '.floor' for f in floors)}) raise that smallest total" if floors else ""
 
 
-def heal_stage(job: CompressionJob, executor: Executor, compressed: LoadedModel, original: LoadedModel,
-               on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
+def heal_stage(recipe: Recipe, executor: Executor, compressed: LoadedModel, original: LoadedModel,
+               on_step: StepCallback | None = None, show: bool = True) -> HealResult:  # fmt: skip
     """recipe.heal: distil the assembled model towards the original on the calibration half of the data."""
     from tqdm import tqdm
 
-    spec = job.spec.recipe.heal
+    spec = recipe.heal
     assert spec is not None
-    calibration = job.spec.recipe.calibration or Calibration()
+    calibration = recipe.calibration or Calibration()
     batches = list(calibration_batches(original, Calibration(data=calibration.data, tokens=spec.tokens, items=spec.items)))
-    bar = tqdm(total=spec.steps, desc="healing", unit="step")
+    bar = tqdm(total=spec.steps, desc="healing", unit="step", disable=not show)
 
     def step(done: int, total: int, loss: float) -> None:
         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
@@ -176,21 +176,21 @@ def heal_stage(job: CompressionJob, executor: Executor, compressed: LoadedModel,
         bar.close()
 
 
-def compress_layers(job: CompressionJob, executor: Executor, original: LoadedModel, plan: Plan, ranks: dict[str, int],
-                    progress: ProgressCallback | None) -> Execution:  # fmt: skip
+def compress_layers(recipe: Recipe, executor: Executor, original: LoadedModel, plan: Plan, ranks: dict[str, int],
+                    progress: ProgressCallback | None, show: bool = True) -> Execution:  # fmt: skip
     """Calibrate and compress every layer: independently, or block by block with calibration.propagate
     (which takes its own statistics, from the partly compressed model)."""
-    calibration = job.spec.recipe.calibration
+    calibration = recipe.calibration
     if calibration is not None and calibration.propagate:
         from krunch.propagate import propagate
 
         return propagate(executor, original, plan, ranks, calibration, progress)
-    return executor.run(original, plan, calibration_grams(job, original, plan), ranks, progress)
+    return executor.run(original, plan, calibration_grams(recipe, original, plan), ranks, progress, bar=show)
 
 
-def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult], out_dir: Path) -> tuple[LoadedModel, dict[str, str]]:
+def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult]) -> tuple[LoadedModel, dict[str, str]]:
     """A copy of the original with the layers' replacements installed; and which layers are tied to which."""
-    compressed = LoadedModel(f"krunch:{out_dir}", copy.deepcopy(original.module), original.kind, original.tokenizer,
+    compressed = LoadedModel(original.reference, copy.deepcopy(original.module), original.kind, original.tokenizer,
                              original.preprocess, original.charset, dict(original.metadata))  # fmt: skip
     by_name = {r.name: r for r in results}
     replacements = {layer.name: by_name[layer.name].module for layer in plan.layers if layer.tied_to is None}
@@ -203,28 +203,21 @@ def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult], out
 
 def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None,
                     executor: Executor | None = None, heal_progress: StepCallback | None = None) -> CompressionResult:  # fmt: skip
-    """The whole job. Layer tasks run on Ray (`RAY_ADDRESS`, or a local instance) unless given another executor."""
+    """The whole job: load, `krunch.compress`, evaluate before and after, save. Layer tasks run on Ray
+    (`RAY_ADDRESS`, or a local instance) unless given another executor."""
+    from krunch.api import compress
+
     executor = executor or RayExecutor.from_resources(job.spec.resources)
     timings = Timings()
-    start = timings.started
     original = load_source(job)
     task = evaluation_task(job, original)
-    start = timings.record("load", start)
+    make_plan(original.module, job.spec.recipe)  # a recipe that does not fit the model fails before Ray starts
+    start = timings.record("load", timings.started)
 
-    plan = make_plan(original.module, job.spec.recipe)  # a recipe that does not fit the model fails before Ray starts
-    with executor.session():  # one Ray connection (or local instance) for the budget, the layer stage and healing
-        allocation = allocate_target(job, original, plan, executor)
-        plan, ranks = allocation.plan, allocation.ranks
-        start = timings.record("plan", start)
-
-        execution = compress_layers(job, executor, original, plan, ranks, progress)
-        results = execution.results
-        compressed, tied = assembled(original, plan, results, out_dir)
-        start = timings.record("decompose", start)
-        healed = None
-        if job.spec.recipe.heal is not None:
-            healed = heal_stage(job, executor, compressed, original, heal_progress)
-            start = timings.record("heal", start)
+    result = compress(original, job.spec.recipe, executor=executor, on_layer=progress, on_heal_step=heal_progress)
+    timings.stages.update({key: value for key, value in result.timings.items() if key != "compress_s"})
+    start = time.perf_counter()
+    compressed = result.model
 
     options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
     metrics_before = evaluate(original, task, options)
@@ -233,18 +226,24 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
 
     # a registry alias is pinned to the version it named: the compressed model must reload the same weights later
     source = {"source": original.metadata.get("pinned_reference", job.spec.model.source), "factory": job.spec.model.factory}
-    save_compressed(out_dir, compressed, source, job.spec.recipe.model_dump(by_alias=True, mode="json", exclude_none=True), tied)
+    save_compressed(out_dir, compressed, source, recipe_document(result.recipe), result.tied)
+    compressed.reference = f"krunch:{out_dir}"
     timings.record("save", start)
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
-    report = build_report(job, task, original, compressed, plan, results, metrics_before, metrics_after, timings, out_dir)
-    report["execution"] = execution.info
-    if healed is not None:
-        report["heal"] = healed.summary(job.spec.recipe.heal)
-    if allocation.budget is not None:
-        report["target"] = bytes_target_report(allocation.budget, results)
-        (out_dir / BUDGET).write_text(json.dumps(allocation.budget, indent=1) + "\n", encoding="utf-8")
+    report = build_report(job, task, original, compressed, result.plan, result.results, metrics_before, metrics_after, timings, out_dir)
+    report["execution"] = result.execution
+    if result.heal is not None:
+        report["heal"] = result.heal.summary(job.spec.recipe.heal)
+    if result.budget is not None:
+        report["target"] = bytes_target_report(result.budget, result.results)
+        (out_dir / BUDGET).write_text(json.dumps(result.budget, indent=1) + "\n", encoding="utf-8")
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return CompressionResult(report, compressed)
+
+
+def recipe_document(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as the manifest and MLflow record it: the YAML's camelCase form, defaults left out."""
+    return recipe.model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
 def bytes_target_report(budget: dict[str, Any], results: list[LayerResult]) -> dict[str, Any]:

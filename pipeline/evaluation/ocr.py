@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from krunch.architectures.crnn import EASYOCR_EN_CHARACTERS
 from krunch.data.ocr_words import DEFAULT_WORD_COUNT, word_images
-from krunch.evaluate.tasks import EvalOptions, Metrics, Task, evaluator
-from krunch.evaluate.timing import timed_batches
+from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
+from krunch.evaluation.timing import timed_batches
 from krunch.zoo.easyocr import word_image_preprocess
 from krunch.model import LoadedModel, ModelKind
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from krunch.errors import KrunchError
-from krunch.evaluate import EvalOptions, Task, evaluate, parse_task
-from krunch.evaluate.ocr import edit_distance, greedy_ctc_decode, pad_right_replicating
+from krunch.evaluation import EvalOptions, Task, evaluate, parse_task
+from krunch.evaluation.ocr import edit_distance, greedy_ctc_decode, pad_right_replicating
 from krunch.model import LoadedModel, ModelKind
 
 

@@ -1,0 +1,195 @@
+"""krunch from Python: compress a model you hold in memory, then save, load, evaluate or register it.
+
+    >>> import krunch, torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    >>> result = krunch.compress(model, {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8}}, progress=False)
+    >>> print(result.module[0])
+    QuantizedLinear(
+      method=none, in_features=64, out_features=128, bias=True, int8, kernel=int8pack
+      (weight_q): QuantizedTensor(shape=(128, 64), int8, per-channel, sym, nearest, kernel=int8pack)
+    )
+    >>> result.module(torch.randn(1, 64)).shape
+    torch.Size([1, 64])
+
+The CLI, the Ray job entry point and the benchmarks call these same functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from krunch.artifact import MEMORY
+from krunch.calibrate import Batch
+from krunch.run import allocate_target, assembled, compress_layers, heal_stage
+from krunch.compress_layer import LayerResult
+from krunch.distributed.executors import Executor, InProcessExecutor, ProgressCallback, RayExecutor
+from krunch.errors import KrunchError
+from krunch.heal import HealResult, StepCallback
+from krunch.model import LoadedModel, ModelKind
+from krunch.plan import Plan, make_plan
+from krunch.spec import Calibration, Recipe, Resources, SpecError
+
+
+
+@dataclass
+class Compressed:
+    """A compressed model, usable at once, and what was done to it (per layer, the allocation, healing)."""
+
+    model: LoadedModel
+    recipe: Recipe
+    plan: Plan
+    results: list[LayerResult]
+    tied: dict[str, str]
+    execution: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None  # target.bytesRatio: every layer's candidates and the one chosen
+    heal: HealResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    def layers(self) -> list[dict[str, Any]]:
+        """One row per selected layer: method, rank, parameters before and after, weight error, kernel."""
+        return [result.row() for result in self.results]
+
+
+def as_recipe(recipe: Recipe | dict | str) -> Recipe:
+    """A recipe object, a dict in the YAML's camelCase form, or YAML text."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str):
+        try:
+            recipe = yaml.safe_load(recipe)
+        except yaml.YAMLError as err:
+            raise SpecError("recipe", f"is not valid YAML ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(recipe, dict):
+        raise SpecError("recipe", f"must be a Recipe, a mapping or YAML text of one, got {type(recipe).__name__}")
+    from pydantic import ValidationError
+
+    from krunch.spec import field_path
+
+    try:
+        return Recipe.model_validate(recipe)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise SpecError(f"recipe.{field_path(first['loc'])}".rstrip("."), first["msg"]) from None
+
+
+def model_kind(module: nn.Module, tokenizer: Any) -> ModelKind | None:
+    """How evaluation and calibration corpora feed a model handed over in memory (None: a plain module)."""
+    if type(module).__module__.startswith("transformers.") and tokenizer is not None:
+        if type(module).__name__.endswith("ForCausalLM"):
+            return ModelKind.CAUSAL_LM
+        return ModelKind.SENTENCE_EMBEDDING
+    return None
+
+
+def as_loaded(model: nn.Module | LoadedModel, tokenizer: Any = None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, nn.Module):
+        raise KrunchError("model", f"must be a torch.nn.Module (or a model krunch loaded), got {type(model).__name__}")
+    return LoadedModel(f"{MEMORY}{type(model).__name__}", model, model_kind(model, tokenizer), tokenizer)
+
+
+def calibration_inputs(items: Iterable[Any], tokenizer: Any) -> list[Batch]:
+    """User calibration data as (args, kwargs) batches: texts (tokenized one by one), dicts of model
+    keyword arguments, tuples of positional arguments, or single input tensors."""
+    batches: list[Batch] = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise KrunchError(f"calibration[{index}]", "texts need the model's tokenizer: pass tokenizer=")
+            encoded = tokenizer(item, return_tensors="pt")
+            batches.append(((), {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}))
+        elif isinstance(item, dict):
+            batches.append(((), dict(item)))
+        elif isinstance(item, tuple):
+            batches.append((item, {}))
+        elif isinstance(item, torch.Tensor):
+            batches.append(((item,), {}))
+        else:
+            raise KrunchError(f"calibration[{index}]", f"must be a text, a dict of inputs, a tuple or a tensor, got {type(item).__name__}")
+    if not batches:
+        raise KrunchError("calibration", "is empty: give at least one input")
+    return batches
+
+
+def default_executor() -> Executor:
+    """In this process, unless RAY_ADDRESS names a cluster to run the layer tasks on."""
+    return RayExecutor.from_resources(Resources()) if os.environ.get("RAY_ADDRESS") else InProcessExecutor()
+
+
+def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, calibration: Iterable[Any] | str | None = None,
+             tokenizer: Any = None, executor: Executor | None = None, progress: bool = True,
+             on_layer: ProgressCallback | None = None, on_heal_step: StepCallback | None = None) -> Compressed:  # fmt: skip
+    """Compress `model` by `recipe`; the original is left as it was.
+
+    calibration: inputs for activation-aware layers, gptq rounding, propagation and healing (texts with
+    `tokenizer`, dicts of keyword arguments, tuples or tensors), or the name of a corpus krunch knows
+    (`wikipedia`); default: the recipe's own calibration section, for the model kinds krunch knows.
+    executor: where the layer tasks run (default: here, or on Ray when RAY_ADDRESS is set).
+    """
+    started = time.perf_counter()
+    recipe = as_recipe(recipe)
+    original = as_loaded(model, tokenizer)
+    if isinstance(calibration, str):
+        recipe = recipe.model_copy(update={"calibration": (recipe.calibration or Calibration()).model_copy(update={"data": calibration})})
+    elif calibration is not None:
+        original.calibration_inputs = calibration_inputs(calibration, tokenizer or original.tokenizer)
+    plan = make_plan(original.module, recipe)  # a recipe that does not fit the model fails before any work
+    needs_data = recipe.needs_calibration or recipe.heal is not None
+    if needs_data and original.kind is None and original.calibration_inputs is None:
+        raise KrunchError("calibration", "this recipe fits layers to calibration data (activationAware, gptq, heal); "
+                          "pass calibration= inputs for this model")  # fmt: skip
+    executor = executor or default_executor()
+    timings: dict[str, float] = {}
+    with executor.session():
+        allocation = allocate_target(recipe, original, plan, executor)
+        timings["plan_s"] = round(time.perf_counter() - started, 3)
+        execution = compress_layers(recipe, executor, original, allocation.plan, allocation.ranks, on_layer, progress)
+        compressed, tied = assembled(original, allocation.plan, execution.results)
+        timings["decompose_s"] = round(time.perf_counter() - started - timings["plan_s"], 3)
+        healed = heal_stage(recipe, executor, compressed, original, on_heal_step, progress) if recipe.heal is not None else None
+    timings["compress_s"] = round(time.perf_counter() - started, 3)
+    return Compressed(compressed, recipe, allocation.plan, execution.results, tied, execution.info, allocation.budget, healed, timings)
+
+
+def save(compressed: Compressed, directory: str | Path) -> Path:
+    """Write model.safetensors and manifest.json (no pickle); `load` rebuilds it."""
+    from krunch.artifact import architecture_source, save_compressed
+    from krunch.run import recipe_document
+
+    directory = Path(directory)
+    source = architecture_source(compressed.model, directory)
+    return save_compressed(directory, compressed.model, source, recipe_document(compressed.recipe), compressed.tied)
+
+
+def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """A compressed model saved by `save` (or `krunch compress`). `model`: an instance of the architecture,
+    for models compressed from a plain module in memory (its weights are replaced by the saved ones)."""
+    from krunch.artifact import load_compressed
+
+    return load_compressed(Path(directory), skeleton=model).module
+
+
+def evaluate(model: nn.Module | LoadedModel, task: str, *, tokenizer: Any = None, reference: nn.Module | LoadedModel | None = None,
+             data: str | None = None, tokens: int | None = None, items: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Quality and speed on one of krunch's tasks (perplexity, embedding, ocr, image-agreement)."""
+    from krunch.evaluation import EvalOptions
+    from krunch.evaluation import evaluate as run_task
+    from krunch.evaluation import parse_task
+
+    options = EvalOptions(data=data, items=items, **({"tokens": tokens} if tokens else {}))
+    loaded = as_loaded(model, tokenizer)
+    return run_task(loaded, parse_task(task), options, as_loaded(reference, tokenizer) if reference is not None else None)
