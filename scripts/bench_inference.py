@@ -1,0 +1,257 @@
+#!/usr/bin/env python
+"""Inference speed the way users feel it: SmolLM2 at batch 1, krunch's compressed models next to PyTorch
+fp32/bf16 eager, torchao's weight-only int8/int4 and llama.cpp's Q8_0/Q4_0, all in one run on this machine.
+
+    .venv/bin/python scripts/bench_inference.py [--rows NAME,...] [--no-peers] [--json docs/bench_inference.json]
+                                                [--plot docs/inference.png] [--markdown docs/bench_inference.md]
+
+Every row runs in a fresh process (scripts/inference_probe.py) in its runtime's own environment
+(scripts/bench_peers.sh makes the peers'); ratios are to PyTorch fp32 eager measured in the same run.
+Columns: weight bytes, decode tokens/s at 1 and 2 threads (greedy, KV cache, 128 new tokens after a
+64-token prompt, the prompt's time included), prefill tokens/s (512 tokens), resident memory the model
+adds to its process, CPU seconds per generated token (user + system, 2 threads), the first words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ROOT / "scripts" / "inference_probe.py"
+NEW_TOKENS, PROMPT_TOKENS, PREFILL_TOKENS, THREADS = 128, 64, 512, [1, 2]
+ALL = {"match": "*", "method": "none"}  # every Linear, the embedding and so the tied LM head
+MLP = {"match": "model.layers.*.mlp.*", "method": "svd"}
+# row name -> how it is made: ("hf", dtype) | ("krunch", recipe) | ("torchao", config) | ("llama", gguf type)
+ROWS: dict[str, tuple[str, Any]] = {
+    "PyTorch fp32 eager": ("hf", "fp32"),
+    "PyTorch bf16 eager": ("hf", "bf16"),
+    "krunch int8": ("krunch", {"rules": [ALL], "quantize": {"bits": 8}}),
+    "krunch int4 g32": ("krunch", {"rules": [ALL], "quantize": {"bits": 4, "groupSize": 32}}),
+    "krunch int4 g64": ("krunch", {"rules": [ALL], "quantize": {"bits": 4, "groupSize": 64}}),
+    "krunch bytesRatio 0.2": ("krunch", {"rules": [{"match": "model.layers.*", "method": "svd"}, ALL],
+                                         "target": {"bytesRatio": 0.2}, "quantize": {"bits": 8}}),
+    "krunch low-rank MLP params 0.8": ("krunch", {"rules": [{**MLP, "form": "factors"}], "target": {"paramRatio": 0.8}}),
+    "krunch tensor-train MLP params 0.8": ("krunch", {"rules": [{**MLP, "method": "tt"}], "target": {"paramRatio": 0.8}}),
+    "torchao int8 weight-only": ("torchao", "int8"),
+    "torchao int4 weight-only g32": ("torchao", "int4-g32"),
+    "llama.cpp Q8_0": ("llama", "Q8_0"),
+    "llama.cpp Q4_0": ("llama", "Q4_0"),
+}  # fmt: skip
+FP32 = "PyTorch fp32 eager"
+
+
+def log(message: str) -> None:
+    print(f"[bench_inference {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cache_dir(*parts: str) -> Path:
+    from krunch.cache import cache_path
+
+    path = cache_path("bench-inference", *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """A 64-token prompt and 512 prefill tokens from the evaluation half of the Wikipedia text."""
+    from krunch.data.text import Split, token_slice
+
+    ids = token_slice(tokenizer, "wikipedia", Split.EVALUATION, PROMPT_TOKENS + PREFILL_TOKENS)
+    return ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS:]
+
+
+def krunch_model(name: str, recipe: dict, source) -> Path:
+    """The compressed model for a row, built once and kept in the cache (keyed by recipe and krunch)."""
+    import krunch
+
+    key = hashlib.sha256(json.dumps([recipe, krunch.__version__], sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir("models") / f"{name.replace(' ', '_')}-{key}"
+    if not (target / "manifest.json").is_file():
+        log(f"{name}: compressing")
+        result = krunch.compress(source, recipe, progress=False)
+        krunch.save(result, target)
+    return target
+
+
+def gguf_model(kind: str, hf_dir: Path, llama_python: str) -> Path:
+    """The fp32 checkpoint converted with llama.cpp's own convert_hf_to_gguf.py, then llama_model_quantize."""
+    target = cache_dir("gguf") / f"smollm2-135m-{kind}.gguf"
+    if target.is_file():
+        return target
+    script = ROOT / "scripts" / "gguf_convert.py"
+    subprocess.run([llama_python, str(script), str(hf_dir), kind, str(target)], check=True, timeout=1800)
+    return target
+
+
+def peer_pythons() -> dict[str, str]:
+    """Each peer's python from scripts/bench_peers.sh, if it has been set up (it builds nothing here)."""
+    root = Path(os.environ.get("KRUNCH_BENCH_PEERS", Path.home() / ".cache" / "krunch" / "bench-peers"))
+    found = {}
+    for name in ("torchao", "llama"):
+        python = root / name / "bin" / "python"
+        if python.exists() and any((root / name).glob(".installed-*")):
+            found[name] = str(python)
+    return found
+
+
+def probe(python: str, row: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(row, handle)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    try:
+        done = subprocess.run([python, str(PROBE), handle.name], capture_output=True, text=True, timeout=1800, env=env)
+    finally:
+        os.unlink(handle.name)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip()[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def weight_bytes(kind: str, path: Path) -> int:
+    if kind == "llama":
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def measure_rows(names: list[str], peers: bool) -> list[dict]:
+    from krunch.zoo import load_zoo_model
+    from krunch.zoo.smollm2 import cached_directory
+
+    source = load_zoo_model("smollm2-135m")
+    hf_dir = cached_directory()
+    prompt, prefill = token_ids(source.tokenizer)
+    pythons = peer_pythons() if peers else {}
+    rows = []
+    for name in names:
+        runtime, how = ROWS[name]
+        if runtime in ("torchao", "llama") and runtime not in pythons:
+            log(f"{name}: skipped ({runtime} not set up: scripts/bench_peers.sh {runtime})")
+            continue
+        python = pythons.get(runtime, sys.executable)
+        row = {"runtime": runtime, "threads": THREADS, "prompt": prompt, "prefill": prefill, "new_tokens": NEW_TOKENS}
+        if runtime == "hf":
+            path, row["dtype"] = hf_dir, how
+        elif runtime == "krunch":
+            path = krunch_model(name, how, source)
+        elif runtime == "torchao":
+            path, row["config"] = hf_dir, how
+        else:
+            path = gguf_model(how, hf_dir, python)
+        row["path"] = str(path)
+        log(f"{name}: measuring")
+        try:
+            result = probe(python, row)
+        except RuntimeError as err:
+            log(f"{name}: failed: {err}")
+            rows.append({"name": name, "runtime": runtime, "error": str(err)[-500:]})
+            continue
+        stored = weight_bytes(runtime, path) if runtime in ("krunch", "llama") else None
+        result |= {"name": name, "runtime": runtime, "weight_bytes": stored,
+                   "first_words": source.tokenizer.decode(result.pop("tokens")[:24]).replace("\n", " ").strip()}  # fmt: skip
+        rows.append(result)
+    return with_ratios(rows, hf_dir)
+
+
+def with_ratios(rows: list[dict], hf_dir: Path) -> list[dict]:
+    base = next((r for r in rows if r["name"] == FP32 and "error" not in r), None)
+    fp32_bytes = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
+    for row in rows:
+        if row["name"] == FP32 or row["name"] == "PyTorch bf16 eager":
+            row["weight_bytes"] = fp32_bytes // (2 if "bf16" in row["name"] else 1)
+        if base is None or "error" in row:
+            continue
+        row["ratios"] = {
+            "decode_1": round(row["decode_tokens_per_s"]["1"] / base["decode_tokens_per_s"]["1"], 3),
+            "decode_2": round(row["decode_tokens_per_s"]["2"] / base["decode_tokens_per_s"]["2"], 3),
+            "prefill": round(row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3),
+            "resident": round(row["resident_bytes"] / base["resident_bytes"], 3),
+            "cpu_per_token": round(row["cpu_s_per_token"]["2"] / base["cpu_s_per_token"]["2"], 3),
+            "weight_bytes": round(row["weight_bytes"] / fp32_bytes, 3) if row.get("weight_bytes") else None,
+        }
+    return rows
+
+
+def markdown(rows: list[dict], machine: str) -> str:
+    head = ("| row | weight bytes (x fp32) | decode tok/s 1 thr (x) | decode tok/s 2 thr (x) | prefill tok/s (x) "
+            "| resident MB (x) | CPU s/token (x) | first words |")  # fmt: skip
+    lines = [f"SmolLM2-135M, batch 1, {machine}; (x) = ratio to PyTorch fp32 eager in the same run.", "", head,
+             "|" + "---|" * 8]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |||||||")
+            continue
+        x = r.get("ratios", {})
+        wb = f"{r['weight_bytes'] / 1e6:.0f} MB ({x.get('weight_bytes')})" if r.get("weight_bytes") else ""
+        lines.append(
+            f"| {r['name']} | {wb} | {r['decode_tokens_per_s']['1']:.1f} ({x.get('decode_1')}) "
+            f"| {r['decode_tokens_per_s']['2']:.1f} ({x.get('decode_2')}) | {r['prefill_tokens_per_s']:.0f} ({x.get('prefill')}) "
+            f"| {r['resident_bytes'] / 2**20:.0f} ({x.get('resident')}) | {r['cpu_s_per_token']['2']:.4f} ({x.get('cpu_per_token')}) "
+            f"| {r['first_words'][:60]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = [r for r in rows if "error" not in r and r.get("weight_bytes")]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in good:
+        colour = {"hf": "black", "krunch": "tab:blue", "torchao": "tab:orange", "llama": "tab:green"}[r["runtime"]]
+        ax.scatter(r["weight_bytes"] / 1e6, r["decode_tokens_per_s"]["2"], color=colour)
+        ax.annotate(r["name"], (r["weight_bytes"] / 1e6, r["decode_tokens_per_s"]["2"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("weight bytes (MB)")
+    ax.set_ylabel("decode tokens/s, batch 1, 2 threads")
+    ax.set_title("SmolLM2-135M on this CPU: speed against size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    log(f"wrote {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", help="comma-separated row names (default: all)")
+    parser.add_argument("--no-peers", action="store_true", help="skip torchao and llama.cpp rows")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench_inference.json")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "bench_inference.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "inference.png")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.rows.split(",")] if args.rows else list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    if FP32 not in names:
+        names.insert(0, FP32)  # every ratio needs the baseline of the same run
+    import platform
+
+    import torch
+
+    machine = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+    rows = measure_rows(names, not args.no_peers)
+    table = markdown(rows, machine)
+    print(table)
+    document = {"machine": machine, "new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS,
+                "prefill_tokens": PREFILL_TOKENS, "threads": THREADS, "rows": rows}  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    args.markdown.write_text("# Inference benchmark\n\n" + table, encoding="utf-8")
+    plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
