@@ -45,8 +45,11 @@ class LayerResult:
     resources: dict | None = None  # what Ray assigned the attempt that succeeded (None in process)
 
     def row(self) -> dict:
+        """The report's line; `kernels`: what each factor's matmul runs on where the layer now is."""
+        kernels = self.module.kernels() if isinstance(self.module, CompressedLayer) else None
         return {"name": self.name, "method": self.method, "rank": self.rank, "params_before": self.params_before,
-                "params_after": self.params_after, "rel_error": self.rel_error, "seconds": round(self.seconds, 4), "device": self.device, "threads": self.threads}  # fmt: skip
+                "params_after": self.params_after, "rel_error": self.rel_error, "seconds": round(self.seconds, 4),
+                "device": self.device, "threads": self.threads, "kernels": kernels}  # fmt: skip
 
 
 def layer_seed(name: str) -> int:

@@ -6,7 +6,8 @@ from typing import Any
 
 QUALITY_KEYS = ("perplexity", "lee50_pearson", "wordsim353_spearman", "fidelity_mean_cosine", "word_accuracy",
                 "character_error_rate", "top1_agreement", "mean_kl")  # fmt: skip
-SPEED_KEYS = ("tokens_per_s", "documents_per_s", "words_per_s", "images_per_s")
+SPEED_KEYS = ("tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "cpu_s_per_token", "memory_bytes",
+              "documents_per_s", "words_per_s", "images_per_s")
 
 
 def _fmt(value: Any) -> str:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from krunch.data.text import Split, token_slice
 from krunch.errors import KrunchError
 from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
+from krunch.evaluation.speed import PREFILL_TOKENS, causal_lm_speed
 from krunch.evaluation.timing import timed_batches
 from krunch.model import LoadedModel, ModelKind
 
@@ -37,6 +38,7 @@ def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel 
     results, timing = timed_batches(negative_log_likelihood, batches, [b.numel() for b in batches])
     total_nll = sum(nll for nll, _ in results)
     predicted = sum(n for _, n in results)
+    speed = causal_lm_speed(model.module, ids) if hasattr(model.module, "generate") and len(ids) >= PREFILL_TOKENS else {}
     return {
         "perplexity": round(math.exp(total_nll / predicted), 4),
         "data": data,
@@ -45,4 +47,5 @@ def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel 
         "tokens_per_s": timing["items_per_s"],
         "seconds": timing["seconds"],
         "threads": timing["threads"],
+        **speed,
     }

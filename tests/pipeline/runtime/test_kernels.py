@@ -1,0 +1,108 @@
+"""The quantized kernels against the dequantize-then-matmul reference, on real SmolLM2 and MiniLM weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from krunch.runtime import Kernel, QuantFormat, set_exact
+from krunch.runtime.kernels import PACKED_MAX_ROWS
+from krunch.runtime.linear import LowRankLinear
+from krunch.runtime.quantized import QuantizedEmbedding, QuantizedLinear
+from krunch.decompose.svd import truncated_svd
+
+FORMATS = {
+    "int8": (QuantFormat(8), Kernel.INT8_CPU),
+    "int8-asym": (QuantFormat(8, symmetric=False), Kernel.INT8_CPU),
+    "int4-g32": (QuantFormat(4, 32), Kernel.INT4_CPU),
+    "int4-g64-asym": (QuantFormat(4, 64, symmetric=False), Kernel.INT4_CPU),
+}
+BF16_TOLERANCE = 0.01  # bf16 activations: about 3 significant digits per product, summed over hundreds
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def real_linears(smollm2, minilm) -> dict[str, torch.nn.Linear]:
+    block = smollm2.module.model.layers[3]
+    return {"smollm2 up_proj": block.mlp.up_proj, "smollm2 down_proj": block.mlp.down_proj,
+            "smollm2 k_proj": block.self_attn.k_proj, "minilm query": minilm.module.encoder.layer[2].attention.self.query}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, 512])
+def test_kernels_match_the_reference_on_real_layers(smollm2, minilm, name, rows):
+    fmt, kernel = FORMATS[name]
+    for label, source in real_linears(smollm2, minilm).items():
+        layer = QuantizedLinear.from_dense(source, fmt)
+        assert layer.weight_q.kernel()[0] is kernel, label
+        x = torch.randn(rows, source.in_features) * 2
+        with torch.no_grad():
+            reference = F.linear(x, layer.to_dense(), source.bias)
+            out = layer(x)
+        assert layer.weight_q._packed is not None and layer.weight_q._packed.kernel is kernel
+        assert relative(out, reference) < BF16_TOLERANCE, (label, relative(out, reference))
+        set_exact(layer)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_leaves_the_stored_tensors_and_config_unchanged():
+    source = torch.nn.Linear(128, 64)
+    layer = QuantizedLinear.from_dense(source, QuantFormat(4, 32))
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    config = layer.config()
+    with torch.no_grad():
+        layer(torch.randn(1, 128))
+    assert layer.weight_q._packed.kernel is Kernel.INT4_CPU
+    after = layer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert layer.config() == config
+
+
+def test_the_pack_is_rebuilt_after_loading_new_codes_and_never_pickled():
+    import pickle
+
+    first, second = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    layer = QuantizedLinear.from_dense(first, QuantFormat(8))
+    other = QuantizedLinear.from_dense(second, QuantFormat(8))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))  # not the stale pack of the first weights
+    clone = pickle.loads(pickle.dumps(layer))
+    assert clone.weight_q._packed is None
+
+
+def test_layouts_without_a_kernel_fall_back_and_say_why():
+    grouped = QuantizedLinear.from_dense(torch.nn.Linear(64, 32), QuantFormat(8, 16))
+    kernel, why = grouped.weight_q.kernel()
+    assert kernel is Kernel.DEQUANTIZE and "groups" in why
+    odd = QuantizedLinear.from_dense(torch.nn.Linear(64, 24), QuantFormat(4, 32))
+    assert odd.weight_q.kernel()[0] is Kernel.DEQUANTIZE and "kernel=dequantize" in repr(odd)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.allclose(grouped(x), F.linear(x, grouped.to_dense(), grouped.bias), atol=1e-5)
+
+
+def test_quantized_factors_of_a_low_rank_layer_run_on_the_kernel():
+    source = torch.nn.Linear(256, 128)
+    layer = LowRankLinear.from_factors(source, truncated_svd(source.weight, 32), QuantFormat(8))
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        out = layer(x)
+        assert layer.kernels() == {"right": "int8pack", "left": "int8pack"}
+        assert relative(out, F.linear(x, layer.to_dense(), source.bias)) < BF16_TOLERANCE
+
+
+def test_a_tied_head_shares_the_embedding_codes_and_their_pack():
+    embedding = QuantizedEmbedding.from_dense(torch.nn.Embedding(96, 64), QuantFormat(8))
+    head = QuantizedLinear(64, 96, False, embedding.quantize_config.to_json())
+    head.weight_q = embedding.weight_q
+    with torch.no_grad():
+        logits = head(torch.randn(1, 64))
+    assert logits.shape == (1, 96) and embedding.weight_q._packed is head.weight_q._packed
