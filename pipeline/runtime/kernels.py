@@ -54,6 +54,8 @@ def choose_kernel(data: QuantizedData, fmt: QuantFormat, device: torch.device) -
     if data.bits == 8:
         if fmt.group_size is not None and data.group_size != columns:
             return Kernel.DEQUANTIZE, "int8 in groups (the int8 kernel takes one scale per output channel)"
+        if columns % 16:  # torch 2.13's AVX-512 kernel reads past such rows for 2 or 4 input rows (a segfault)
+            return Kernel.DEQUANTIZE, f"{columns} columns (the int8 kernel takes multiples of 16)"
         return Kernel.INT8_CPU, "int8 per channel"
     if data.group_size not in INT4_GROUPS:
         return Kernel.DEQUANTIZE, f"int4 group {data.group_size} (the int4 kernel takes {', '.join(map(str, INT4_GROUPS))})"

@@ -106,6 +106,7 @@ class MPOLinear(CompressedLayer):
         for k, (o, i) in enumerate(zip(out_factors, in_factors, strict=True)):
             self.add_factor(f"core{k}", (bonds[k], o, i, bonds[k + 1]))
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+        self._merged: tuple[tuple, torch.Tensor] | None = None  # (cores' key, dense weight) for inference (`kernel`)
 
     @classmethod
     def from_factors(cls, source: nn.Linear, mpo: MPO, quantize: QuantFormat | None = None) -> MPOLinear:
@@ -117,7 +118,45 @@ class MPOLinear(CompressedLayer):
     def cores(self) -> list[torch.Tensor]:
         return [self.factor(f"core{k}") for k in range(len(self.out_factors))]
 
+    def contraction_flops(self) -> int:
+        """Multiply-adds per input row of the core-by-core contraction (left to right)."""
+        flops, produced, remaining, bonds = 0, 1, self.in_features, (1, *self.ranks, 1)
+        for k, (o, i) in enumerate(zip(self.out_factors, self.in_factors, strict=True)):
+            remaining //= i
+            flops += produced * remaining * bonds[k] * i * o * bonds[k + 1]
+            produced *= o
+        return flops
+
+    def merge_flops(self) -> int:
+        """Multiply-adds of contracting the cores into the dense weight (`mpo_to_dense`)."""
+        flops, rows, columns = 0, self.out_factors[0], self.in_factors[0]
+        bonds = (1, *self.ranks, 1)
+        for k in range(1, len(self.out_factors)):
+            flops += rows * columns * bonds[k] * self.out_factors[k] * self.in_factors[k] * bonds[k + 1]
+            rows, columns = rows * self.out_factors[k], columns * self.in_factors[k]
+        return flops
+
+    def kernel(self, rows: int = 1, training: bool = False) -> str:
+        """How a forward of `rows` rows runs: `contract` core by core, `merged` on the dense weight contracted
+        once and kept (inference), or `merge` it anew each forward (training: gradients reach the cores) —
+        whichever takes fewer multiply-adds. At the bonds a parameter budget picks, the chain usually costs
+        more than the dense matmul it replaces, so inference runs at dense speed and holds a dense weight."""
+        dense = self.out_features * self.in_features
+        if rows * self.contraction_flops() <= rows * dense + (0 if not training else self.merge_flops()):
+            return "contract"
+        return "merge" if training else "merged"
+
+    def kernels(self) -> dict[str, str]:
+        return {**super().kernels(), "chain": self.kernel()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        kernel = self.kernel(rows, training)
+        if kernel == "merged":
+            return F.linear(x, self.merged_weight(), self.bias)
+        if kernel == "merge":
+            return F.linear(x, self.to_dense(), self.bias)
         leading = x.shape[:-1]
         # state: (batch, outputs so far, bond, remaining inputs)
         state = x.reshape(-1, 1, 1, self.in_features)
@@ -128,6 +167,17 @@ class MPOLinear(CompressedLayer):
             state = state.reshape(batch, produced * core.shape[1], core.shape[3], remaining // i)
         out = state.reshape(*leading, self.out_features)
         return out + self.bias if self.bias is not None else out
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight, contracted once and kept until a core changes (in place, moved or reloaded:
+        the key is each stored tensor's address and version counter)."""
+        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        if self._merged is None or self._merged[0] != key:
+            self._merged = (key, self.to_dense().detach())
+        return self._merged[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_merged": None}
 
     def config(self) -> dict[str, Any]:
         return {"out_factors": list(self.out_factors), "in_factors": list(self.in_factors), "ranks": list(self.ranks),

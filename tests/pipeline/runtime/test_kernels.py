@@ -84,6 +84,10 @@ def test_layouts_without_a_kernel_fall_back_and_say_why():
     assert kernel is Kernel.DEQUANTIZE and "groups" in why
     odd = QuantizedLinear.from_dense(torch.nn.Linear(64, 24), QuantFormat(4, 32))
     assert odd.weight_q.kernel()[0] is Kernel.DEQUANTIZE and "kernel=dequantize" in repr(odd)
+    narrow = QuantizedLinear.from_dense(torch.nn.Linear(200, 64), QuantFormat(8))  # a rank-200 factor
+    assert narrow.weight_q.kernel()[0] is Kernel.DEQUANTIZE
+    with torch.no_grad():
+        assert narrow(torch.randn(2, 200)).shape == (2, 64)
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.allclose(grouped(x), F.linear(x, grouped.to_dense(), grouped.bias), atol=1e-5)
@@ -106,3 +110,22 @@ def test_a_tied_head_shares_the_embedding_codes_and_their_pack():
     with torch.no_grad():
         logits = head(torch.randn(1, 64))
     assert logits.shape == (1, 96) and embedding.weight_q._packed is head.weight_q._packed
+
+
+def test_tensor_train_inference_runs_on_whichever_is_cheaper_and_follows_changed_cores():
+    from krunch.decompose.tt import factorize, tt_svd
+    from krunch.runtime.linear import MPOLinear
+
+    source = torch.nn.Linear(384, 1536)
+    mpo = tt_svd(source.weight, factorize(1536, 3), factorize(384, 3), (32, 32))
+    layer = MPOLinear.from_factors(source, mpo)
+    assert layer.contraction_flops() > 1536 * 384  # the chain costs more than the dense matmul here
+    assert layer.kernel(rows=1) == "merged" and layer.kernel(rows=512, training=True) == "merge"
+    x = torch.randn(2, 384)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), F.linear(x, layer.to_dense(), source.bias), atol=1e-5)
+        layer.core1.mul_(0.5)  # an in-place change of a core (an optimizer step) invalidates the merged weight
+        assert torch.allclose(layer(x), F.linear(x, layer.to_dense(), source.bias), atol=1e-5)
+    layer.core0.requires_grad_(True)
+    layer(x).sum().backward()  # training contracts with autograd: gradients reach the cores
+    assert layer.core0.grad is not None
