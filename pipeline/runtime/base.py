@@ -57,7 +57,7 @@ class QuantizedTensor(nn.Module):
         """Which kernel a matmul with this weight runs on `device` (default: where the codes are), and why."""
         if self.exact:
             return Kernel.DEQUANTIZE, "exact: fp32 reference path chosen"
-        return choose_kernel(self.data(), self.config, torch.device(device) if device else self.values.device)
+        return choose_kernel(self.shape, self.config, torch.device(device) if device else self.values.device)
 
     def packed(self, device: torch.device) -> Packed:
         if self._packed is None or self._packed.device != device:

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from krunch.runtime.quant import QuantFormat, QuantizedData
+from krunch.runtime.quant import QuantFormat, QuantizedData, packed_shape
 
 # Rows up to which the packed weight-only kernels beat a bf16 GEMM on a transient weight (docs/kernels.md).
 PACKED_MAX_ROWS = 16
@@ -41,32 +41,34 @@ class Packed:
     group_size: int = 0
 
 
-def choose_kernel(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> tuple[Kernel, str]:
-    """The kernel for a stored 2-D weight on a device, and why (shown by extra_repr and the report)."""
-    if len(data.shape) != 2:
+def choose_kernel(shape: tuple[int, ...], fmt: QuantFormat, device: torch.device) -> tuple[Kernel, str]:
+    """The kernel for a stored weight of `shape` in layout `fmt` on a device, and why (shown by extra_repr,
+    the report and `--dry-run`): a pure function of the layout, so a plan can say it before any work."""
+    if len(shape) != 2:
         return Kernel.DEQUANTIZE, "not a matrix"
-    rows, columns = data.shape
+    rows, columns = shape
     if device.type != "cpu":
         return Kernel.DEQUANTIZE, f"no packed kernel for {device.type} yet"
-    padded = data.values.shape[1] * (2 if data.bits == 4 else 1)
-    if padded != columns:
-        return Kernel.DEQUANTIZE, f"{columns} columns are not whole groups of {data.group_size}"
-    if data.bits == 8:
-        if fmt.group_size is not None and data.group_size != columns:
+    layout = packed_shape(tuple(shape), fmt)
+    group = layout["group_size"][0]
+    if layout["values"][1] * (2 if fmt.bits == 4 else 1) != columns:
+        return Kernel.DEQUANTIZE, f"{columns} columns are not whole groups of {group}"
+    if fmt.bits == 8:
+        if fmt.group_size is not None and group != columns:
             return Kernel.DEQUANTIZE, "int8 in groups (the int8 kernel takes one scale per output channel)"
         if columns % 16:  # torch 2.13's AVX-512 kernel reads past such rows for 2 or 4 input rows (a segfault)
             return Kernel.DEQUANTIZE, f"{columns} columns (the int8 kernel takes multiples of 16)"
         return Kernel.INT8_CPU, "int8 per channel"
-    if data.group_size not in INT4_GROUPS:
-        return Kernel.DEQUANTIZE, f"int4 group {data.group_size} (the int4 kernel takes {', '.join(map(str, INT4_GROUPS))})"
+    if group not in INT4_GROUPS:
+        return Kernel.DEQUANTIZE, f"int4 group {group} (the int4 kernel takes {', '.join(map(str, INT4_GROUPS))})"
     if rows % 16:
         return Kernel.DEQUANTIZE, f"{rows} output channels (the int4 kernel takes multiples of 16)"
-    return Kernel.INT4_CPU, f"int4 group {data.group_size}"
+    return Kernel.INT4_CPU, f"int4 group {group}"
 
 
 def pack(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> Packed:
     """The codes in the layout of the best kernel for `device`; the stored tensors are left as they are."""
-    kernel, _ = choose_kernel(data, fmt, device)
+    kernel, _ = choose_kernel(data.shape, fmt, device)
     if kernel is Kernel.INT8_CPU:
         scale = data.scale.float().reshape(-1)
         rows = data.shape[0]
