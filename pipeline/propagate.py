@@ -20,6 +20,7 @@ Ray tasks while blocks and stages stay in order.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -228,8 +229,8 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
     outside = [layer.name for layer in plan.layers if layer.calibrated and layer.tied_to is None and layer.name not in in_blocks]
     independent = collect_grams(model, outside, calibration) if outside else {}
     if blocks is None:
-        print("krunch: calibration.propagate: no nn.ModuleList holds two of the layers it refits (activation-aware "
-              "or gptq), so there are no blocks to go through in order; they are calibrated independently")  # fmt: skip
+        warnings.warn("calibration.propagate: no nn.ModuleList holds two of the layers it refits (activation-aware "
+                      "or gptq), so there are no blocks to go through in order; they are calibrated independently", stacklevel=2)  # fmt: skip
         return executor.run(model, plan, independent, ranks, progress)
     total = len([layer for layer in plan.layers if layer.tied_to is None])
 

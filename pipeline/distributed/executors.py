@@ -238,7 +238,7 @@ class RayExecutor:
         if self.gpus_per_task <= 0:
             return 0.0
         if session.gpus == 0:
-            print(f"krunch: resources.gpusPerTask is {self.gpus_per_task:g} but the Ray cluster has no GPUs: layer tasks run on CPU")
+            logging.getLogger("krunch").warning("resources.gpusPerTask is %g but the Ray cluster has no GPUs: layer tasks run on CPU", self.gpus_per_task)
             return 0.0
         if self.gpus_per_task > session.largest_node_gpus:
             raise SpecError("resources.gpusPerTask", f"{self.gpus_per_task} exceeds the {session.largest_node_gpus:g} GPUs "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import logging
 import os
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def dequantize_to(target: Path) -> None:
 def load_smollm2() -> LoadedModel:
     directory = cached_directory()
     if not (directory / "model.safetensors").is_file():
-        print(f"krunch: dequantizing SmolLM2-135M from GGUF once (about 30 s), caching in {directory}", file=sys.stderr)
+        logging.getLogger("krunch").warning("dequantizing SmolLM2-135M from GGUF once (about 30 s), caching in %s", directory)
         dequantize_to(directory)
     loaded = load_hf_directory(directory, "zoo:smollm2-135m")
     loaded.metadata["cache"] = str(directory)

@@ -143,8 +143,9 @@ def test_other_layer_errors_name_the_layer(minilm):
         RayExecutor().run(minilm, plan, {}, ranks)  # the Grams are missing
 
 
-def test_gpus_requested_on_a_cpu_only_cluster_run_on_cpu_and_say_so(easyocr, capsys):
+def test_gpus_requested_on_a_cpu_only_cluster_run_on_cpu_and_say_so(easyocr, caplog):
     stage = stage_inputs(easyocr, EASYOCR_RECIPE)
-    execution = RayExecutor(workers=2, gpus_per_task=0.5).run(easyocr, *stage)
+    with caplog.at_level("WARNING", logger="krunch"):
+        execution = RayExecutor(workers=2, gpus_per_task=0.5).run(easyocr, *stage)
     assert execution.info["gpus_per_task"] == 0 and execution.info["device"] == "cpu"
-    assert "but the Ray cluster has no GPUs: layer tasks run on CPU" in capsys.readouterr().out
+    assert "but the Ray cluster has no GPUs: layer tasks run on CPU" in caplog.text

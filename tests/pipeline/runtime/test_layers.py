@@ -109,3 +109,19 @@ def test_repr_says_what_was_done():
     source = nn.Linear(96, 64)
     layer = LowRankLinear.from_factors(source, truncated_svd(source.weight, 8), QuantizeConfig(bits=8))
     assert "method=svd" in repr(layer) and "rank=8" in repr(layer) and "int8" in repr(layer)
+
+
+def test_a_layer_entry_written_before_the_kernels_loads_and_runs_on_them():
+    """The manifest entry and tensor names an earlier krunch wrote (the recipe's QuantizeConfig as JSON)."""
+    entry = {"in_features": 64, "out_features": 32, "bias": True,
+             "quantize_config": {"bits": 4, "groupSize": 32, "symmetric": False, "rounding": "gptq"}}  # fmt: skip
+    layer = build_layer("QuantizedLinear", entry)
+    codes = torch.randint(0, 256, (32, 32), dtype=torch.uint8)
+    state = {"bias": torch.randn(32), "weight_q.values": codes, "weight_q.scale": torch.rand(32, 2).half() / 10,
+             "weight_q.zero_point": torch.randint(0, 16, (32, 2), dtype=torch.uint8)}  # fmt: skip
+    layer.load_state_dict(state, strict=True)
+    assert layer.config() == entry and layer.weight_q.kernel()[0].value == "int4pack"
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        reference = F.linear(x, layer.to_dense(), state["bias"])
+        assert float((layer(x) - reference).norm() / reference.norm()) < 0.01
