@@ -122,7 +122,8 @@ def weight_bytes(kind: str, path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def measure_rows(names: list[str], peers: bool) -> list[dict]:
+def prepared_rows(names: list[str], peers: bool) -> tuple[list[tuple[str, str, dict]], Any, Path]:
+    """Every row's model built (compressed, converted) before any row is timed: (name, python, probe row)."""
     from krunch.zoo import load_zoo_model
     from krunch.zoo.smollm2 import cached_directory
 
@@ -130,7 +131,7 @@ def measure_rows(names: list[str], peers: bool) -> list[dict]:
     hf_dir = cached_directory()
     prompt, prefill = token_ids(source.tokenizer)
     pythons = peer_pythons() if peers else {}
-    rows = []
+    prepared = []
     for name in names:
         runtime, how = ROWS[name]
         if runtime in ("torchao", "llama") and runtime not in pythons:
@@ -147,16 +148,24 @@ def measure_rows(names: list[str], peers: bool) -> list[dict]:
         else:
             path = gguf_model(how, hf_dir, python)
         row["path"] = str(path)
+        prepared.append((name, python, row))
+    return prepared, source.tokenizer, hf_dir
+
+
+def measure_rows(prepared: list[tuple[str, str, dict]], tokenizer: Any, hf_dir: Path) -> list[dict]:
+    rows = []
+    for name, python, row in prepared:
         log(f"{name}: measuring")
         try:
             result = probe(python, row)
         except RuntimeError as err:
             log(f"{name}: failed: {err}")
-            rows.append({"name": name, "runtime": runtime, "error": str(err)[-500:]})
+            rows.append({"name": name, "runtime": row["runtime"], "error": str(err)[-500:]})
             continue
-        stored = weight_bytes(runtime, path) if runtime in ("krunch", "llama") else None
-        result |= {"name": name, "runtime": runtime, "weight_bytes": stored,
-                   "first_words": source.tokenizer.decode(result.pop("tokens")[:24]).replace("\n", " ").strip()}  # fmt: skip
+        path = Path(row["path"])
+        stored = weight_bytes(row["runtime"], path) if row["runtime"] in ("krunch", "llama") else None
+        result |= {"name": name, "runtime": row["runtime"], "weight_bytes": stored,
+                   "first_words": tokenizer.decode(result.pop("tokens")[:24]).replace("\n", " ").strip()}  # fmt: skip
         rows.append(result)
     return with_ratios(rows, hf_dir)
 
@@ -226,6 +235,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="skip torchao and llama.cpp rows")
+    parser.add_argument("--prepare", action="store_true", help="build every row's model, time nothing")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench_inference.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "bench_inference.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "inference.png")
@@ -241,7 +251,10 @@ def main() -> int:
     import torch
 
     machine = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
-    rows = measure_rows(names, not args.no_peers)
+    prepared, tokenizer, hf_dir = prepared_rows(names, not args.no_peers)
+    if args.prepare:
+        return 0
+    rows = measure_rows(prepared, tokenizer, hf_dir)
     table = markdown(rows, machine)
     print(table)
     document = {"machine": machine, "new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS,

@@ -39,6 +39,7 @@ class Packed:
     offset: torch.Tensor | None = None  # asymmetric int8: fp32 (N,), times the sum of each row's inputs
     ones: torch.Tensor | None = None  # int8: bf16 (N,) unit scales (the fp32 scales are applied to the output)
     group_size: int = 0
+    columns: int = 0  # inputs the kernel takes: the weight's, padded with zeros to what the kernel needs
 
 
 def choose_kernel(shape: tuple[int, ...], fmt: QuantFormat, device: torch.device) -> tuple[Kernel, str]:
@@ -49,16 +50,11 @@ def choose_kernel(shape: tuple[int, ...], fmt: QuantFormat, device: torch.device
     rows, columns = shape
     if device.type != "cpu":
         return Kernel.DEQUANTIZE, f"no packed kernel for {device.type} yet"
-    layout = packed_shape(tuple(shape), fmt)
-    group = layout["group_size"][0]
-    if layout["values"][1] * (2 if fmt.bits == 4 else 1) != columns:
-        return Kernel.DEQUANTIZE, f"{columns} columns are not whole groups of {group}"
+    group = packed_shape(tuple(shape), fmt)["group_size"][0]
     if fmt.bits == 8:
         if fmt.group_size is not None and group != columns:
             return Kernel.DEQUANTIZE, "int8 in groups (the int8 kernel takes one scale per output channel)"
-        if columns % 16:  # torch 2.13's AVX-512 kernel reads past such rows for 2 or 4 input rows (a segfault)
-            return Kernel.DEQUANTIZE, f"{columns} columns (the int8 kernel takes multiples of 16)"
-        return Kernel.INT8_CPU, "int8 per channel"
+        return Kernel.INT8_CPU, "int8 per channel" + (f", {columns} inputs padded to {padded_columns(columns)}" if columns % 16 else "")
     if group not in INT4_GROUPS:
         return Kernel.DEQUANTIZE, f"int4 group {group} (the int4 kernel takes {', '.join(map(str, INT4_GROUPS))})"
     if rows % 16:
@@ -66,18 +62,22 @@ def choose_kernel(shape: tuple[int, ...], fmt: QuantFormat, device: torch.device
     return Kernel.INT4_CPU, f"int4 group {group}"
 
 
+def padded_columns(columns: int) -> int:
+    """torch 2.13's AVX-512 int8 kernel reads past rows of other lengths (a segfault for 2 or 4 input rows)."""
+    return -(-columns // 16) * 16
+
+
 def pack(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> Packed:
     """The codes in the layout of the best kernel for `device`; the stored tensors are left as they are."""
     kernel, _ = choose_kernel(data.shape, fmt, device)
     if kernel is Kernel.INT8_CPU:
         scale = data.scale.float().reshape(-1)
-        rows = data.shape[0]
+        rows, columns = data.shape
         ones = torch.ones(rows, dtype=torch.bfloat16, device=device)
-        if fmt.symmetric:
-            return Packed(kernel, device, data.values, scale, None, ones)
-        # stored v = code - 128, w = (code - z) s = v s + (128 - z) s
-        offset = (128 - data.zero_point.float().reshape(-1)) * scale
-        return Packed(kernel, device, data.values, scale, offset, ones)
+        codes = F.pad(data.values, (0, padded_columns(columns) - columns)) if columns % 16 else data.values
+        # stored v = code - 128 when asymmetric: w = (code - z) s = v s + (128 - z) s
+        offset = None if fmt.symmetric else (128 - data.zero_point.float().reshape(-1)) * scale
+        return Packed(kernel, device, codes, scale, offset, ones, columns=codes.shape[1])
     if kernel is Kernel.INT4_CPU:
         nibbles = torch.stack([data.values & 0x0F, data.values >> 4], dim=-1).reshape(data.shape[0], -1)
         weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 1)
@@ -85,13 +85,15 @@ def pack(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> Packed:
         # the kernel computes (n - 8) * scale + zero for a nibble n; symmetric nibbles are code + 8
         zero = torch.zeros_like(scale) if fmt.symmetric else (8 - data.zero_point.float()) * scale
         scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        return Packed(kernel, device, weight, scale_zero, group_size=data.group_size)
+        return Packed(kernel, device, weight, scale_zero, group_size=data.group_size, columns=nibbles.shape[1])
     return Packed(kernel, device)
 
 
 def packed_matmul(x: torch.Tensor, packed: Packed, out_features: int) -> torch.Tensor:
     """x (rows, K) as bf16 times the packed weight, returned as fp32 (rows, N)."""
     xb = x.to(torch.bfloat16)
+    if xb.shape[-1] < packed.columns:  # zero inputs for the padding (whose codes stand for zero weights)
+        xb = F.pad(xb, (0, packed.columns - xb.shape[-1]))
     if packed.kernel is Kernel.INT8_CPU:
         out = torch.ops.aten._weight_int8pack_mm(xb, packed.weight, packed.ones).float() * packed.scale
         if packed.offset is not None:

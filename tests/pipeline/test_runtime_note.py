@@ -19,5 +19,5 @@ def test_dry_run_names_kernels_and_ranks_that_save_no_time():
     text = format_plan("toy", "memory:", make_plan(model, recipe))
     assert "rank 500 saves storage but no time: fewer multiply-adds than dense only below rank 418" in text
     assert "fewer multiply-adds than dense below rank 418" in text.split("rules[1]")[1]
-    assert "kernel dequantize (200 columns (the int8 kernel takes multiples of 16))" in text
+    assert "kernel int8pack (int8 per channel, 200 inputs padded to 208)" in text
     assert "kernel dequantize (no quantized convolution kernel)" in text

@@ -84,10 +84,6 @@ def test_layouts_without_a_kernel_fall_back_and_say_why():
     assert kernel is Kernel.DEQUANTIZE and "groups" in why
     odd = QuantizedLinear.from_dense(torch.nn.Linear(64, 24), QuantFormat(4, 32))
     assert odd.weight_q.kernel()[0] is Kernel.DEQUANTIZE and "kernel=dequantize" in repr(odd)
-    narrow = QuantizedLinear.from_dense(torch.nn.Linear(200, 64), QuantFormat(8))  # a rank-200 factor
-    assert narrow.weight_q.kernel()[0] is Kernel.DEQUANTIZE
-    with torch.no_grad():
-        assert narrow(torch.randn(2, 200)).shape == (2, 64)
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.allclose(grouped(x), F.linear(x, grouped.to_dense(), grouped.bias), atol=1e-5)
@@ -129,3 +125,16 @@ def test_tensor_train_inference_runs_on_whichever_is_cheaper_and_follows_changed
     layer.core0.requires_grad_(True)
     layer(x).sum().backward()  # training contracts with autograd: gradients reach the cores
     assert layer.core0.grad is not None
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(8), QuantFormat(8, symmetric=False), QuantFormat(4, 32), QuantFormat(4, 64, False)],
+                         ids=["int8", "int8-asym", "int4-g32", "int4-g64-asym"])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7])
+def test_inputs_that_are_not_whole_kernel_tiles_are_padded(fmt, rows):
+    """A rank-200 factor (200 inputs: not a multiple of 16, nor of 64): the kernel runs on zero-padded inputs."""
+    layer = QuantizedLinear.from_dense(torch.nn.Linear(200, 64), fmt)
+    assert layer.weight_q.kernel()[0] is not Kernel.DEQUANTIZE
+    x = torch.randn(rows, 200)
+    with torch.no_grad():
+        reference = F.linear(x, layer.to_dense(), layer.bias)
+        assert relative(layer(x), reference) < BF16_TOLERANCE
