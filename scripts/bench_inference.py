@@ -9,7 +9,8 @@ Every row runs in a fresh process (scripts/inference_probe.py) in its runtime's 
 (scripts/bench_peers.sh makes the peers'); ratios are to PyTorch fp32 eager measured in the same run.
 Columns: weight bytes, decode tokens/s at 1 and 2 threads (greedy, KV cache, 128 new tokens after a
 64-token prompt, the prompt's time included), prefill tokens/s (512 tokens), resident memory the model
-adds to its process, CPU seconds per generated token (user + system, 2 threads), the first words.
+adds to its process, CPU seconds per generated token (user + system, 2 threads), perplexity on 2048
+held-out tokens (krunch rows also on the fp32 dequantize-then-matmul reference), the first words.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "scripts" / "inference_probe.py"
-NEW_TOKENS, PROMPT_TOKENS, PREFILL_TOKENS, THREADS = 128, 64, 512, [1, 2]
+NEW_TOKENS, PROMPT_TOKENS, PREFILL_TOKENS, EVAL_TOKENS, THREADS = 128, 64, 512, 2048, [1, 2]
 ALL = {"match": "*", "method": "none"}  # every Linear, the embedding and so the tied LM head
 MLP = {"match": "model.layers.*.mlp.*", "method": "svd"}
 # row name -> how it is made: ("hf", dtype) | ("krunch", recipe) | ("torchao", config) | ("llama", gguf type)
@@ -61,12 +62,13 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def token_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """A 64-token prompt and 512 prefill tokens from the evaluation half of the Wikipedia text."""
+def token_ids(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """A 64-token prompt and 512 prefill tokens from the evaluation half of the Wikipedia text, and the
+    EVAL_TOKENS after them for perplexity."""
     from krunch.data.text import Split, token_slice
 
-    ids = token_slice(tokenizer, "wikipedia", Split.EVALUATION, PROMPT_TOKENS + PREFILL_TOKENS)
-    return ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS:]
+    ids = token_slice(tokenizer, "wikipedia", Split.EVALUATION, PROMPT_TOKENS + PREFILL_TOKENS + EVAL_TOKENS)
+    return ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS : PROMPT_TOKENS + PREFILL_TOKENS], ids[PROMPT_TOKENS + PREFILL_TOKENS :]
 
 
 def krunch_model(name: str, recipe: dict, source) -> Path:
@@ -129,7 +131,7 @@ def prepared_rows(names: list[str], peers: bool) -> tuple[list[tuple[str, str, d
 
     source = load_zoo_model("smollm2-135m")
     hf_dir = cached_directory()
-    prompt, prefill = token_ids(source.tokenizer)
+    prompt, prefill, eval_ids = token_ids(source.tokenizer)
     pythons = peer_pythons() if peers else {}
     prepared = []
     for name in names:
@@ -138,7 +140,8 @@ def prepared_rows(names: list[str], peers: bool) -> tuple[list[tuple[str, str, d
             log(f"{name}: skipped ({runtime} not set up: scripts/bench_peers.sh {runtime})")
             continue
         python = pythons.get(runtime, sys.executable)
-        row = {"runtime": runtime, "threads": THREADS, "prompt": prompt, "prefill": prefill, "new_tokens": NEW_TOKENS}
+        row = {"runtime": runtime, "threads": THREADS, "prompt": prompt, "prefill": prefill, "new_tokens": NEW_TOKENS,
+               "eval_ids": eval_ids}  # fmt: skip
         if runtime == "hf":
             path, row["dtype"] = hf_dir, how
         elif runtime == "krunch":
@@ -191,12 +194,12 @@ def with_ratios(rows: list[dict], hf_dir: Path) -> list[dict]:
 
 def markdown(rows: list[dict], machine: str) -> str:
     head = ("| row | weight bytes (x fp32) | decode tok/s 1 thr (x) | decode tok/s 2 thr (x) | prefill tok/s (x) "
-            "| resident MB (x) | CPU s/token (x) | first words |")  # fmt: skip
+            "| resident MB (x) | CPU s/token (x) | perplexity (fp32 reference path) | first words |")  # fmt: skip
     lines = [f"SmolLM2-135M, batch 1, {machine}; (x) = ratio to PyTorch fp32 eager in the same run.", "", head,
-             "|" + "---|" * 8]  # fmt: skip
+             "|" + "---|" * 9]  # fmt: skip
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |||||||")
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} ||||||||")
             continue
         x = r.get("ratios", {})
         wb = f"{r['weight_bytes'] / 1e6:.0f} MB ({x.get('weight_bytes')})" if r.get("weight_bytes") else ""
@@ -204,9 +207,16 @@ def markdown(rows: list[dict], machine: str) -> str:
             f"| {r['name']} | {wb} | {r['decode_tokens_per_s']['1']:.1f} ({x.get('decode_1')}) "
             f"| {r['decode_tokens_per_s']['2']:.1f} ({x.get('decode_2')}) | {r['prefill_tokens_per_s']:.0f} ({x.get('prefill')}) "
             f"| {r['resident_bytes'] / 2**20:.0f} ({x.get('resident')}) | {r['cpu_s_per_token']['2']:.4f} ({x.get('cpu_per_token')}) "
-            f"| {r['first_words'][:60]} |"
+            f"| {perplexity(r)} | {r['first_words'][:60]} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def perplexity(row: dict) -> str:
+    if "perplexity" not in row:
+        return "-"
+    exact = f" ({row['perplexity_exact']:.2f})" if "perplexity_exact" in row else ""
+    return f"{row['perplexity']:.2f}{exact}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -69,6 +69,18 @@ class TorchModel:
         with torch.inference_mode():
             self.model(torch.tensor([ids]), logits_to_keep=1)
 
+    def perplexity(self, ids: list[int], window: int = 512) -> float:
+        """exp(mean NLL) over non-overlapping windows: the quality check of the same weights and kernels."""
+        torch = self.torch
+        nll, count = 0.0, 0
+        with torch.inference_mode():
+            for start in range(0, len(ids) - window + 1, window):
+                batch = torch.tensor([ids[start : start + window]])
+                logits = self.model(batch).logits[:, :-1].float()
+                nll += float(torch.nn.functional.cross_entropy(logits[0], batch[0, 1:], reduction="sum"))
+                count += window - 1
+        return round(float(torch.exp(torch.tensor(nll / count))), 4)
+
 
 def torchao_quantized(model, config: str):
     """torchao's weight-only configs for CPU on a bf16 model, as its documentation runs them (the int4 one
@@ -138,6 +150,13 @@ def measure(row: dict) -> dict:
     model.prefill(row["prefill"])
     result["prefill_tokens_per_s"] = round(len(row["prefill"]) / (time.perf_counter() - start), 2)
     result["threads"] = max(row["threads"])
+    if row.get("eval_ids") and isinstance(model, TorchModel):
+        result["perplexity"] = model.perplexity(row["eval_ids"])
+        if row["runtime"] == "krunch":  # the same model on the fp32 dequantize-then-matmul reference
+            from krunch.runtime import set_exact
+
+            set_exact(model.model)
+            result["perplexity_exact"] = model.perplexity(row["eval_ids"])
     return result
 
 
