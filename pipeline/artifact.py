@@ -8,6 +8,7 @@ allow-list and fills them from safetensors, strictly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,48 @@ def _architecture(directory: Path, source: dict[str, Any], reference: str, skele
     if skeleton is not None:
         return LoadedModel(reference, skeleton)
     if "source" in source:
-        return load_model(source["source"], source.get("factory"))
+        from krunch.hf import architecture_only
+
+        with architecture_only():
+            return load_model(source["source"], source.get("factory"))
     if source.get("architecture") == "transformers":
         from krunch.hf import hf_architecture
 
         return hf_architecture(directory / ARCHITECTURE, reference)
     raise ModelSourceError(reference, f"was compressed from a {source.get('class', 'module')} in memory: pass an instance "
                                       "of that architecture, krunch.load(directory, model=...)")  # fmt: skip
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Fill the assembled model from the file, strictly. An architecture built without weights (parameters on
+    the meta device) is assigned the file's tensors; tied weights are stored once (save_model drops the
+    duplicate names), so every name that shared a tensor before gets the one loaded under any of them."""
+    expected = module.state_dict(keep_vars=True)
+    assign = any(t.is_meta for t in expected.values())
+    with safetensors.safe_open(str(path), "pt") as handle:  # assigned tensors are own, 64-byte aligned copies
+        state = {key: handle.get_tensor(key).clone() if assign else handle.get_tensor(key) for key in handle.keys()}
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise RuntimeError(f"unexpected keys {unexpected[:5]}")
+    shared: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        shared.setdefault(id(tensor), []).append(name)
+    module.load_state_dict(state, strict=False, assign=assign)
+    loaded = module.state_dict(keep_vars=True)
+    missing = []
+    for names in shared.values():
+        present = [name for name in names if name in state]
+        if not present:
+            missing += names
+            continue
+        for name in names:
+            if loaded[name] is not loaded[present[0]]:
+                owner_name, _, leaf = name.rpartition(".")
+                owner = module.get_submodule(owner_name)
+                table = owner._parameters if leaf in owner._parameters else owner._buffers
+                table[leaf] = loaded[present[0]]
+    if missing:
+        raise RuntimeError(f"missing keys {sorted(missing)[:5]}")
 
 
 def read_manifest(directory: Path, reference: str) -> dict[str, Any]:
@@ -104,13 +140,15 @@ def load_compressed(directory: Path, reference: str | None = None, skeleton: tor
     source = manifest["source"]
     loaded = _architecture(directory, source, reference, skeleton)
     try:
-        replacements = {entry["name"]: build_layer(entry["type"], entry["config"]) for entry in manifest["layers"]}
+        empty = any(p.is_meta for p in loaded.module.parameters())  # an architecture without weights: so are its layers
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            replacements = {entry["name"]: build_layer(entry["type"], entry["config"]) for entry in manifest["layers"]}
     except (TypeError, ValueError) as err:
         raise ModelSourceError(reference, f"manifest layer entry is invalid ({err})") from None
     tied = {entry["name"]: entry["tied_to"] for entry in manifest["layers"] if entry.get("tied_to")}
     assemble(loaded.module, replacements, tied)
     try:
-        safetensors.torch.load_model(loaded.module, str(directory / WEIGHTS), strict=True)
+        load_weights(loaded.module, directory / WEIGHTS)
     except (RuntimeError, OSError, safetensors.SafetensorError) as err:
         detail = " ".join(str(err).split())[:300]
         raise ModelSourceError(reference, f"{WEIGHTS} does not match the manifest: {detail}") from None

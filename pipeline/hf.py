@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -12,6 +15,28 @@ from krunch.errors import ModelSourceError
 from krunch.model import LoadedModel, ModelKind
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# Set while a compressed model is loaded: its architecture is all that is needed of the source, so parameters
+# stay on the meta device (buffers, such as rotary frequencies, are built) and the compressed weights are assigned.
+_ARCHITECTURE_ONLY = contextvars.ContextVar("krunch_architecture_only", default=False)
+
+
+@contextlib.contextmanager
+def architecture_only() -> Iterator[None]:
+    token = _ARCHITECTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _ARCHITECTURE_ONLY.reset(token)
+
+
+def empty_model(auto, config):  # noqa: ANN001, ANN201 - transformers' Auto class and config
+    """The architecture with parameters on the meta device: no memory for weights that will be replaced."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = auto.from_config(config, trust_remote_code=False)
+    module.tie_weights()  # as from_pretrained does: a tied LM head is its embedding's parameter
+    return module
 
 
 def hf_model_kind(config: dict) -> ModelKind:
@@ -53,9 +78,14 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
     kind = hf_model_kind(config)
     auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel
     try:
-        module = auto.from_pretrained(
-            directory, dtype=torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
-        )
+        if _ARCHITECTURE_ONLY.get():
+            from transformers import AutoConfig
+
+            module = empty_model(auto, AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False))
+        else:
+            module = auto.from_pretrained(
+                directory, dtype=torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
+            )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -66,13 +96,13 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
         kind=kind,
         tokenizer=tokenizer,
         metadata={"architecture": ",".join(config.get("architectures") or [type(module).__name__])},
-        weight_files=tuple(sorted(directory.glob("*.safetensors"))),
+        weight_files=() if _ARCHITECTURE_ONLY.get() else tuple(sorted(directory.glob("*.safetensors"))),
     )
 
 
 def hf_architecture(directory: Path, reference: str) -> LoadedModel:
-    """A transformers model built from a saved config alone (its weights come from elsewhere): only classes
-    transformers itself defines, never remote code."""
+    """A transformers model built from a saved config alone, its parameters on the meta device (the weights
+    come from the compressed model's file): only classes transformers itself defines, never remote code."""
     config = read_hf_config(directory, reference)
     if config.get("auto_map"):
         raise ModelSourceError(reference, "config.json names remote code (auto_map); krunch never runs it")
@@ -82,8 +112,7 @@ def hf_architecture(directory: Path, reference: str) -> LoadedModel:
     kind = hf_model_kind(config)
     auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel
     try:
-        hf_config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-        module = auto.from_config(hf_config, trust_remote_code=False)
+        module = empty_model(auto, AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False))
     except (OSError, ValueError, KeyError) as err:
         raise ModelSourceError(reference, f"transformers could not build it: {str(err).strip()[:200]}") from None
     tokenizer = None

@@ -137,7 +137,8 @@ def prepared_rows(names: list[str], peers: bool) -> tuple[list[tuple[str, str, d
     for name in names:
         runtime, how = ROWS[name]
         if runtime in ("torchao", "llama") and runtime not in pythons:
-            log(f"{name}: skipped ({runtime} not set up: scripts/bench_peers.sh {runtime})")
+            why = f"{runtime} not set up: scripts/bench_peers.sh {runtime}" if peers else "--no-peers"
+            log(f"{name}: skipped ({why})")
             continue
         python = pythons.get(runtime, sys.executable)
         row = {"runtime": runtime, "threads": THREADS, "prompt": prompt, "prefill": prefill, "new_tokens": NEW_TOKENS,

@@ -67,6 +67,12 @@ def padded_columns(columns: int) -> int:
     return -(-columns // 16) * 16
 
 
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when its memory starts on a 64-byte boundary, else a copy that does: the int8 kernel
+    segfaults on codes at other offsets (tensors assigned straight from a safetensors file can be)."""
+    return tensor if tensor.is_contiguous() and tensor.data_ptr() % 64 == 0 else tensor.contiguous().clone()
+
+
 def pack(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> Packed:
     """The codes in the layout of the best kernel for `device`; the stored tensors are left as they are."""
     kernel, _ = choose_kernel(data.shape, fmt, device)
@@ -74,7 +80,7 @@ def pack(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> Packed:
         scale = data.scale.float().reshape(-1)
         rows, columns = data.shape
         ones = torch.ones(rows, dtype=torch.bfloat16, device=device)
-        codes = F.pad(data.values, (0, padded_columns(columns) - columns)) if columns % 16 else data.values
+        codes = F.pad(data.values, (0, padded_columns(columns) - columns)) if columns % 16 else aligned(data.values)
         # stored v = code - 128 when asymmetric: w = (code - z) s = v s + (128 - z) s
         offset = None if fmt.symmetric else (128 - data.zero_point.float().reshape(-1)) * scale
         return Packed(kernel, device, codes, scale, offset, ones, columns=codes.shape[1])

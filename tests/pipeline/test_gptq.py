@@ -54,7 +54,7 @@ def test_gptq_reproduces_held_out_outputs_better_than_nearest(minilm):
     plan = make_plan(minilm.module, gptq.spec.recipe)
     assert all(layer.gptq for layer in plan.layers)
     independent = executor.run(minilm, plan, calibration_grams(gptq.spec.recipe, minilm, plan), {})
-    assert all(isinstance(r.module, QuantizedLinear) and r.module.quantize_config.rounding is Rounding.GPTQ for r in independent.results)
+    assert all(isinstance(r.module, QuantizedLinear) and r.module.quantize_config.rounding == Rounding.GPTQ.value for r in independent.results)
     fitted = held_out_error(minilm, compressed(minilm, independent))
     chained = held_out_error(minilm, compressed(minilm, propagate(executor, minilm, plan, {}, Calibration(tokens=4096, propagate=True))))
     print(f"held-out error: nearest {rtn:.4f}, gptq {fitted:.4f}, gptq propagated {chained:.4f}")
