@@ -17,10 +17,15 @@ __version__ = "0.1.0"
 __all__ = ["Compressed", "compress", "evaluate", "load", "save"]
 
 if TYPE_CHECKING:
-    from krunch.api import Compressed, compress, evaluate, load, save
+    from krunch.api import Compressed, compress, evaluate
+    from krunch.store import load, save
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("load", "save"):  # loading needs none of the compression stack
+        from krunch import store
+
+        return getattr(store, name)
     if name in __all__:
         from krunch import api
 

@@ -11,7 +11,8 @@
     >>> result.module(torch.randn(1, 64)).shape
     torch.Size([1, 64])
 
-The CLI, the Ray job entry point and the benchmarks call these same functions.
+The CLI, the Ray job entry point and the benchmarks call these same functions; `krunch.save` and
+`krunch.load` live in `krunch.store`, which loading a model needs without the compression stack.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from krunch.heal import HealResult, StepCallback
 from krunch.model import LoadedModel, ModelKind
 from krunch.plan import Plan, make_plan
 from krunch.spec import Calibration, Recipe, Resources, SpecError
+from krunch.store import load, save  # noqa: F401  (part of this API)
 
 
 
@@ -163,24 +165,6 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
         healed = heal_stage(recipe, executor, compressed, original, on_heal_step, progress) if recipe.heal is not None else None
     timings["compress_s"] = round(time.perf_counter() - started, 3)
     return Compressed(compressed, recipe, allocation.plan, execution.results, tied, execution.info, allocation.budget, healed, timings)
-
-
-def save(compressed: Compressed, directory: str | Path) -> Path:
-    """Write model.safetensors and manifest.json (no pickle); `load` rebuilds it."""
-    from krunch.artifact import architecture_source, save_compressed
-    from krunch.run import recipe_document
-
-    directory = Path(directory)
-    source = architecture_source(compressed.model, directory)
-    return save_compressed(directory, compressed.model, source, recipe_document(compressed.recipe), compressed.tied)
-
-
-def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
-    """A compressed model saved by `save` (or `krunch compress`). `model`: an instance of the architecture,
-    for models compressed from a plain module in memory (its weights are replaced by the saved ones)."""
-    from krunch.artifact import load_compressed
-
-    return load_compressed(Path(directory), skeleton=model).module
 
 
 def evaluate(model: nn.Module | LoadedModel, task: str, *, tokenizer: Any = None, reference: nn.Module | LoadedModel | None = None,

@@ -30,18 +30,29 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "scripts" / "inference_probe.py"
 NEW_TOKENS, PROMPT_TOKENS, PREFILL_TOKENS, EVAL_TOKENS, THREADS = 128, 64, 512, 2048, [1, 2]
 ALL = {"match": "*", "method": "none"}  # every Linear, the embedding and so the tied LM head
-MLP = {"match": "model.layers.*.mlp.*", "method": "svd"}
+MLP = {"match": "model.layers.*.mlp.*", "method": "svd", "activationAware": True}
+CALIBRATION = {"data": "wikipedia", "tokens": 8192}
+
+
+def int4(group: int) -> dict:
+    """The decoder's linears in int4 (asymmetric groups), the embedding and its tied LM head in int8."""
+    return {"rules": [{"match": "model.layers.*", "method": "none", "quantize": {"bits": 4, "groupSize": group, "symmetric": False}},
+                      ALL], "quantize": {"bits": 8}}  # fmt: skip
+
+
 # row name -> how it is made: ("hf", dtype) | ("krunch", recipe) | ("torchao", config) | ("llama", gguf type)
 ROWS: dict[str, tuple[str, Any]] = {
     "PyTorch fp32 eager": ("hf", "fp32"),
     "PyTorch bf16 eager": ("hf", "bf16"),
     "krunch int8": ("krunch", {"rules": [ALL], "quantize": {"bits": 8}}),
-    "krunch int4 g32": ("krunch", {"rules": [ALL], "quantize": {"bits": 4, "groupSize": 32}}),
-    "krunch int4 g64": ("krunch", {"rules": [ALL], "quantize": {"bits": 4, "groupSize": 64}}),
+    "krunch int4 g32 (embedding int8)": ("krunch", int4(32)),
+    "krunch int4 g64 (embedding int8)": ("krunch", int4(64)),
     "krunch bytesRatio 0.2": ("krunch", {"rules": [{"match": "model.layers.*", "method": "svd"}, ALL],
                                          "target": {"bytesRatio": 0.2}, "quantize": {"bits": 8}}),
-    "krunch low-rank MLP params 0.8": ("krunch", {"rules": [{**MLP, "form": "factors"}], "target": {"paramRatio": 0.8}}),
-    "krunch tensor-train MLP params 0.8": ("krunch", {"rules": [{**MLP, "method": "tt"}], "target": {"paramRatio": 0.8}}),
+    "krunch low-rank MLP params 0.8": ("krunch", {"rules": [{**MLP, "form": "factors"}], "target": {"paramRatio": 0.8},
+                                                   "calibration": CALIBRATION}),
+    "krunch tensor-train MLP params 0.8": ("krunch", {"rules": [{**MLP, "method": "tt"}], "target": {"paramRatio": 0.8},
+                                                       "calibration": CALIBRATION}),
     "torchao int8 weight-only": ("torchao", "int8"),
     "torchao int4 weight-only g32": ("torchao", "int4-g32"),
     "llama.cpp Q8_0": ("llama", "Q8_0"),
