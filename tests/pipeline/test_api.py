@@ -13,6 +13,7 @@ import krunch
 import krunch.api
 from krunch.data.similarity import lee_documents
 from krunch.errors import KrunchError
+from krunch.evaluation.speed import tensor_bytes
 from krunch.runtime.quantized import QuantizedLinear
 from krunch.runtime.linear import LowRankLinear, PivotedLowRankLinear
 
@@ -84,6 +85,9 @@ def test_save_and_load_an_in_memory_transformers_model(minilm, texts, tmp_path):
     krunch.save(result, tmp_path / "out")
     loaded = krunch.load(tmp_path / "out")
     assert isinstance(loaded.encoder.layer[0].attention.self.query, QuantizedLinear)
+    # built without weights and filled from the file: no fp32 copy of a quantized weight, nothing left on meta
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    assert tensor_bytes(loaded) < 0.7 * tensor_bytes(minilm.module)  # linears int8 (a quarter), embeddings fp32 (half the model)
     batch = minilm.tokenizer(texts[1][:4], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(loaded(**batch).last_hidden_state, result.module(**batch).last_hidden_state)
