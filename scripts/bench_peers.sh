@@ -9,13 +9,14 @@ python="${PYTHON:-python3}"
 which="${1:-all}"
 pip_flags=(--disable-pip-version-check -q)
 
-make_venv() {  # name, then pip arguments; a stamp makes a second run a no-op
+make_venv() {  # name, then pip arguments; a stamp (of the arguments and CMAKE_ARGS) makes a second run a no-op
   local name="$1"; shift
-  local venv="$root/$name" stamp="$root/$name/.installed-$(echo "$*" | sha256sum | cut -c1-12)"
+  local venv="$root/$name" stamp="$root/$name/.installed-$(echo "$* ${CMAKE_ARGS:-}" | sha256sum | cut -c1-12)"
   if [[ ! -f "$stamp" ]]; then
     echo "bench peers: installing $name into $venv" >&2
     [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
     "$venv/bin/python" -m pip "${pip_flags[@]}" install "$@"
+    rm -f "$venv"/.installed-*
     touch "$stamp"
   fi
   echo "$name $venv/bin/python"
@@ -25,7 +26,13 @@ if [[ "$which" == torchao || "$which" == all ]]; then
   make_venv torchao torch==2.13.0 torchao==0.18.0 transformers==5.23.0 safetensors psutil
 fi
 if [[ "$which" == llama || "$which" == all ]]; then
-  # the sdist vendors llama.cpp, whose convert_hf_to_gguf.py turns the fp32 checkpoint into a GGUF
-  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-    make_venv llama llama-cpp-python==0.3.36 gguf==0.19.0 numpy transformers==5.23.0 torch==2.13.0 safetensors sentencepiece psutil
+  # The sdist vendors llama.cpp, whose convert_hf_to_gguf.py turns the fp32 checkpoint into a GGUF.
+  # Not GGML_NATIVE: this CPU reports AMX and AVX512-FP16, and a native build dies with an illegal
+  # instruction in its first decode; AVX-512 with VNNI and BF16 is what it runs. --no-cache-dir: never
+  # reuse a wheel built with other flags.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+    make_venv llama --no-cache-dir --force-reinstall llama-cpp-python==0.3.36 gguf==0.19.0 numpy transformers==5.23.0 \
+      torch==2.13.0 safetensors sentencepiece psutil
 fi
