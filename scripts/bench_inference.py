@@ -253,11 +253,79 @@ def plot(rows: list[dict], path: Path) -> None:
     log(f"wrote {path}")
 
 
+# The other model kinds, measured in this process: items per second at batch 1 and 32 (2 threads).
+MINILM_TT = {"target": {"paramRatio": 0.6}, "rules": [{"match": "encoder.layer.*.intermediate.dense", "method": "tt"},
+                                                      {"match": "encoder.layer.?.output.dense", "method": "tt"}]}  # fmt: skip
+ENCODER_ROWS: dict[str, list[tuple[str, dict | None]]] = {
+    "minilm-l6": [("fp32", None), ("krunch int8", {"rules": [{"match": "encoder.*", "method": "none"}], "quantize": {"bits": 8}}),
+                  ("krunch tensor-train FFN params 0.6", MINILM_TT)],
+    "mobilenet-v2": [("fp32", None), ("krunch int8", {"rules": [ALL], "quantize": {"bits": 8}})],
+}  # fmt: skip
+
+
+def items_per_s(run, batches: list, repeats: int = 3) -> float:  # noqa: ANN001
+    import torch
+
+    with torch.inference_mode():
+        run(batches[0])
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            best = min(best, time.perf_counter() - start)
+    return round(sum(len(b) if isinstance(b, list) else b.shape[0] for b in batches) / best, 2)
+
+
+def encoder_rows() -> list[dict]:
+    """MiniLM (Lee sentences) and MobileNetV2 (photo crops) at batch 1 and 32, fp32 against krunch's rows."""
+    import torch
+
+    import krunch
+    from krunch.data.images import photo_crops
+    from krunch.data.similarity import lee_documents
+    from krunch.zoo import load_zoo_model
+
+    torch.set_num_threads(2)
+    rows = []
+    for zoo_name, variants in ENCODER_ROWS.items():
+        source = load_zoo_model(zoo_name)
+        if zoo_name == "minilm-l6":
+            texts = [doc[:200] for doc in lee_documents()][:32]
+            def run(batch, module=None):  # noqa: ANN001, ANN202
+                return module(**source.tokenizer(batch, padding=True, return_tensors="pt"))
+            inputs = {1: [[t] for t in texts[:16]], 32: [texts]}
+        else:
+            images = torch.stack([source.preprocess(crop) for crop in photo_crops(crops_per_photo=4)[:32]])
+            def run(batch, module=None):  # noqa: ANN001, ANN202
+                return module(batch)
+            inputs = {1: [images[i : i + 1] for i in range(16)], 32: [images]}
+        base = None
+        for label, recipe in variants:
+            log(f"{zoo_name} {label}: measuring")
+            module = source.module if recipe is None else krunch.compress(source.module, recipe, progress=False).module
+            speeds = {str(size): items_per_s(lambda b, m=module: run(b, m), batches) for size, batches in inputs.items()}
+            base = base or speeds
+            rows.append({"model": zoo_name, "name": label, "items_per_s": speeds,
+                         "ratios": {size: round(speeds[size] / base[size], 3) for size in speeds}})  # fmt: skip
+    return rows
+
+
+def encoder_markdown(rows: list[dict]) -> str:
+    lines = ["", "Other model kinds, items per second (2 threads; (x) = ratio to fp32 in the same run):", "",
+             "| model | row | batch 1 (x) | batch 32 (x) |", "|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        s, x = r["items_per_s"], r["ratios"]
+        lines.append(f"| {r['model']} | {r['name']} | {s['1']:.1f} ({x['1']}) | {s['32']:.1f} ({x['32']}) |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="skip torchao and llama.cpp rows")
     parser.add_argument("--prepare", action="store_true", help="build every row's model, time nothing")
+    parser.add_argument("--no-encoders", action="store_true", help="skip the MiniLM and MobileNet rows")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench_inference.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "bench_inference.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "inference.png")
@@ -277,10 +345,11 @@ def main() -> int:
     if args.prepare:
         return 0
     rows = measure_rows(prepared, tokenizer, hf_dir)
-    table = markdown(rows, machine)
+    encoders = [] if args.no_encoders else encoder_rows()
+    table = markdown(rows, machine) + (encoder_markdown(encoders) if encoders else "")
     print(table)
     document = {"machine": machine, "new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS,
-                "prefill_tokens": PREFILL_TOKENS, "threads": THREADS, "rows": rows}  # fmt: skip
+                "prefill_tokens": PREFILL_TOKENS, "threads": THREADS, "rows": rows, "encoder_rows": encoders}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     args.markdown.write_text("# Inference benchmark\n\n" + table, encoding="utf-8")

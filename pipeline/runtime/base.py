@@ -50,8 +50,8 @@ class QuantizedTensor(nn.Module):
     def data(self) -> QuantizedData:
         return QuantizedData(self.values, self.scale, self.zero_point, self.shape, self.config.bits, self.group_size)
 
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.data(), self.config.symmetric)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.data(), self.config.symmetric, dtype)
 
     def kernel(self, device: torch.device | str | None = None) -> tuple[Kernel, str]:
         """Which kernel a matmul with this weight runs on `device` (default: where the codes are), and why."""

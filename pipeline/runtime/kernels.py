@@ -116,7 +116,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     if packed.kernel is Kernel.DEQUANTIZE or weight.exact:
         return F.linear(x, weight.dequantize().to(x.dtype), bias)
     if rows > PACKED_MAX_ROWS:
-        out = F.linear(x.to(torch.bfloat16), weight.dequantize().to(torch.bfloat16)).to(x.dtype)
+        out = F.linear(x.to(torch.bfloat16), weight.dequantize(torch.bfloat16)).to(x.dtype)
     else:
         out = packed_matmul(x.reshape(rows, x.shape[-1]), packed, out_features).to(x.dtype)
         out = out.reshape(*x.shape[:-1], out_features)
@@ -131,5 +131,5 @@ class QuantizedWeight(Protocol):
 
     def packed(self, device: torch.device) -> Packed: ...
 
-    def dequantize(self) -> torch.Tensor: ...
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
 

@@ -139,17 +139,19 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tu
     return QuantizedData(values.contiguous(), scale.contiguous(), zero_point.contiguous(), shape, config.bits, group)
 
 
-def dequantize(data: QuantizedData, symmetric: bool) -> torch.Tensor:
+def dequantize(data: QuantizedData, symmetric: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float values the codes stand for, computed in `dtype` (codes and zero points are integers below
+    256, exact in bf16 too, so a bf16 result is rounded once, as a cast of the fp32 one would be)."""
     rows = data.shape[0]
     if data.bits == 4:
-        q = torch.stack([data.values & 0x0F, data.values >> 4], dim=-1).reshape(rows, -1).float()
+        q = torch.stack([data.values & 0x0F, data.values >> 4], dim=-1).reshape(rows, -1).to(dtype)
         if symmetric:
             q = q - 8
     else:
-        q = data.values.float() if symmetric else data.values.float() + 128
+        q = data.values.to(dtype) if symmetric else data.values.to(dtype) + 128
     grouped = q.reshape(rows, -1, data.group_size)
     if not symmetric:
-        grouped = grouped - data.zero_point.float()[..., None]
-    flat = (grouped * data.scale.float()[..., None]).reshape(rows, -1)
+        grouped = grouped - data.zero_point.to(dtype)[..., None]
+    flat = (grouped * data.scale.to(dtype)[..., None]).reshape(rows, -1)
     columns = math.prod(data.shape[1:]) if len(data.shape) > 1 else 1
     return flat[:, :columns].reshape(data.shape)
