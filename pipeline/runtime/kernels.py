@@ -95,7 +95,7 @@ def pack(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> Packed:
     return Packed(kernel, device)
 
 
-def packed_matmul(x: torch.Tensor, packed: Packed, out_features: int) -> torch.Tensor:
+def packed_matmul(x: torch.Tensor, packed: Packed) -> torch.Tensor:
     """x (rows, K) as bf16 times the packed weight, returned as fp32 (rows, N)."""
     xb = x.to(torch.bfloat16)
     if xb.shape[-1] < packed.columns:  # zero inputs for the padding (whose codes stand for zero weights)
@@ -118,7 +118,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     if rows > PACKED_MAX_ROWS:
         out = F.linear(x.to(torch.bfloat16), weight.dequantize(torch.bfloat16)).to(x.dtype)
     else:
-        out = packed_matmul(x.reshape(rows, x.shape[-1]), packed, out_features).to(x.dtype)
+        out = packed_matmul(x.reshape(rows, x.shape[-1]), packed).to(x.dtype)
         out = out.reshape(*x.shape[:-1], out_features)
     return out + bias if bias is not None else out
 
