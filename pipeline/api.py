@@ -1,4 +1,4 @@
-"""krunch from Python: compress a model you hold in memory, then save, load, evaluate or register it.
+"""krunch from Python: compress a model you hold in memory, then save, load or evaluate it.
 
     >>> import krunch, torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
@@ -17,6 +17,7 @@ The CLI, the Ray job entry point and the benchmarks call these same functions; `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable
@@ -39,7 +40,6 @@ from krunch.model import LoadedModel, ModelKind
 from krunch.plan import Plan, make_plan
 from krunch.spec import Calibration, Recipe, Resources, SpecError
 from krunch.store import load, save  # noqa: F401  (part of this API)
-
 
 
 @dataclass
@@ -148,7 +148,7 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
     if isinstance(calibration, str):
         recipe = recipe.model_copy(update={"calibration": (recipe.calibration or Calibration()).model_copy(update={"data": calibration})})
     elif calibration is not None:
-        original.calibration_inputs = calibration_inputs(calibration, tokenizer or original.tokenizer)
+        original = dataclasses.replace(original, calibration_inputs=calibration_inputs(calibration, tokenizer or original.tokenizer))
     plan = make_plan(original.module, recipe)  # a recipe that does not fit the model fails before any work
     needs_data = recipe.needs_calibration or recipe.heal is not None
     if needs_data and original.kind is None and original.calibration_inputs is None:
@@ -162,7 +162,11 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
         execution = compress_layers(recipe, executor, original, allocation.plan, allocation.ranks, on_layer, progress)
         compressed, tied = assembled(original, allocation.plan, execution.results)
         timings["decompose_s"] = round(time.perf_counter() - started - timings["plan_s"], 3)
-        healed = heal_stage(recipe, executor, compressed, original, on_heal_step, progress) if recipe.heal is not None else None
+        healed = None
+        if recipe.heal is not None:
+            healing = time.perf_counter()
+            healed = heal_stage(recipe, executor, compressed, original, on_heal_step, progress)
+            timings["heal_s"] = round(time.perf_counter() - healing, 3)
     timings["compress_s"] = round(time.perf_counter() - started, 3)
     return Compressed(compressed, recipe, allocation.plan, execution.results, tied, execution.info, allocation.budget, healed, timings)
 

@@ -95,15 +95,15 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     duplicate names), so every name that shared a tensor before gets the one loaded under any of them."""
     expected = module.state_dict(keep_vars=True)
     assign = any(t.is_meta for t in expected.values())
-    with safetensors.safe_open(str(path), "pt") as handle:  # assigned tensors are own, 64-byte aligned copies
-        state = {key: handle.get_tensor(key).clone() if assign else handle.get_tensor(key) for key in handle.keys()}
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise RuntimeError(f"unexpected keys {unexpected[:5]}")
     shared: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         shared.setdefault(id(tensor), []).append(name)
-    module.load_state_dict(state, strict=False, assign=assign)
+    with safetensors.safe_open(str(path), "pt") as handle:  # assigned tensors are own, 64-byte aligned copies
+        state = {key: handle.get_tensor(key).clone() if assign else handle.get_tensor(key) for key in handle.keys()}
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise RuntimeError(f"unexpected keys {unexpected[:5]}")
+        module.load_state_dict(state, strict=False, assign=assign)
     loaded = module.state_dict(keep_vars=True)
     missing = []
     for names in shared.values():
