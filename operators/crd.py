@@ -82,6 +82,8 @@ def structural(node: Any, defs: dict[str, Any]) -> Any:
         # a true union (a config or a boolean): the schema keeps it, the pipeline checks it
         return structural(rest, defs) | {"x-kubernetes-preserve-unknown-fields": True}
     out: dict[str, Any] = {}
+    if node.get("type") == "object" and node.get("additionalProperties") is True and "properties" not in node:
+        out["x-kubernetes-preserve-unknown-fields"] = True  # a free mapping (a method's options): kept, checked by the pipeline
     for key, value in node.items():
         if key in DROPPED_KEYWORDS:
             continue

@@ -77,13 +77,12 @@ def as_recipe(recipe: Recipe | dict | str) -> Recipe:
         raise SpecError("recipe", f"must be a Recipe, a mapping or YAML text of one, got {type(recipe).__name__}")
     from pydantic import ValidationError
 
-    from krunch.spec import field_path
+    from krunch.spec import spec_error
 
     try:
         return Recipe.model_validate(recipe)
     except ValidationError as err:
-        first = err.errors()[0]
-        raise SpecError(f"recipe.{field_path(first['loc'])}".rstrip("."), first["msg"]) from None
+        raise spec_error(err, ("recipe",)) from None
 
 
 def model_kind(module: nn.Module, tokenizer: Any) -> ModelKind | None:

@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from krunch.decompose.conv import activation_aware_tucker2, cp_conv, tucker2
-from krunch.decompose.pivot import pivoted
 from krunch.decompose.ranks import error_budget, rank_for_error
-from krunch.decompose.svd import activation_aware_svd, truncated_svd
-from krunch.decompose.tt import mode_whitening, tt_svd
-from krunch.gptq import gptq_quantize
+from krunch.plan import LayerPlan, params_for_ranks, saving_problem
 from krunch.runtime.base import CompressedLayer, QuantizedTensor
-from krunch.runtime.conv import CPConv2d, TuckerConv2d
-from krunch.runtime.linear import LowRankLinear, MPOLinear, PivotedLowRankLinear
-from krunch.runtime.quantized import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
-from krunch.plan import LayerKind, LayerPlan, params_for_ranks, saving_problem
-from krunch.plan import plan_rank_caps
-from krunch.profile import layer_spectra
-from krunch.spec import Method, Rounding, SpecError
+from krunch.spec import SpecError
 
 
 @dataclass
@@ -52,21 +41,17 @@ class LayerResult:
                 "device": self.device, "threads": self.threads, "kernels": kernels}  # fmt: skip
 
 
-def layer_seed(name: str) -> int:
-    """A seed per layer from its name: the same factors whatever order or worker runs it."""
-    return zlib.crc32(name.encode())
-
-
 def choose_ranks(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | None, allocated: int | None) -> list[int]:
     """Concrete ranks: [r] for svd/cp, bond dimensions for tt, [r_out, r_in] for tucker."""
-    caps = plan_rank_caps(plan)
+    method = plan.implementation
     if allocated is not None:
-        chosen = [min(allocated, cap) for cap in caps]
+        chosen = method.ranks_for(plan, allocated)
     elif plan.rank is not None and plan.rank.fixed is not None:
-        chosen = [plan.rank.fixed] if plan.method is Method.CP else [min(plan.rank.fixed, cap) for cap in caps]
+        chosen = method.ranks_for(plan, plan.rank.fixed)
     else:
         assert plan.rank is not None
-        spectra = layer_spectra(plan, weight, gram)
+        caps = method.rank_caps(plan)
+        spectra = method.spectra(plan, weight, gram)
         per_spectrum = error_budget(plan.rank) / math.sqrt(len(spectra))  # errors add in squares
         chosen = [min(rank_for_error(s, per_spectrum), cap) for s, cap in zip(spectra, caps, strict=True)]
         _check_saves(plan, chosen)
@@ -81,49 +66,19 @@ def _check_saves(plan: LayerPlan, ranks: list[int]) -> None:
         raise SpecError(f"{plan.field}.rank.{rule}", f"{rule} {value} needs ranks {ranks}, which {saving_problem(plan, params)}")
 
 
-def build_replacement(plan: LayerPlan, module: nn.Module, ranks: list[int], gram: torch.Tensor | None) -> CompressedLayer:
-    weight, quantize, seed = module.weight, plan.quantize, layer_seed(plan.name)
-    if plan.method is Method.SVD:
-        factors = activation_aware_svd(weight, gram, ranks[0]) if plan.activation_aware else truncated_svd(weight, ranks[0], seed=seed)
-        if plan.pivoted:
-            return PivotedLowRankLinear.from_factors(module, pivoted(factors), quantize)
-        return LowRankLinear.from_factors(module, factors, quantize)
-    if plan.method is Method.TT:
-        out_f, in_f = plan.tt_factors
-        whitening = mode_whitening(gram, in_f) if plan.activation_aware else None
-        return MPOLinear.from_factors(module, tt_svd(weight, out_f, in_f, tuple(ranks), whitening), quantize)
-    if plan.method is Method.TUCKER:
-        channel_ranks = (ranks[0], ranks[1])
-        tucker = activation_aware_tucker2(weight, gram, channel_ranks) if plan.activation_aware else tucker2(weight, channel_ranks, seed=seed)
-        return TuckerConv2d.from_factors(module, tucker, quantize)
-    if plan.method is Method.CP:
-        return CPConv2d.from_factors(module, cp_conv(weight, ranks[0], seed=seed), quantize)
-    assert quantize is not None
-    if plan.kind is LayerKind.LINEAR:
-        codes = None
-        if quantize.rounding is Rounding.GPTQ:
-            if gram is None:
-                raise ValueError("gptq rounding needs the calibration Gram matrix of the layer's inputs")
-            codes = gptq_quantize(module.weight, gram, quantize)
-        return QuantizedLinear.from_dense(module, quantize, codes)
-    if plan.kind is LayerKind.CONV2D:
-        return QuantizedConv2d.from_dense(module, quantize)
-    return QuantizedEmbedding.from_dense(module, quantize)
-
-
 def compress_layer(plan: LayerPlan, module: nn.Module, gram: torch.Tensor | None = None, allocated: int | None = None) -> LayerResult:
     start = time.perf_counter()
     if plan.calibrated and gram is None:
         raise ValueError(f"{plan.name}: {'activation-aware factors' if plan.activation_aware else 'gptq rounding'} need calibration statistics")
     with torch.no_grad():
-        if plan.method is Method.NONE and plan.quantize is None:
+        if not plan.factorized and plan.quantize is None:
             replacement, ranks = module, None  # matched but left dense and unquantized
         else:
-            ranks = None if plan.method is Method.NONE else choose_ranks(plan, module.weight, gram, allocated)
-            replacement = build_replacement(plan, module, ranks or [], gram)
+            ranks = choose_ranks(plan, module.weight, gram, allocated) if plan.factorized else None
+            replacement = plan.implementation.build(plan, module, ranks or [], gram)
         rel_error = relative_error(replacement, module.weight)
     rank: int | list[int] | None = ranks if ranks is None or len(ranks) > 1 else ranks[0]
-    return LayerResult(plan.name, plan.method.value, rank, plan.params, _logical_params(plan, replacement), rel_error,
+    return LayerResult(plan.name, plan.method, rank, plan.params, _logical_params(plan, replacement), rel_error,
                        time.perf_counter() - start, replacement)  # fmt: skip
 
 

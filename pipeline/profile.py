@@ -5,27 +5,13 @@ from __future__ import annotations
 import torch
 
 from krunch.budget import LayerProfile, RankOption
-from krunch.decompose.conv import channel_spectra
 from krunch.decompose.ranks import tail_fraction
-from krunch.decompose.svd import whitened_spectrum
-from krunch.decompose.tt import mode_whitening, unfolding_spectra
 from krunch.plan import LayerPlan, factorised_params, largest_saving_rank, plan_rank_caps
-from krunch.spec import Method
 
 
 def layer_spectra(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The spectra whose tails bound the truncation error: one for svd, one per bond (tt) or channel mode (tucker)."""
-    if plan.method is Method.SVD:
-        if plan.activation_aware and gram is not None:
-            return [whitened_spectrum(weight, gram)]
-        return [torch.linalg.svdvals(weight.detach().double())]
-    if plan.method is Method.TT:
-        out_f, in_f = plan.tt_factors
-        whitening = mode_whitening(gram, in_f) if plan.activation_aware and gram is not None else None
-        return unfolding_spectra(weight, out_f, in_f, whitening)
-    if plan.method is Method.TUCKER:
-        return list(channel_spectra(weight))
-    raise ValueError(f"method {plan.method.value} has no spectrum")
+    return plan.implementation.spectra(plan, weight, gram)
 
 
 def profile(plan: LayerPlan, spectra: list[torch.Tensor]) -> LayerProfile:

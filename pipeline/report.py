@@ -72,30 +72,7 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
 def runtime_note(layer: Any) -> str:
     """What a layer of this plan will run on at inference (CPU), said before any work: the quantized
     kernel or why none fits, and for factorised layers the rank below which they do fewer multiply-adds."""
-    import torch
-
-    from krunch.runtime.kernels import choose_kernel
-
-    notes = []
-    if layer.quantize is not None and layer.method.value == "none":
-        if layer.kind.value == "Linear" or layer.tied_to:
-            kernel, why = choose_kernel(layer.weight_shape, layer.quantize, torch.device("cpu"))
-            notes.append(f"kernel {kernel.value} ({why})")
-        elif layer.kind.value == "Embedding":
-            notes.append("embedding rows dequantized as looked up")
-        else:
-            notes.append("kernel dequantize (no quantized convolution kernel)")
-    if layer.method.value == "svd" and layer.kind.value == "Linear":
-        out_f, in_f = layer.weight_shape
-        faster = out_f * in_f // (out_f + in_f)
-        rank = layer.rank.fixed if layer.rank is not None else None
-        if rank is not None and rank >= faster:
-            notes.append(f"rank {rank} saves storage but no time: fewer multiply-adds than dense only below rank {faster}")
-        else:
-            notes.append(f"fewer multiply-adds than dense below rank {faster}")
-    if layer.method.value == "tt":
-        notes.append("inference on the merged dense weight wherever the core chain costs more (dense speed and memory)")
-    return "; ".join(notes)
+    return layer.implementation.runtime_note(layer) or ""
 
 
 def format_plan(job_name: str, source: str, plan: Any) -> str:
@@ -115,14 +92,14 @@ def format_plan(job_name: str, source: str, plan: Any) -> str:
         if first.rank is not None:
             rank = first.rank.model_dump(by_alias=True, exclude_none=True)
         else:
-            rank = "-" if first.method.value == "none" else "from target"
+            rank = "from target" if first.factorized else "-"
             rank += f" (floor {first.floor:g} of its parameters)" if first.floor is not None else ""
         quantize = f"int{first.quantize.bits}" if first.quantize else "no quantization"
         quantize += ", gptq rounding" if first.gptq else ""
         aware = ", activation-aware" if first.activation_aware else ""
-        aware += ", pivoted" if first.pivoted else (", two factors" if first.method.value == "svd" else "")
+        aware += first.implementation.describe(first)
         tied = sum(1 for layer in layers if layer.tied_to)
-        lines.append(f"  rules[{index}] {first.method.value}{aware}, rank {rank}, {quantize}: {count(layers)}, "
+        lines.append(f"  rules[{index}] {first.method}{aware}, rank {rank}, {quantize}: {count(layers)}, "
                      f"{params(layers):,} params" + (f" ({tied} tied, stored once)" if tied else "")
                      + f"; e.g. {first.name} {'x'.join(map(str, first.weight_shape))}")  # fmt: skip
         notes: dict[str, int] = {}

@@ -259,12 +259,10 @@ def bytes_target_report(budget: dict[str, Any], results: list[LayerResult]) -> d
 
 def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replacement: torch.nn.Module) -> torch.nn.Module:
     """A tied layer gets a module of its own type that will point at the owner's quantized weight."""
-    from krunch.compress_layer import build_replacement
-
     layer = next(layer for layer in plan.layers if layer.name == name)
     if layer.quantize is None:
         return original.module.get_submodule(name)
-    return build_replacement(layer, original.module.get_submodule(name), [], None)
+    return layer.implementation.build(layer, original.module.get_submodule(name), [], None)
 
 
 def build_report(job: CompressionJob, task: Task, original: LoadedModel, compressed: LoadedModel, plan: Plan,

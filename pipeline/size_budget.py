@@ -25,7 +25,8 @@ from krunch.budget import LayerProfile, RankOption, allocate
 from krunch.plan import LayerPlan, factorised_params, largest_saving_rank
 from krunch.profile import profile
 from krunch.runtime.quant import dequantize, packed_shape, quantize
-from krunch.spec import Method, QuantizeConfig
+from krunch.methods import QUANTIZE_ONLY
+from krunch.spec import QuantizeConfig
 
 FP32 = 4
 RANK_STEPS = 16  # ranks offered per factorised layer, spread up to the break-even rank
@@ -78,16 +79,13 @@ def quantized_bytes(shape: tuple[int, ...], config: QuantizeConfig) -> int:
 
 
 def factor_shapes(plan: LayerPlan, rank: int) -> list[tuple[int, ...]] | None:
-    """Shapes of the stored factors at `rank`, where krunch can quantize them exactly; None otherwise."""
-    if plan.method is Method.SVD:
-        out_features, in_features = plan.weight_shape
-        return [(rank, in_features), (out_features - rank, rank) if plan.pivoted else (out_features, rank)]
-    return None
+    """Shapes of the stored factors at `rank`, where the method can quantize them exactly; None otherwise."""
+    return plan.implementation.factor_shapes(plan, rank)
 
 
 def index_bytes(plan: LayerPlan) -> int:
-    """A pivoted low-rank layer also stores where its output rows go (one int32 each)."""
-    return 4 * plan.weight_shape[0] if plan.pivoted else 0
+    """Bytes a layer stores besides its factors (a pivoted low-rank layer: where its output rows go)."""
+    return plan.implementation.index_bytes(plan)
 
 
 def quantization_error(weight: torch.Tensor, config: QuantizeConfig) -> float:
@@ -154,6 +152,6 @@ def choose(tables: list[LayerTable], budget_bytes: int) -> dict[str, Candidate]:
 
 def applied(plan: LayerPlan, candidate: Candidate) -> LayerPlan:
     """The layer's plan once its candidate is chosen: dense ones become method none (quantized or not)."""
-    method = plan.method if candidate.rank is not None else Method.NONE
+    method = plan.method if candidate.rank is not None else QUANTIZE_ONLY
     return dataclasses.replace(plan, method=method, quantize=candidate.quantize,
-                               activation_aware=plan.activation_aware and method is not Method.NONE)  # fmt: skip
+                               activation_aware=plan.activation_aware and method != QUANTIZE_ONLY)  # fmt: skip

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from krunch import methods
 from krunch.errors import KrunchError
 
 API_VERSION = "krunch.dev/v1alpha1"
@@ -31,20 +32,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
-class Method(str, enum.Enum):
-    NONE = "none"  # keep dense (still quantized when quantize is set)
-    SVD = "svd"  # truncated SVD of a Linear weight: pivot rows + coefficients, or two thin factors (Rule.form)
-    TT = "tt"  # tensor-train / matrix-product operator of a Linear weight
-    TUCKER = "tucker"  # Tucker-2 of a Conv2d: 1x1 -> kxk core -> 1x1
-    CP = "cp"  # CP of a Conv2d: 1x1 -> depthwise kh x 1 -> depthwise 1 x kw -> 1x1
-
-
 class LowRankForm(str, enum.Enum):
     PIVOTED = "pivoted"  # r pivot rows + coefficients for the rest: r (m + n - r) numbers (PIFA)
     FACTORS = "factors"  # two thin matrices: r (m + n) numbers, two plain Linears
-
-
-FACTORIZING_METHODS = (Method.SVD, Method.TT, Method.TUCKER, Method.CP)
 
 
 class RankRule(_Model):
@@ -91,7 +81,14 @@ class QuantizeConfig(_Model):
 
 class Rule(_Model):
     match: str = Field(min_length=1, description="glob on module names, e.g. '*.mlp.*'; the first matching rule wins")
-    method: Method
+    method: str = Field(
+        description="how the layer is stored: none (dense, quantized when quantize is set), svd, tt, tucker, cp, "
+        "or a method a plugin registered (krunch.methods)",
+        json_schema_extra=lambda schema: schema.update(enum=methods.names()),
+    )
+    options: dict[str, Any] | None = Field(
+        None, description="options of the rule's method, checked by the method's own schema (plugins; the built-in methods take none)"
+    )
     rank: RankRule | None = Field(None, description="required for factorizing methods unless recipe.target is set")
     activation_aware: bool = Field(False, description="svd/tt/tucker: fit the factors to the layer's outputs on calibration data, not to its weights (svd/tt: whitened truncation; tucker: whitened input channels, least-squares core, principal output channels)")
     quantize: QuantizeConfig | bool | None = Field(None, description="override recipe.quantize for this rule: a config, or false")
@@ -112,17 +109,44 @@ class Rule(_Model):
             raise ValueError("use a quantize config ({bits: 8}) or false; true is ambiguous")
         return value
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        methods.get(value)  # ValueError naming the known ones
+        return value
+
     @model_validator(mode="after")
-    def _rank_fits_method(self) -> Rule:
-        if self.method is Method.NONE and self.rank is not None:
-            raise ValueError("method none keeps the layer dense; remove rank")
-        if self.activation_aware and self.method not in (Method.SVD, Method.TT, Method.TUCKER):
-            raise ValueError(f"activationAware is available for methods svd, tt and tucker, not {self.method.value}")
-        if self.form is not None and self.method is not Method.SVD:
-            raise ValueError(f"form chooses how an svd layer is stored; method {self.method.value} has no form")
-        if self.method is Method.CP and self.rank is not None and self.rank.fixed is None:
-            raise ValueError("cp has no spectrum to read a rank from: use rank.fixed or recipe.target")
+    def _fits_method(self) -> Rule:
+        method = self.implementation
+        if not method.factorizing and self.rank is not None:
+            raise ValueError(f"method {method.name} keeps the layer dense; remove rank")
+        if self.activation_aware and not method.activation_aware:
+            aware = ", ".join(name for name in methods.names() if methods.get(name).activation_aware)
+            raise ValueError(f"activationAware is available for methods {aware}, not {method.name}")
+        if self.form is not None and "form" not in method.rule_fields:
+            raise ValueError(f"form chooses how an svd layer is stored; method {method.name} has no form")
+        if method.factorizing and not method.spectral and self.rank is not None and self.rank.fixed is None:
+            raise ValueError(f"{method.name} has no spectrum to read a rank from: use rank.fixed")
+        self.method_options()  # validated now, before any work
         return self
+
+    @property
+    def implementation(self) -> methods.CompressionMethod:
+        return methods.get(self.method)
+
+    def method_options(self) -> Any:
+        """rule.options validated by the method's own model (None when the method takes none)."""
+        schema = self.implementation.options
+        if schema is None:
+            if self.options:
+                raise ValueError(f"options: method {self.method} takes no options (got {', '.join(sorted(self.options))})")
+            return None
+        try:
+            return schema.model_validate(self.options or {})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"options.{where}: {first['msg']}") from None
 
     def quantize_config(self, default: QuantizeConfig | None) -> QuantizeConfig | None:
         if self.quantize is False:
@@ -180,23 +204,23 @@ class Recipe(_Model):
     def _ranks_known(self) -> Recipe:
         if self.target is None:
             for index, rule in enumerate(self.rules):
-                if rule.method in FACTORIZING_METHODS and rule.rank is None:
-                    raise ValueError(f"rules[{index}].rank: required for method {rule.method.value} unless a target is set")
+                if rule.implementation.factorizing and rule.rank is None:
+                    raise ValueError(f"rules[{index}].rank: required for method {rule.method} unless a target is set")
         for index, rule in enumerate(self.rules):
-            if rule.floor is not None and (self.target is None or rule.rank is not None or rule.method not in FACTORIZING_METHODS):
+            if rule.floor is not None and (self.target is None or rule.rank is not None or not rule.implementation.factorizing):
                 raise ValueError(f"rules[{index}].floor: only for factorising rules without a rank, whose ranks come from recipe.target")
         if self.target is not None:
             for index, rule in enumerate(self.rules):
-                if rule.method is Method.CP and rule.rank is None:
-                    raise ValueError(f"rules[{index}].rank: cp needs rank.fixed (it has no spectrum to share a budget by)")
+                if rule.implementation.factorizing and not rule.implementation.spectral and rule.rank is None:
+                    raise ValueError(f"rules[{index}].rank: {rule.method} needs rank.fixed (it has no spectrum to share a budget by)")
         if self.target is not None and self.target.bytes_ratio is not None:
             for index, rule in enumerate(self.rules):
-                if rule.method in FACTORIZING_METHODS and rule.rank is None and rule.quantize is not None:
+                if rule.implementation.factorizing and rule.rank is None and rule.quantize is not None:
                     raise ValueError(f"rules[{index}].quantize: under target.bytesRatio the budget chooses each layer's "
                                      "storage; set symmetric and rounding in recipe.quantize")  # fmt: skip
         if self.calibration is not None and self.calibration.propagate and not self.needs_calibration:
             raise ValueError("calibration.propagate: needs a rule with activationAware: true or gptq rounding (it refits those layers)")
-        if self.target is not None and not any(rule.method in FACTORIZING_METHODS and rule.rank is None for rule in self.rules):
+        if self.target is not None and not any(rule.implementation.factorizing and rule.rank is None for rule in self.rules):
             raise ValueError("target needs at least one factorizing rule without its own rank to allocate")
         return self
 
@@ -338,16 +362,21 @@ def parse_job(document: Any, source: str = "job") -> CompressionJob:
     try:
         return CompressionJob.model_validate(document)
     except ValidationError as err:
-        first = err.errors()[0]
-        location = tuple(first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        if message.startswith("rules[") and ":" in message:  # recipe-level check that names its rule
-            inner, _, message = message.partition(": ")
-            location = (*location, *_split_path(inner))
-        if first["type"] == "literal_error" and location[-1:] in (("apiVersion",), ("kind",)):
-            message = f"{message}; this file is not a {KIND} (apiVersion {API_VERSION})"
-        more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-        raise SpecError(field_path(location), f"{message}{more}") from None
+        raise spec_error(err) from None
+
+
+def spec_error(err: ValidationError, prefix: tuple[int | str, ...] = ()) -> SpecError:
+    """The first of pydantic's errors as a SpecError: the field path a user reads, and the reason."""
+    first = err.errors()[0]
+    location = (*prefix, *first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if message.startswith(("rules[", "options.")) and ":" in message:  # a check that names the field inside
+        inner, _, message = message.partition(": ")
+        location = (*location, *_split_path(inner))
+    if first["type"] == "literal_error" and location[-1:] in (("apiVersion",), ("kind",)):
+        message = f"{message}; this file is not a {KIND} (apiVersion {API_VERSION})"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return SpecError(field_path(location), f"{message}{more}")
 
 
 def _split_path(text: str) -> tuple[int | str, ...]:

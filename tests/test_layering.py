@@ -91,3 +91,10 @@ def test_nothing_installs_a_top_level_pipeline_or_operators_module():
     code = "import importlib.util as u; print(u.find_spec('pipeline'), u.find_spec('operators'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd="/")
     assert done.stdout.split() == ["None", "None"]
+
+
+def test_validating_a_job_loads_the_methods_but_no_torch():
+    rules = "s.Rule(match='*', method='svd', rank={'fixed': 4}); s.Rule(match='*', method='cp', rank={'fixed': 4})"
+    loaded = loaded_after(f"import krunch.spec as s; {rules}")
+    assert {"krunch.methods.svd", "krunch.methods.cp"} <= set(loaded)
+    assert not {"torch", "tensorly"} & set(loaded)

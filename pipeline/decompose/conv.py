@@ -67,10 +67,10 @@ def channel_spectra(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tucker2(weight: torch.Tensor, ranks: tuple[int, int], seed: int = 0) -> Tucker2:
-    tl = tensorly_pytorch()
-    (core, (out_factor, in_factor)), _ = tl.decomposition.partial_tucker(
-        weight.detach().double(), rank=list(ranks), modes=[0, 1], n_iter_max=TUCKER_ITERATIONS, init="svd", random_state=seed
-    )
+    with tensorly_pytorch() as tl:
+        (core, (out_factor, in_factor)), _ = tl.decomposition.partial_tucker(
+            weight.detach().double(), rank=list(ranks), modes=[0, 1], n_iter_max=TUCKER_ITERATIONS, init="svd", random_state=seed
+        )
     return Tucker2(*(t.to(weight.dtype).contiguous() for t in (core, out_factor, in_factor)))
 
 
@@ -109,7 +109,8 @@ def activation_aware_tucker2(weight: torch.Tensor, gram: torch.Tensor, ranks: tu
 
 
 def cp_conv(weight: torch.Tensor, rank: int, seed: int = 0) -> CPConv:
-    tl = tensorly_pytorch()
-    cp = tl.decomposition.parafac(weight.detach().double(), rank=rank, n_iter_max=CP_ITERATIONS, init="random", random_state=seed, tol=1e-7)
+    with tensorly_pytorch() as tl:
+        cp = tl.decomposition.parafac(weight.detach().double(), rank=rank, n_iter_max=CP_ITERATIONS, init="random",
+                                      random_state=seed, tol=1e-7)  # fmt: skip
     out_factor, in_factor, height, width = cp.factors
     return CPConv(*(t.to(weight.dtype).contiguous() for t in (out_factor * cp.weights, in_factor, height, width)))

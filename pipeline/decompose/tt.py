@@ -158,10 +158,10 @@ def tt_svd(weight: torch.Tensor, out_factors: tuple[int, ...], in_factors: tuple
     weight W (L_1 (x) ...) is decomposed and each core's input mode multiplied by L_k^{-1}:
     the truncation then minimises the error on the calibration activations, not on the weights.
     """
-    tl = tensorly_pytorch()
     matrix = weight.detach().double() if whitening is None else whiten_inputs(weight, whitening, in_factors)
     tensor = to_tt_tensor(matrix, out_factors, in_factors)
-    decomposition = tl.decomposition.tensor_train(tensor, rank=[1, *ranks, 1])
+    with tensorly_pytorch() as tl:
+        decomposition = tl.decomposition.tensor_train(tensor, rank=[1, *ranks, 1])
     cores = [
         core.reshape(core.shape[0], o, i, core.shape[-1])
         for core, o, i in zip(decomposition.factors, out_factors, in_factors, strict=True)

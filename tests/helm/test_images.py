@@ -4,6 +4,8 @@ and the images, entry points and users agree with the chart."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -52,7 +54,9 @@ def test_images_and_entry_points_agree_with_the_chart():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     operator = DOCKERFILES["operator"].read_text()
     ray = DOCKERFILES["ray"].read_text()
-    assert 'ENTRYPOINT ["python", "-m", "operators"]' in operator and "USER 10001:10001" in operator  # chart: runAsUser 10001
+    entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", operator, re.M).group(1))
+    assert entry[:2] == ["python", "-m"] and importlib.util.find_spec(f"{entry[2]}.__main__") is not None, entry
+    assert "USER 10001:10001" in operator  # chart: runAsUser 10001
     assert f"rayproject/ray:{values['rayCluster']['rayVersion']}-" in ray
     assert f"ray[default]=={values['rayCluster']['rayVersion']}" in (ROOT / "pyproject.toml").read_text()
     assert values["operator"]["rayImage"].endswith(f":{chart['appVersion']}") and values["rayCluster"]["image"] == values["operator"]["rayImage"]
