@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from krunch.artifact import MEMORY
@@ -69,10 +68,12 @@ def as_recipe(recipe: Recipe | dict | str) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, str):
-        try:
-            recipe = yaml.safe_load(recipe)
-        except yaml.YAMLError as err:
-            raise SpecError("recipe", f"is not valid YAML ({' '.join(str(err).split())[:200]})") from None
+        from krunch.spec import safe_yaml_documents
+
+        documents = safe_yaml_documents(recipe, "recipe")
+        if len(documents) != 1:
+            raise SpecError("recipe", f"expected one recipe document in the YAML text, found {len(documents)}")
+        recipe = documents[0]
     if not isinstance(recipe, dict):
         raise SpecError("recipe", f"must be a Recipe, a mapping or YAML text of one, got {type(recipe).__name__}")
     from pydantic import ValidationError

@@ -8,7 +8,7 @@ allow-list and fills them from safetensors, strictly.
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 ARCHITECTURE = "architecture"  # config.json (+ tokenizer) of a transformers model compressed in memory
 MEMORY = "memory:"
+MAX_NESTING = 4  # a compressed model whose source is a compressed model...: deeper is a loop
+_nesting = contextvars.ContextVar("krunch_manifest_nesting", default=0)
 
 
 def layer_entries(module: torch.nn.Module, tied: dict[str, str]) -> list[dict[str, Any]]:
@@ -70,17 +72,26 @@ def architecture_source(model: LoadedModel, directory: Path) -> dict[str, Any]:
     return {"architecture": "module", "class": f"{type(model.module).__module__}.{type(model.module).__qualname__}"}
 
 
-def _architecture(directory: Path, source: dict[str, Any], reference: str, skeleton: torch.nn.Module | None) -> LoadedModel:
-    """The model the compressed layers go into; nothing named by the manifest is imported or called."""
+def _architecture(directory: Path, source: dict[str, Any], reference: str, skeleton: torch.nn.Module | None,
+                  factory: str | None) -> LoadedModel:  # fmt: skip
+    """The model the compressed layers go into. Nothing the manifest names is imported or called: a source built
+    by a factory is rebuilt with the factory the user gives, which must be the one recorded."""
     from krunch.io import load_model
 
     if skeleton is not None:
         return LoadedModel(reference, skeleton)
     if "source" in source:
+        recorded = source.get("factory")
+        if recorded and factory is None:
+            raise ModelSourceError(reference, f"was compressed from {source['source']} built by {recorded}; loading never "
+                                              "imports what a manifest names: pass the factory (--factory, or "
+                                              "krunch.load(directory, factory=...)) or an instance (model=...)")  # fmt: skip
+        if recorded and factory != recorded:
+            raise ModelSourceError(reference, f"factory {factory} does not match the factory recorded in {MANIFEST} ({recorded})")
         from krunch.hf import architecture_only
 
         with architecture_only():
-            return load_model(source["source"], source.get("factory"))
+            return load_model(source["source"], factory if recorded else None)
     if source.get("architecture") == "transformers":
         from krunch.hf import hf_architecture
 
@@ -127,26 +138,81 @@ def read_manifest(directory: Path, reference: str) -> dict[str, Any]:
         raise ModelSourceError(reference, f"no {MANIFEST}: not a krunch compressed model directory")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelSourceError(reference, f"{MANIFEST} is not valid JSON ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise ModelSourceError(reference, f"unsupported manifest format {manifest.get('format')!r}; expected {FORMAT}")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ModelSourceError(reference, f"{MANIFEST} is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModelSourceError(reference, f"unsupported manifest format {found!r}; expected {FORMAT}")
+    check_manifest(manifest, reference)
     return manifest
 
 
-def load_compressed(directory: Path, reference: str | None = None, skeleton: torch.nn.Module | None = None) -> LoadedModel:
+def check_manifest(manifest: dict[str, Any], reference: str) -> None:
+    """The manifest's structure, field by field, before anything is built from it."""
+
+    def refuse(field: str, reason: str) -> None:
+        raise ModelSourceError(reference, f"{MANIFEST}: {field}: {reason}")
+
+    def check(value: Any, field: str, kind: type | tuple[type, ...], what: str, required: bool = True) -> None:
+        if value is None and not required:
+            return
+        if value is None:
+            refuse(field, "missing")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            refuse(field, f"expected {what}, got {type(value).__name__}")
+
+    check(manifest.get("source"), "source", dict, "a mapping")
+    for key in ("source", "factory", "architecture", "class"):
+        check(manifest["source"].get(key), f"source.{key}", str, "a string", required=False)
+    check(manifest.get("kind"), "kind", str, "a string", required=False)
+    check(manifest.get("layers"), "layers", list, "a list")
+    for index, entry in enumerate(manifest["layers"]):
+        check(entry, f"layers[{index}]", dict, "a mapping")
+        check(entry.get("name"), f"layers[{index}].name", str, "a string")
+        check(entry.get("type"), f"layers[{index}].type", str, "a string")
+        check(entry.get("config"), f"layers[{index}].config", dict, "a mapping")
+        check(entry.get("tied_to"), f"layers[{index}].tied_to", str, "a string", required=False)
+
+
+def _check_names(module: torch.nn.Module, layers: list[dict[str, Any]], reference: str) -> None:
+    """Every layer the manifest replaces (or ties to) is a module of the architecture, never the model itself."""
+    for index, entry in enumerate(layers):
+        for field in ("name", "tied_to"):
+            name = entry.get(field)
+            if field == "tied_to" and name is None:
+                continue
+            try:
+                found = bool(name) and module.get_submodule(name) is not None
+            except AttributeError:
+                found = False
+            if not found:
+                raise ModelSourceError(reference, f"{MANIFEST}: layers[{index}].{field}: no module {name!r} in the architecture")
+
+
+def load_compressed(directory: Path, reference: str | None = None, skeleton: torch.nn.Module | None = None,
+                    factory: str | None = None) -> LoadedModel:  # fmt: skip
     reference = reference or f"krunch:{directory}"
     manifest = read_manifest(directory, reference)
     source = manifest["source"]
-    loaded = _architecture(directory, source, reference, skeleton)
+    depth = _nesting.get()
+    if depth >= MAX_NESTING:
+        raise ModelSourceError(reference, f"compressed models nested more than {MAX_NESTING} deep ({MANIFEST} source chain)")
+    token = _nesting.set(depth + 1)
     try:
-        empty = any(p.is_meta for p in loaded.module.parameters())  # an architecture without weights: so are its layers
-        with torch.device("meta") if empty else contextlib.nullcontext():
+        loaded = _architecture(directory, source, reference, skeleton, factory)
+    finally:
+        _nesting.reset(token)
+    _check_names(loaded.module, manifest["layers"], reference)
+    try:  # empty layers on the meta device: sizes come from the manifest, memory only from the weights file
+        with torch.device("meta"):
             replacements = {entry["name"]: build_layer(entry["type"], entry["config"]) for entry in manifest["layers"]}
-    except (TypeError, ValueError) as err:
-        raise ModelSourceError(reference, f"manifest layer entry is invalid ({err})") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ModelSourceError(reference, f"manifest layer entry is invalid ({' '.join(str(err).split())[:200]})") from None
     tied = {entry["name"]: entry["tied_to"] for entry in manifest["layers"] if entry.get("tied_to")}
-    assemble(loaded.module, replacements, tied)
+    try:
+        assemble(loaded.module, replacements, tied)
+    except (AttributeError, KeyError, TypeError) as err:
+        raise ModelSourceError(reference, f"{MANIFEST}: layers: cannot be installed ({err})") from None
     try:
         load_weights(loaded.module, directory / WEIGHTS)
     except (RuntimeError, OSError, safetensors.SafetensorError) as err:

@@ -19,6 +19,7 @@ from krunch.errors import KrunchError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tokens", type=int, default=4096, help="perplexity tokens from the evaluation split (default 4096)")
     evaluate.add_argument("--items", type=int, help="cap on words (ocr) or images (image-agreement), for quick runs")
     evaluate.add_argument("--reference", help="reference model for fidelity / agreement (default: the model itself)")
-    evaluate.add_argument("--factory", help="module:callable building the architecture for a file: model")
+    evaluate.add_argument("--factory", help="module:callable building the architecture of a file: model (or of the file: "
+                          "source a krunch: or models:/ model was compressed from; never read from its manifest)")
     evaluate.add_argument("--reference-factory", help="module:callable for a file: reference")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON to OUT")
@@ -131,11 +133,14 @@ def run_compress(args: argparse.Namespace) -> int:
     from krunch.report import format_summary
     from krunch.spec import load_job
 
+    from krunch.outputs import check_output, output_dir, source_bytes, staged
+
     set_threads(args.threads)
     job = load_job(args.job)
+    out_dir = output_dir(job.metadata.name, args.out)
+    check_output(out_dir, job.metadata.name, source_bytes(job.spec.model.source))
     if args.dry_run:
         return dry_run(job)
-    out_dir = args.out or Path("results") / job.metadata.name
     checked = None
     if not args.no_track:
         from krunch.tracking import preflight
@@ -145,7 +150,9 @@ def run_compress(args: argparse.Namespace) -> int:
             print(f"{job.metadata.name}: already registered as {job.spec.registry.name} version {checked.existing_version} "
                   f"(job {checked.identity}); nothing to do. Change the job to make a new version.")  # fmt: skip
             return 0
-    result = run_compression(job, out_dir)
+    with staged(out_dir) as staging:  # a failure or Ctrl-C leaves no partial directory, a rerun no stale file
+        result = run_compression(job, staging)
+    result.model.reference = f"krunch:{out_dir}"
     print(format_summary(result.report))
     print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
     if checked is not None:
@@ -212,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"krunch: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("krunch: interrupted; the partial output was removed and nothing more was registered", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # anything else: one line, the traceback only on request
         if args.debug:
             raise

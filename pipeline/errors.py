@@ -28,3 +28,15 @@ class UnsafeCheckpointError(ModelSourceError):
 
 class DataError(KrunchError):
     """An evaluation or calibration data set that is missing or too small."""
+
+
+class MissingExtra(KrunchError):
+    """An optional part of krunch whose packages are not installed."""
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Fail with the install command when an optional dependency is missing, before anything starts."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(module, f"not installed; {purpose} needs it: pip install 'krunch[{extra}]'")

@@ -36,11 +36,11 @@ def load_model(reference: str, factory: str | None = None) -> LoadedModel:
     if scheme == "krunch":
         from krunch.artifact import load_compressed
 
-        return load_compressed(Path(rest).expanduser(), reference)
+        return load_compressed(Path(rest).expanduser(), reference, factory=factory)
     if scheme == "models":
         from krunch.registry_source import load_registered
 
-        return load_registered(reference)
+        return load_registered(reference, factory)
     raise ModelSourceError(reference, f"unknown reference scheme {scheme!r}; use {REFERENCE_FORMS}")
 
 

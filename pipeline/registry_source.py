@@ -13,7 +13,7 @@ from krunch.model import LoadedModel
 KRUNCH_FILES = "extra_files"  # where mlflow.pytorch.log_model puts the extra files inside the model
 
 
-def load_registered(reference: str) -> LoadedModel:
+def load_registered(reference: str, factory: str | None = None) -> LoadedModel:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
@@ -32,7 +32,7 @@ def load_registered(reference: str) -> LoadedModel:
         if not (files / MANIFEST).is_file():
             raise ModelSourceError(reference, f"this registered version carries no krunch {MANIFEST}; krunch loads registered "
                                    "models only from their safetensors and manifest, never by unpickling")  # fmt: skip
-        loaded = load_compressed(files, reference)
+        loaded = load_compressed(files, reference, factory=factory)
     loaded.metadata["registry_version"] = version
     loaded.metadata["pinned_reference"] = pinned
     return loaded

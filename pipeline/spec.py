@@ -22,6 +22,13 @@ from krunch.errors import KrunchError
 
 API_VERSION = "krunch.dev/v1alpha1"
 KIND = "CompressionJob"
+# Bounds on what a small file can ask for: beyond these a job is a mistake or an attack, not a workload.
+MAX_JOB_BYTES = 1 << 20
+MAX_RULES = 1000
+MAX_WORKERS = 4096
+MAX_TOKENS = 1 << 27  # 134M tokens: a few days of CPU calibration
+MAX_ITEMS = 1 << 20
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 class SpecError(KrunchError):
@@ -40,7 +47,7 @@ class LowRankForm(str, enum.Enum):
 class RankRule(_Model):
     """How many components to keep; exactly one of fixed, energy, maxError."""
 
-    fixed: int | None = Field(None, ge=1, description="keep exactly this rank (bond dimension for tt)")
+    fixed: int | None = Field(None, ge=1, le=1_000_000, description="keep exactly this rank (bond dimension for tt)")
     energy: float | None = Field(None, gt=0, le=1, description="keep this fraction of the squared singular values")
     max_error: float | None = Field(None, gt=0, lt=1, description="bound on the relative Frobenius error")
 
@@ -59,7 +66,7 @@ class Rounding(str, enum.Enum):
 
 class QuantizeConfig(_Model):
     bits: Literal[4, 8] = Field(8, description="integer width: 8 or 4 (two values packed per byte)")
-    group_size: int | None = Field(None, ge=8, description="values per scale along the input dimension; omit for one scale per output channel")
+    group_size: int | None = Field(None, ge=8, le=1_000_000, description="values per scale along the input dimension; omit for one scale per output channel")
     symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric (scale and zero point)")
     rounding: Rounding = Field(
         Rounding.NEAREST, description="nearest: each value to its nearest level, no data needed. gptq: column by column, "
@@ -175,8 +182,8 @@ class Target(_Model):
 
 class Calibration(_Model):
     data: str = Field("wikipedia", description="built-in data set name or file:PATH; the calibration half is used")
-    tokens: int = Field(8192, ge=64, description="calibration tokens (text models)")
-    items: int = Field(128, ge=1, description="calibration images or words (vision models)")
+    tokens: int = Field(8192, ge=64, le=MAX_TOKENS, description="calibration tokens (text models)")
+    items: int = Field(128, ge=1, le=MAX_ITEMS, description="calibration images or words (vision models)")
     propagate: bool = Field(
         False, description="error-propagating: compress block by block, each activation-aware or gptq-rounded layer fitted "
         "to the original outputs from the inputs of the model compressed so far",
@@ -189,13 +196,13 @@ class Heal(_Model):
 
     steps: int = Field(100, ge=1, le=100_000, description="optimizer steps, one calibration batch each")
     lr: float = Field(2e-5, gt=0, le=1, description="AdamW learning rate (cosine decay after a short warm-up)")
-    tokens: int = Field(16384, ge=64, description="distillation tokens from the calibration half (text models), cycled over the steps")
-    items: int = Field(256, ge=1, description="distillation images or words (vision models)")
+    tokens: int = Field(16384, ge=64, le=MAX_TOKENS, description="distillation tokens from the calibration half (text models), cycled over the steps")
+    items: int = Field(256, ge=1, le=MAX_ITEMS, description="distillation images or words (vision models)")
 
 
 class Recipe(_Model):
     target: Target | None = None
-    rules: list[Rule] = Field(min_length=1)
+    rules: list[Rule] = Field(min_length=1, max_length=MAX_RULES)
     quantize: QuantizeConfig | None = None
     calibration: Calibration | None = None
     heal: Heal | None = Field(None, description="distil the compressed model towards the original before evaluating it")
@@ -252,8 +259,8 @@ class Task(enum.Enum):
 class Evaluation(_Model):
     task: str | None = Field(None, description="perplexity | embedding | ocr | image-agreement; default: the model's own")
     data: str | None = Field(None, description="text for perplexity: wikipedia or file:PATH")
-    tokens: int = Field(4096, ge=64)
-    items: int | None = Field(None, ge=1, description="cap on words or images")
+    tokens: int = Field(4096, ge=64, le=MAX_TOKENS)
+    items: int | None = Field(None, ge=1, le=MAX_ITEMS, description="cap on words or images")
 
     @field_validator("task")
     @classmethod
@@ -265,12 +272,12 @@ class Evaluation(_Model):
 
 class Resources(_Model):
     workers: int | None = Field(
-        None, ge=1, description="layer tasks running at once; default: as many as the Ray cluster's CPUs (and GPUs) hold"
+        None, ge=1, le=MAX_WORKERS, description="layer tasks running at once; default: as many as the Ray cluster's CPUs (and GPUs) hold"
     )
     cpus_per_task: float = Field(
-        1, gt=0, description="CPUs per layer task; torch uses that many threads (the factors' last bits depend on it)"
+        1, gt=0, le=1024, allow_inf_nan=False, description="CPUs per layer task; torch uses that many threads (the factors' last bits depend on it)"
     )
-    gpus_per_task: float = Field(0, ge=0, description="GPU fraction per layer task; 0 runs on CPU")
+    gpus_per_task: float = Field(0, ge=0, le=64, allow_inf_nan=False, description="GPU fraction per layer task; 0 runs on CPU")
     heal_workers: int = Field(
         1, ge=1, le=256, description="recipe.heal replicas, data-parallel through Ray Train (DDP): a GPU each when the "
         "cluster has GPUs, else an equal share of its CPUs; each step then reads this many batches",
@@ -329,10 +336,20 @@ class JobSpec(_Model):
 
 
 class Metadata(BaseModel):
-    """Kubernetes metadata: only the name is required; the rest (uid, labels...) is kept as given."""
+    """Kubernetes metadata: only the name is required; the rest (uid, labels...) is kept as given. The name is
+    a DNS-1123 subdomain, as Kubernetes requires: it names the default output directory, so it can never be a
+    path (no '/', no '..', nothing absolute)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                      description="lower-case letters, digits, '-' and '.', starting and ending alphanumeric")  # fmt: skip
+
+    @field_validator("name")
+    @classmethod
+    def _no_empty_label(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError(f"{value!r} contains '..'; a name is not a path")
+        return value
 
 
 class CompressionJob(_Model):
@@ -389,13 +406,36 @@ def _split_path(text: str) -> tuple[int | str, ...]:
     return tuple(parts)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """A safe loader that refuses anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML anchors and aliases (&name, *name) are not accepted (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml_documents(text: str, source: str) -> list[Any]:
+    """Parse job or recipe text within the bounds: at most MAX_JOB_BYTES, no anchors or aliases."""
+    if len(text.encode("utf-8", "replace")) > MAX_JOB_BYTES:
+        raise SpecError(source, f"larger than {MAX_JOB_BYTES // 1024} KiB; a job file is a few KiB")
+    try:
+        return [d for d in yaml.load_all(text, Loader=_NoAliasLoader) if d is not None]
+    except yaml.YAMLError as err:
+        raise SpecError(source, f"not valid YAML ({' '.join(str(err).split())[:300]})") from None
+
+
 def load_job(path: Path) -> CompressionJob:
     if not path.is_file():
         raise SpecError(str(path), "job file not found")
+    if path.stat().st_size > MAX_JOB_BYTES:  # refused before reading it
+        raise SpecError(str(path), f"larger than {MAX_JOB_BYTES // 1024} KiB; a job file is a few KiB")
     try:
-        documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
-    except yaml.YAMLError as err:
-        raise SpecError(str(path), f"not valid YAML ({' '.join(str(err).split())})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(str(path), f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    documents = safe_yaml_documents(text, str(path))
     if len(documents) != 1:
         raise SpecError(str(path), f"expected one CompressionJob document, found {len(documents)}")
     return parse_job(documents[0], str(path))

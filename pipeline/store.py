@@ -21,9 +21,10 @@ def save(compressed: Compressed, directory: str | Path) -> Path:
     return save_compressed(directory, compressed.model, source, recipe_document(compressed.recipe), compressed.tied)
 
 
-def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+def load(directory: str | Path, *, model: nn.Module | None = None, factory: str | None = None) -> nn.Module:
     """A compressed model saved by `save` (or `krunch compress`). `model`: an instance of the architecture,
-    for models compressed from a plain module in memory (its weights are replaced by the saved ones)."""
+    for models compressed from a plain module in memory (its weights are replaced by the saved ones);
+    `factory`: the module:callable a `file:` source was built with (checked against the recorded one)."""
     from krunch.artifact import load_compressed
 
-    return load_compressed(Path(directory), skeleton=model).module
+    return load_compressed(Path(directory), skeleton=model, factory=factory).module

@@ -25,7 +25,7 @@ import yaml
 
 from krunch.artifact import MANIFEST, WEIGHTS
 from krunch.run import BUDGET, REPORT, CompressionResult
-from krunch.errors import KrunchError
+from krunch.errors import KrunchError, require_extra
 from krunch.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
 from krunch.portable import pip_requirements, runtime_code
 from krunch.spec import CompressionJob
@@ -67,6 +67,7 @@ def configure() -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name, value in BOUNDED_HTTP.items():
         os.environ.setdefault(name, value)
+    require_extra("mlflow", "mlflow", "tracking and registering models")
     import mlflow
 
     for logger in ("mlflow", "alembic"):  # their INFO lines (schema migrations, "registered") are krunch's to say

@@ -14,9 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import psutil
-
-from krunch.errors import KrunchError
+from krunch.errors import KrunchError, require_extra
 
 GIB = 2**30
 OBJECT_STORE_FRACTION = 0.15  # of physical memory; grams and results pass through, weights mostly don't
@@ -36,12 +34,15 @@ class RaySession:
 
 
 def local_object_store_bytes() -> int:
+    import psutil  # Ray's own dependency: there whenever Ray is
+
     low, high = OBJECT_STORE_BOUNDS
     return int(min(max(psutil.virtual_memory().total * OBJECT_STORE_FRACTION, low), high))
 
 
 @contextmanager
 def ray_session(address: str | None = None) -> Iterator[RaySession]:
+    require_extra("ray", "ray", "running layer tasks on Ray")
     import ray
 
     if ray.is_initialized():

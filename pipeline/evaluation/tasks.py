@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,14 @@ class TaskSpec:
 
 
 _TASKS: dict[Task, TaskSpec] = {}
+_MODULES = {Task.PERPLEXITY: "perplexity", Task.EMBEDDING: "embedding", Task.OCR: "ocr", Task.IMAGE_AGREEMENT: "image_agreement"}
+
+
+def task_spec(task: Task) -> TaskSpec:
+    """The task's evaluator, its module imported on first use."""
+    if task not in _TASKS:
+        importlib.import_module(f"krunch.evaluation.{_MODULES[task]}")
+    return _TASKS[task]
 
 
 def evaluator(task: Task, kind: ModelKind, needs_reference: bool = False) -> Callable[[Evaluator], Evaluator]:
@@ -53,7 +62,7 @@ def parse_task(name: str) -> Task:
 
 
 def default_task(model: LoadedModel) -> Task:
-    for spec in _TASKS.values():
+    for spec in map(task_spec, Task):
         if spec.kind is model.kind:
             return spec.task
     raise KrunchError(model.reference, "no default evaluation task for this model; pass --task")
@@ -63,7 +72,7 @@ def evaluate(
     model: LoadedModel, task: Task, options: EvalOptions = EvalOptions(), reference: LoadedModel | None = None
 ) -> Metrics:
     """Run one task; a model with no kind (a bare module from a factory) is fed as the task expects."""
-    spec = _TASKS[task]
+    spec = task_spec(task)
     if model.kind is not None and model.kind is not spec.kind:
         raise KrunchError(
             model.reference, f"task {task.value} needs a {spec.kind.value} model, this is a {model.kind.value}"

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from PIL import Image
 
 from krunch.architectures.crnn import EASYOCR_EN_CHARACTERS, CRNNRecognizer
 from krunch.weights import load_strict, read_state_dict, strip_prefix
 from krunch.model import LoadedModel, ModelKind
 from krunch.zoo.registry import package_dir, register, require_file
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 INPUT_HEIGHT = 64
 
 
 def word_image_preprocess(image: Image.Image) -> torch.Tensor:
     """Grayscale, height 64 keeping the aspect ratio, scaled to [-1, 1]: (1, 64, W)."""
+    from PIL import Image  # the zoo extra's; a model that never sees an image loads without it
+
     image = image.convert("L")
     width, height = image.size
     new_width = max(INPUT_HEIGHT // 4, round(width * INPUT_HEIGHT / height))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from PIL import Image
 
 from krunch.architectures.mobilenet_v2 import MobileNetV2
 from krunch.weights import load_strict, read_state_dict
 from krunch.model import LoadedModel, ModelKind
 from krunch.zoo.registry import package_dir, register, require_file
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -16,6 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def imagenet_preprocess(image: Image.Image) -> torch.Tensor:
     """torchvision's classic eval transform: resize short side to 256, centre-crop 224, normalise."""
+    from PIL import Image  # the zoo extra's; a model that never sees an image loads without it
+
     image = image.convert("RGB")
     width, height = image.size
     scale = 256 / min(width, height)

@@ -1,5 +1,5 @@
 """The Dockerfiles cannot be built here (no Docker engine): hold them to what can be checked without one.
-Their pins equal pyproject.toml's and setup.sh's, the operator image carries everything the operator imports,
+Their pins equal constraints.txt's and setup.sh's, the operator image carries everything the operator imports,
 and the images, entry points and users agree with the chart."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def pins(text: str) -> dict[str, str]:
 
 
 def project_pins() -> dict[str, str]:
-    return pins((ROOT / "pyproject.toml").read_text()) | pins((ROOT / "scripts" / "setup.sh").read_text())
+    return pins((ROOT / "constraints.txt").read_text()) | pins((ROOT / "scripts" / "setup.sh").read_text())
 
 
 @pytest.mark.parametrize("image", DOCKERFILES)
@@ -58,5 +58,5 @@ def test_images_and_entry_points_agree_with_the_chart():
     assert entry[:2] == ["python", "-m"] and importlib.util.find_spec(f"{entry[2]}.__main__") is not None, entry
     assert "USER 10001:10001" in operator  # chart: runAsUser 10001
     assert f"rayproject/ray:{values['rayCluster']['rayVersion']}-" in ray
-    assert f"ray[default]=={values['rayCluster']['rayVersion']}" in (ROOT / "pyproject.toml").read_text()
+    assert f"ray=={values['rayCluster']['rayVersion']}" in (ROOT / "constraints.txt").read_text()
     assert values["operator"]["rayImage"].endswith(f":{chart['appVersion']}") and values["rayCluster"]["image"] == values["operator"]["rayImage"]
