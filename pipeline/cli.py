@@ -129,11 +129,8 @@ def format_table(report: dict) -> str:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from krunch.run import run_compression
-    from krunch.report import format_summary
+    from krunch.outputs import check_output, output_dir, source_bytes
     from krunch.spec import load_job
-
-    from krunch.outputs import check_output, output_dir, source_bytes, staged
 
     set_threads(args.threads)
     job = load_job(args.job)
@@ -141,33 +138,44 @@ def run_compress(args: argparse.Namespace) -> int:
     check_output(out_dir, job.metadata.name, source_bytes(job.spec.model.source))
     if args.dry_run:
         return dry_run(job)
-    checked = None
-    if not args.no_track:
-        from krunch.tracking import preflight
+    if args.no_track:
+        compress_and_save(job, out_dir)
+        return 0
+    from krunch.tracking import TrackingError, configure, job_turn, preflight, track
+    from krunch.lineage import job_identity
 
+    with job_turn(configure(), job_identity(job)):  # on a sqlite store, runs of this job take turns
         checked = preflight(job)  # the server answers and the job is new, before any work
         if checked.existing_version:
-            print(f"{job.metadata.name}: already registered as {job.spec.registry.name} version {checked.existing_version} "
+            done = "completed the pending registration of" if checked.completed else "already registered as"
+            print(f"{job.metadata.name}: {done} {job.spec.registry.name} version {checked.existing_version} "
                   f"(job {checked.identity}); nothing to do. Change the job to make a new version.")  # fmt: skip
             return 0
+        result = compress_and_save(job, out_dir)
+        try:
+            tracked = track(job, result, out_dir, checked)
+        except TrackingError as err:  # the work is not lost: the model is on disk and the job can be re-run
+            raise TrackingError(err.subject, f"{err.reason}; the compressed model is kept in {out_dir}/") from None
+    print(f"MLflow run {tracked.run_id} at {checked.tracking_uri}")
+    if tracked.version:
+        at = f"@{tracked.alias}" if tracked.alias else f"/{tracked.version}"
+        print(f"registered {job.spec.registry.name} version {tracked.version}; load with "
+              f"mlflow.pytorch.load_model('models:/{job.spec.registry.name}{at}')")  # fmt: skip
+    return 0
+
+
+def compress_and_save(job, out_dir: Path):  # noqa: ANN001, ANN201 - a CompressionJob and its result, imported lazily
+    """Run the job into a staging directory that replaces `out_dir` whole at the end."""
+    from krunch.outputs import staged
+    from krunch.report import format_summary
+    from krunch.run import run_compression
+
     with staged(out_dir) as staging:  # a failure or Ctrl-C leaves no partial directory, a rerun no stale file
         result = run_compression(job, staging)
     result.model.reference = f"krunch:{out_dir}"
     print(format_summary(result.report))
     print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
-    if checked is not None:
-        from krunch.tracking import TrackingError, track
-
-        try:
-            tracked = track(job, result, out_dir, checked)
-        except TrackingError as err:  # the work is not lost: the model is on disk and the job can be re-run
-            raise TrackingError(err.subject, f"{err.reason}; the compressed model is kept in {out_dir}/") from None
-        print(f"MLflow run {tracked.run_id} at {checked.tracking_uri}")
-        if tracked.version:
-            at = f"@{tracked.alias}" if tracked.alias else f"/{tracked.version}"
-            print(f"registered {job.spec.registry.name} version {tracked.version}; load with "
-                  f"mlflow.pytorch.load_model('models:/{job.spec.registry.name}{at}')")  # fmt: skip
-    return 0
+    return result
 
 
 def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
@@ -190,7 +198,7 @@ def run_models_list(args: argparse.Namespace) -> int:
     from krunch.tracking import list_versions
 
     rows = list_versions(args.name)
-    columns = ("version", "aliases", "ratio", "metric", "before", "after", "delta", "source", "methods")
+    columns = ("version", "aliases", "ratio", "metric", "before", "after", "delta", "source", "methods", "state")
     widths = {c: max([len(c)] + [len(str(row[c])) for row in rows]) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:

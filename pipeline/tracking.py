@@ -3,19 +3,29 @@
 The only module that talks to MLflow's tracking API. `preflight` runs before
 any compression (the server answers, the job has not been registered already);
 `track` logs the run and registers the version after evaluation. Registration
-creates the version and all its lineage tags in one call, then sets the alias;
-if the alias cannot be set the version is deleted again, so a failure never
-leaves a half-registered version behind.
+is a small state machine a rerun can finish: the version is created with all its
+lineage tags and `krunch.registration=pending`, then the alias is set, the run
+ends, and the tag becomes `complete`. A process that dies in between (a lost
+server, SIGKILL) leaves a pending version, and the next `preflight` of the same
+job completes it instead of saying there is nothing to do.
+
+The embedded sqlite store is created under a file lock, and runs of one job
+identity on one sqlite store take turns, so concurrent `krunch compress` in one
+directory neither corrupt the store nor register twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import hashlib
 import io
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,7 @@ BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BAC
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}  # fmt: skip
 PREFLIGHT_TRIES = 3
 PREFLIGHT_TIMEOUT_S = 5.0
+STATE_TAG = f"{TAG_PREFIX}registration"  # pending -> complete; versions from before the tag count as complete
 
 
 class TrackingError(KrunchError):
@@ -50,6 +61,7 @@ class Preflight:
     tracking_uri: str
     identity: str
     existing_version: str | None  # this job's version, when an earlier attempt registered it
+    completed: bool = False  # that version was left pending (the alias or the run's end missing) and is now complete
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,41 @@ def configure() -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     wait_reachable(uri)
+    if (database := sqlite_path(uri)) is not None:
+        with file_lock(database.with_name(database.name + ".lock")):  # one process creates and migrates the schema
+            _client().search_experiments(max_results=1)
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an embedded sqlite store (None for a server)."""
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path`, held for the block (released if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def job_turn(uri: str, identity: str) -> Iterator[None]:
+    """On an embedded sqlite store, runs of the same job wait for each other: the second then finds the first's
+    version in `preflight` instead of logging a second model. A server store is shared across machines, where
+    the operator runs each job once."""
+    database = sqlite_path(uri)
+    if database is None:
+        yield
+        return
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    with file_lock(database.parent / ".krunch-locks" / f"{digest}.lock"):
+        yield
 
 
 def use_experiment(uri: str) -> None:
@@ -158,9 +204,25 @@ def preflight(job: CompressionJob) -> Preflight:
     identity = job_identity(job)
     try:
         existing = find_version(job.spec.registry.name, identity) if job.spec.registry else None
+        completed = existing is not None and complete_registration(job, existing)
     except MlflowException as err:
         raise TrackingError(f"MLFLOW_TRACKING_URI={uri}", _mlflow_reason(err)) from None
-    return Preflight(uri, identity, existing)
+    return Preflight(uri, identity, existing, completed)
+
+
+def complete_registration(job: CompressionJob, version: str) -> bool:
+    """Finish what a pending version lacks (its alias, its run's end, the tag); True if anything was pending."""
+    client = _client()
+    registry = job.spec.registry
+    found = client.get_model_version(registry.name, version)
+    if found.tags.get(STATE_TAG, "complete") == "complete":
+        return False
+    if registry.alias:
+        client.set_registered_model_alias(registry.name, registry.alias, version)
+    if found.run_id and client.get_run(found.run_id).info.status == "RUNNING":
+        client.set_terminated(found.run_id, "FINISHED")
+    client.set_model_version_tag(registry.name, version, STATE_TAG, "complete")
+    return True
 
 
 def _mlflow_reason(err: Exception) -> str:
@@ -259,10 +321,12 @@ def track(job: CompressionJob, result: CompressionResult, out_dir: Path, checked
             )  # fmt: skip
             version = None
             if job.spec.registry:
-                version = register(job, model_info.model_uri, version_tags(job, report))
+                version = register(job, model_info.model_uri, version_tags(job, report) | {STATE_TAG: "pending"})
                 mlflow.set_tag(f"{TAG_PREFIX}model_version", version)
                 _log_quality_size(job, report, version)
-            return Tracked(run.info.run_id, run.info.experiment_id, version, job.spec.registry.alias if job.spec.registry else None)
+        if version is not None:  # the run has ended: the last step of the registration
+            _client().set_model_version_tag(job.spec.registry.name, version, STATE_TAG, "complete")
+        return Tracked(run.info.run_id, run.info.experiment_id, version, job.spec.registry.alias if job.spec.registry else None)
     except MlflowException as err:
         raise TrackingError(f"MLFLOW_TRACKING_URI={checked.tracking_uri}", _mlflow_reason(err)) from None
 
@@ -331,5 +395,6 @@ def list_versions(name: str) -> list[dict[str, Any]]:
                      "ratio": tag.get("compression_ratio", ""), "metric": tag.get("quality_metric", ""),
                      "before": tag.get("quality_before", ""), "after": tag.get("quality_after", ""),
                      "delta": tag.get("quality_delta", ""), "source": tag.get("source", "") + (f" (v{tag['source_version']})" if tag.get("source_version") else ""),
-                     "methods": tag.get("methods", ""), "run_id": version.run_id or ""})  # fmt: skip
+                     "methods": tag.get("methods", ""), "state": tag.get("registration", "complete"),
+                     "run_id": version.run_id or ""})  # fmt: skip
     return rows
