@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from krunch.artifact import MEMORY
-from krunch.calibrate import Batch
+from krunch.calibration.grams import Batch
 from krunch.run import allocate_target, assembled, compress_layers, heal_stage
-from krunch.compress_layer import LayerResult
-from krunch.distributed.executors import Executor, InProcessExecutor, ProgressCallback, RayExecutor
+from krunch.execution.layer import LayerResult
+from krunch.execution.executors import Executor, InProcessExecutor, ProgressCallback, RayExecutor
 from krunch.errors import KrunchError
-from krunch.heal import HealResult, StepCallback
+from krunch.execution.heal import HealResult, StepCallback
 from krunch.model import LoadedModel, ModelKind
 from krunch.plan import Plan, make_plan
 from krunch.spec import Calibration, Recipe, Resources, SpecError

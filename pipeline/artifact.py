@@ -76,7 +76,7 @@ def _architecture(directory: Path, source: dict[str, Any], reference: str, skele
                   factory: str | None) -> LoadedModel:  # fmt: skip
     """The model the compressed layers go into. Nothing the manifest names is imported or called: a source built
     by a factory is rebuilt with the factory the user gives, which must be the one recorded."""
-    from krunch.io import load_model
+    from krunch.sources import load_model
 
     if skeleton is not None:
         return LoadedModel(reference, skeleton)
@@ -88,12 +88,12 @@ def _architecture(directory: Path, source: dict[str, Any], reference: str, skele
                                               "krunch.load(directory, factory=...)) or an instance (model=...)")  # fmt: skip
         if recorded and factory != recorded:
             raise ModelSourceError(reference, f"factory {factory} does not match the factory recorded in {MANIFEST} ({recorded})")
-        from krunch.hf import architecture_only
+        from krunch.sources.hf import architecture_only
 
         with architecture_only():
             return load_model(source["source"], factory if recorded else None)
     if source.get("architecture") == "transformers":
-        from krunch.hf import hf_architecture
+        from krunch.sources.hf import hf_architecture
 
         return hf_architecture(directory / ARCHITECTURE, reference)
     raise ModelSourceError(reference, f"was compressed from a {source.get('class', 'module')} in memory: pass an instance "

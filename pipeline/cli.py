@@ -86,7 +86,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from krunch.evaluation import EvalOptions, default_task, evaluate, parse_task
-    from krunch.io import load_model
+    from krunch.sources import load_model
 
     set_threads(args.threads)
     if args.items is not None and args.items < 1:
@@ -141,8 +141,8 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.no_track:
         compress_and_save(job, out_dir)
         return 0
-    from krunch.tracking import TrackingError, configure, job_turn, preflight, track
-    from krunch.lineage import job_identity
+    from krunch.registry.tracking import TrackingError, configure, job_turn, preflight, track
+    from krunch.registry.lineage import job_identity
 
     with job_turn(configure(), job_identity(job)):  # on a sqlite store, runs of this job take turns
         checked = preflight(job)  # the server answers and the job is new, before any work
@@ -195,7 +195,7 @@ def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
 
 
 def run_models_list(args: argparse.Namespace) -> int:
-    from krunch.tracking import list_versions
+    from krunch.registry.tracking import list_versions
 
     rows = list_versions(args.name)
     columns = ("version", "aliases", "ratio", "metric", "before", "after", "delta", "source", "methods", "state")

@@ -39,8 +39,8 @@ def read_job() -> CompressionJob:
 def run(job: CompressionJob, out_dir: Path) -> dict:
     """Compress, track and register; return the result event's payload."""
     from krunch.run import run_compression
-    from krunch.lineage import quality
-    from krunch.tracking import preflight, track
+    from krunch.registry.lineage import quality
+    from krunch.registry.tracking import preflight, track
 
     emit("stage", stage="preflight")
     checked = preflight(job)

@@ -2,7 +2,7 @@
 assemble -> heal (optional) -> evaluate before and after -> save, returning the report.
 
 Each stage is a function of plain inputs; the per-layer stage runs through an
-executor (Ray by default, see krunch.distributed), the rest in this process.
+executor (Ray by default, see krunch.execution), the rest in this process.
 """
 
 from __future__ import annotations
@@ -20,29 +20,20 @@ import torch
 from krunch import __version__
 from krunch.artifact import WEIGHTS, save_compressed
 from krunch.assemble import assemble
-from krunch.budget import BudgetError, allocate
-from krunch.calibrate import calibration_batches, collect_grams
-from krunch.compress_layer import LayerResult
-from krunch.distributed.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
+from krunch.plan.budget import BudgetError, allocate
+from krunch.calibration.grams import calibration_batches, collect_grams
+from krunch.execution.layer import LayerResult
+from krunch.execution.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
 from krunch.errors import KrunchError
 from krunch.evaluation import EvalOptions, Task, default_task, evaluate
-from krunch.heal import HealResult, StepCallback
-from krunch.io import load_model
+from krunch.execution.heal import HealResult, StepCallback
+from krunch.sources import load_model
 from krunch.model import LoadedModel
+from krunch.results import BUDGET, REPORT, CompressionResult, Report
 from krunch.plan import LayerPlan, Plan, largest_saving_rank, make_plan
-from krunch.profile import layer_spectra, profile
+from krunch.plan.profile import layer_spectra, profile
 from krunch.sizes import bytes_without_bias, count_params, weight_bytes
 from krunch.spec import Calibration, CompressionJob, Recipe, SpecError
-
-REPORT = "report.json"
-BUDGET = "budget.json"  # target.bytesRatio: every layer's candidates and the one chosen
-
-
-@dataclass
-class CompressionResult:
-    report: dict[str, Any]
-    model: LoadedModel  # the compressed model, as saved
-
 
 @dataclass
 class Timings:
@@ -95,7 +86,7 @@ def allocate_target(recipe: Recipe, model: LoadedModel, plan: Plan, executor: Ex
 def allocate_bytes(recipe: Recipe, model: LoadedModel, plan: Plan, executor: Executor) -> Allocation:
     """target.bytesRatio: per layer, dense / factorised at a rank, in fp32 / int8 / int4, within the bytes.
     Each layer's candidate table (an SVD and a quantization per layout) is a task on the executor."""
-    from krunch.size_budget import applied, choose, quantize_configs, table_for
+    from krunch.plan.size_budget import applied, choose, quantize_configs, table_for
 
     target = recipe.target
     configs = quantize_configs(recipe.quantize)
@@ -182,7 +173,7 @@ def compress_layers(recipe: Recipe, executor: Executor, original: LoadedModel, p
     (which takes its own statistics, from the partly compressed model)."""
     calibration = recipe.calibration
     if calibration is not None and calibration.propagate:
-        from krunch.propagate import propagate
+        from krunch.calibration.propagate import propagate
 
         return propagate(executor, original, plan, ranks, calibration, progress)
     return executor.run(original, plan, calibration_grams(recipe, original, plan), ranks, progress, bar=show)
@@ -267,20 +258,21 @@ def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replac
 
 def build_report(job: CompressionJob, task: Task, original: LoadedModel, compressed: LoadedModel, plan: Plan,
                  results: list[LayerResult], metrics_before: dict, metrics_after: dict,
-                 timings: Timings, out_dir: Path) -> dict[str, Any]:  # fmt: skip
+                 timings: Timings, out_dir: Path) -> Report:  # fmt: skip
     allocated = {layer.name for layer in plan.allocated}
     rows = [r.row() for r in results]
     selected_before = sum(r.params_before for r in results)
     selected_after = sum(r.params_after for r in results)
-    report: dict[str, Any] = {
+    bytes_before, bytes_after = weight_bytes(original.module), weight_bytes(compressed.module)
+    report: Report = {
         "job": job.metadata.name,
         "source": job.spec.model.source,
         "source_version": original.metadata.get("registry_version"),  # the version a models:/ alias named when loaded
         "task": task.value,
         "params_before": count_params(original.module),
         "params_after": count_params(compressed.module),
-        "bytes_before": weight_bytes(original.module),
-        "bytes_after": weight_bytes(compressed.module),
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
         "file_bytes_after": (out_dir / WEIGHTS).stat().st_size,
         "selected_params_before": selected_before,
         "selected_params_after": selected_after,
@@ -289,11 +281,11 @@ def build_report(job: CompressionJob, task: Task, original: LoadedModel, compres
         "timings": timings.stages,
         "layers": rows,
         "versions": {"krunch": __version__, "torch": torch.__version__},
+        "compression_ratio": round(bytes_before / bytes_after, 4),
     }
     if allocated and job.spec.recipe.target.param_ratio is not None:  # bytesRatio reports itself (bytes_target_report)
         before = sum(r.params_before for r in results if r.name in allocated)
         after = sum(r.params_after for r in results if r.name in allocated)
         report["target"] = {"param_ratio": job.spec.recipe.target.param_ratio, "achieved_ratio": round(after / before, 5),
                             "layers": len(allocated), "params_before": before, "params_after": after}  # fmt: skip
-    report["compression_ratio"] = round(report["bytes_before"] / report["bytes_after"], 4)
     return report

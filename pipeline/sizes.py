@@ -1,12 +1,15 @@
-"""What a model stores: parameters (a quantized value counts as one) and bytes of its saved tensors."""
+"""The one place that counts: parameters (a quantized value counts as one), the bytes of saved tensors and
+quantized layouts, and what a model holds in memory."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import nn
 
-from krunch.runtime.base import QuantizedTensor
+from krunch.runtime.base import CompressedLayer, QuantizedTensor
+from krunch.runtime.quant import QuantFormat, packed_shape
 
 
 def count_params(module: nn.Module) -> int:
@@ -39,4 +42,44 @@ def weight_bytes(module: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def layer_params(module: nn.Module) -> int:
+    """A layer's own parameters (weight + bias), before compression."""
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def quantized_bytes(shape: tuple[int, ...], config: QuantFormat | Any) -> int:
+    """Bytes a QuantizedTensor of this shape stores: values (int8, or int4 packed), fp16 scales, uint8 zero points."""
+    layout = packed_shape(shape, config)
+    return math.prod(layout["values"]) + 2 * math.prod(layout["scale"]) + math.prod(layout["zero_point"])
+
+
+def stored_params(dense_params: int, replacement: nn.Module) -> int:
+    """Numbers the layer stores (weights + bias), counting a quantized value as one parameter."""
+    if not isinstance(replacement, CompressedLayer):
+        return dense_params
+    bias = getattr(replacement, "bias", None)
+    total = 0 if bias is None else bias.numel()
+    for name in replacement.factor_names:
+        factor = getattr(replacement, name)
+        total += math.prod(factor.shape) if isinstance(factor, QuantizedTensor) else factor.numel()
+    return total
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages the module's parameters, buffers and kernel packs hold in memory."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [*module.parameters(), *module.buffers()]
+    for sub in module.modules():
+        packed = getattr(sub, "_packed", None)
+        if packed is not None:
+            tensors += [t for t in (packed.weight, packed.scale, packed.offset, packed.ones) if t is not None]
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
     return total

@@ -255,6 +255,12 @@ class Task(enum.Enum):
     OCR = "ocr"
     IMAGE_AGREEMENT = "image-agreement"
 
+    @property
+    def primary_metric(self) -> tuple[str, bool]:
+        """The one number that says how good a model is at this task: (metrics key, True if higher is better)."""
+        return {"perplexity": ("perplexity", False), "embedding": ("lee50_pearson", True), "ocr": ("word_accuracy", True),
+                "image-agreement": ("top1_agreement", True)}[self.value]  # fmt: skip
+
 
 class Evaluation(_Model):
     task: str | None = Field(None, description="perplexity | embedding | ocr | image-agreement; default: the model's own")

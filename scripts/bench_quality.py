@@ -37,24 +37,25 @@ sys.path.insert(0, str(ROOT))
 
 from krunch.cli import write_json  # noqa: E402
 from krunch.run import evaluation_task, load_source, run_compression  # noqa: E402
-from krunch.distributed.executors import InProcessExecutor  # noqa: E402
+from krunch.execution.executors import InProcessExecutor  # noqa: E402
 from krunch.evaluation import EvalOptions, evaluate  # noqa: E402
 from krunch.model import LoadedModel  # noqa: E402
 from krunch.sizes import weight_bytes  # noqa: E402
-from krunch.spec import parse_job  # noqa: E402
+from krunch.spec import Task, parse_job  # noqa: E402
 
-# model -> (layers the recipes select, evaluation section, metric, higher is better, speed key)
+# model -> (layers the recipes select, evaluation section, speed key); the metric is the task's primary one
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"match": "model.layers.*", "evaluation": {"task": "perplexity", "data": "wikipedia", "tokens": 4096},
-                     "metric": "perplexity", "higher_better": False, "speed": "tokens_per_s", "note": "weights come from a 4-bit GGUF"},
-    "minilm-l6": {"match": "encoder.layer.*", "evaluation": {"task": "embedding"}, "metric": "lee50_pearson",
-                  "higher_better": True, "speed": "documents_per_s", "note": "", "secondary": "fidelity_mean_cosine"},
+                     "speed": "tokens_per_s", "note": "weights come from a 4-bit GGUF"},
+    "minilm-l6": {"match": "encoder.layer.*", "evaluation": {"task": "embedding"}, "speed": "documents_per_s", "note": "", "secondary": "fidelity_mean_cosine"},
     # convolutional models get their own rows only (EXTRA_ROWS): the generic rows factorise Linears
-    "easyocr-g2": {"match": None, "evaluation": {"task": "ocr", "items": 1000}, "metric": "word_accuracy",
-                   "higher_better": True, "speed": "words_per_s", "note": "1000 rendered news words"},
-    "mobilenet-v2": {"match": None, "evaluation": {"task": "image-agreement"}, "metric": "top1_agreement",
-                     "higher_better": True, "speed": "images_per_s", "note": "agreement with the fp32 model's top-1"},
+    "easyocr-g2": {"match": None, "evaluation": {"task": "ocr", "items": 1000},
+                   "speed": "words_per_s", "note": "1000 rendered news words"},
+    "mobilenet-v2": {"match": None, "evaluation": {"task": "image-agreement"},
+                     "speed": "images_per_s", "note": "agreement with the fp32 model's top-1"},
 }  # fmt: skip
+for _info in MODELS.values():
+    _info["metric"], _info["higher_better"] = Task(_info["evaluation"]["task"]).primary_metric
 CALIBRATION = {"data": "wikipedia", "tokens": 8192}
 PROPAGATED = {**CALIBRATION, "propagate": True}
 GPTQ = {"rounding": "gptq"}  # fed by error propagation: with the original model's Grams SmolLM2 int4 g64 got worse (36.1 vs 33.2)

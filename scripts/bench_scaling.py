@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from krunch.cli import write_json  # noqa: E402
-from krunch.distributed.executors import Execution, InProcessExecutor, RayExecutor  # noqa: E402
-from krunch.distributed.session import ray_session  # noqa: E402
+from krunch.execution.executors import Execution, InProcessExecutor, RayExecutor  # noqa: E402
+from krunch.execution.session import ray_session  # noqa: E402
 from krunch.plan import make_plan  # noqa: E402
 from krunch.spec import Recipe  # noqa: E402
 

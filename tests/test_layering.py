@@ -98,3 +98,16 @@ def test_validating_a_job_loads_the_methods_but_no_torch():
     loaded = loaded_after(f"import krunch.spec as s; {rules}")
     assert {"krunch.methods.svd", "krunch.methods.cp"} <= set(loaded)
     assert not {"torch", "tensorly"} & set(loaded)
+
+
+def test_the_registry_reads_the_typed_report_never_the_compression_stage():
+    edges = import_time_edges(module_files())
+    seen, stack = set(), [m for m in edges if m.startswith("krunch.registry")]
+    while stack:
+        module = stack.pop()
+        if module not in seen:
+            seen.add(module)
+            stack += edges[module]
+    stage = ("krunch.run", "krunch.api", "krunch.execution", "krunch.calibration", "krunch.plan", "krunch.decompose")
+    assert sorted(m for m in seen if any(m == s or m.startswith(f"{s}.") for s in stage)) == []
+    assert "krunch.results" in seen

@@ -9,29 +9,14 @@ import time
 import torch
 from torch import nn
 
+from krunch.sizes import tensor_bytes
+
 DECODE_PROMPT, DECODE_TOKENS, PREFILL_TOKENS = 64, 128, 512
 
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct storages the module's parameters, buffers and kernel packs hold in memory."""
-    seen: set[int] = set()
-    total = 0
-    tensors = [*module.parameters(), *module.buffers()]
-    for sub in module.modules():
-        packed = getattr(sub, "_packed", None)
-        if packed is not None:
-            tensors += [t for t in (packed.weight, packed.scale, packed.offset, packed.ones) if t is not None]
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
 
 
 def generate(module: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ class QuantizeOnly(CompressionMethod):
             if quantize.rounding is Rounding.GPTQ:
                 if gram is None:
                     raise ValueError("gptq rounding needs the calibration Gram matrix of the layer's inputs")
-                from krunch.gptq import gptq_quantize
+                from krunch.decompose.gptq import gptq_quantize
 
                 codes = gptq_quantize(module.weight, gram, quantize)
             return QuantizedLinear.from_dense(module, quantize, codes)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from krunch.architectures.crnn import EASYOCR_EN_CHARACTERS, CRNNRecognizer
-from krunch.weights import load_strict, read_state_dict, strip_prefix
+from krunch.sources.weights import load_strict, read_state_dict, strip_prefix
 from krunch.model import LoadedModel, ModelKind
 from krunch.zoo.registry import package_dir, register, require_file
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from krunch.hf import load_hf_directory
+from krunch.sources.hf import load_hf_directory
 from krunch.model import LoadedModel
 from krunch.zoo.registry import package_dir, register
 

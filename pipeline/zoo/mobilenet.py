@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from krunch.architectures.mobilenet_v2 import MobileNetV2
-from krunch.weights import load_strict, read_state_dict
+from krunch.sources.weights import load_strict, read_state_dict
 from krunch.model import LoadedModel, ModelKind
 from krunch.zoo.registry import package_dir, register, require_file
 

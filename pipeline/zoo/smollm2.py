@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from krunch.cache import atomic_directory, cache_path
-from krunch.hf import load_hf_directory
+from krunch.sources.hf import load_hf_directory
 from krunch.model import LoadedModel
 from krunch.zoo.registry import package_dir, register, require_file
 

@@ -13,7 +13,7 @@ import krunch
 import krunch.api
 from krunch.data.similarity import lee_documents
 from krunch.errors import KrunchError
-from krunch.evaluation.speed import tensor_bytes
+from krunch.sizes import tensor_bytes
 from krunch.runtime.quantized import QuantizedLinear
 from krunch.runtime.linear import LowRankLinear, PivotedLowRankLinear
 

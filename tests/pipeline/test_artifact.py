@@ -9,7 +9,7 @@ import torch
 
 from krunch.artifact import load_compressed, save_compressed
 from krunch.assemble import assemble
-from krunch.compress_layer import compress_layer
+from krunch.execution.layer import compress_layer
 from krunch.errors import ModelSourceError
 from krunch.plan import make_plan
 from krunch.spec import Recipe

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from krunch.budget import BudgetError, LayerProfile, RankOption, allocate
+from krunch.plan.budget import BudgetError, LayerProfile, RankOption, allocate
 
 
 def svd_like(name: str, decay: float, size: int = 64) -> LayerProfile:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from krunch.calibrate import calibration_batches
+from krunch.calibration.grams import calibration_batches
 from krunch.data.text import Split, token_slice
 from krunch.spec import Calibration
 
@@ -37,7 +37,7 @@ def test_causal_lm_windows_are_plain_text(smollm2):
 def test_conv_input_rows_are_the_patches_its_kernel_multiplies(easyocr):
     """A Conv2d's Gram is over its input patches, in the order of weight.reshape(out, -1): the conv's output
     is that matrix times the rows, at every position (stride and padding included)."""
-    from krunch.calibrate import input_rows
+    from krunch.calibration.grams import input_rows
 
     conv = easyocr.module.FeatureExtraction.ConvNet[3]
     strided = torch.nn.Conv2d(32, 64, 3, stride=2, padding=1)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from krunch.run import calibration_grams
-from krunch.distributed.executors import InProcessExecutor, RayExecutor
-from krunch.gptq import gptq_quantize
+from krunch.execution.executors import InProcessExecutor, RayExecutor
+from krunch.decompose.gptq import gptq_quantize
 from krunch.runtime.quantized import QuantizedLinear
 from krunch.plan import make_plan
-from krunch.propagate import propagate
+from krunch.calibration.propagate import propagate
 from krunch.runtime.quant import quantize
 from krunch.spec import Calibration, CompressionJob, QuantizeConfig, Rounding, SpecError, parse_job
 from tests.pipeline.test_propagate import compressed, held_out_error

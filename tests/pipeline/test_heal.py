@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from krunch.assemble import assemble
-from krunch.calibrate import calibration_batches, text_batches
+from krunch.calibration.grams import calibration_batches, text_batches
 from krunch.run import allocate_ranks, calibration_grams
 from krunch.data.text import Split
-from krunch.distributed.executors import InProcessExecutor, RayExecutor
-from krunch.heal import distillation_loss, heal, model_output, trainable_names
+from krunch.execution.executors import InProcessExecutor, RayExecutor
+from krunch.execution.heal import distillation_loss, heal, model_output, trainable_names
 from krunch.runtime.base import QuantizedTensor
 from krunch.model import LoadedModel
 from krunch.plan import make_plan

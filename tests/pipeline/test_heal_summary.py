@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from krunch.heal import HealResult
+from krunch.execution.heal import HealResult
 from krunch.report import _loss_means
 from krunch.spec import Heal
 

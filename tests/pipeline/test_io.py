@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from krunch.errors import ModelSourceError
-from krunch.io import load_model
+from krunch.sources import load_model
 from krunch.zoo import ModelKind
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import krunch
 from krunch.errors import ModelSourceError
-from krunch.io import load_model
+from krunch.sources import load_model
 
 MARKER = Path(os.environ.get("KRUNCH_TEST_MARKER", "/tmp/krunch-manifest-marker"))
 FACTORY = f"{__name__}:build"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from krunch.run import allocate_ranks, calibration_grams
-from krunch.compress_layer import compress_layer
+from krunch.execution.layer import compress_layer
 from krunch.decompose.pivot import pivoted, pivoted_params
 from krunch.decompose.svd import truncated_svd
 from krunch.plan import factorised_params, make_plan

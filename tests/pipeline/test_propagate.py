@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from krunch.assemble import assemble
-from krunch.calibrate import text_batches
+from krunch.calibration.grams import text_batches
 from krunch.run import calibration_grams
 from krunch.data.text import Split
-from krunch.distributed.executors import InProcessExecutor, RayExecutor
+from krunch.execution.executors import InProcessExecutor, RayExecutor
 from krunch.plan import make_plan
-from krunch.propagate import find_blocks, first_block_inputs, propagate, refitted_weight, stages_of
+from krunch.calibration.propagate import find_blocks, first_block_inputs, propagate, refitted_weight, stages_of
 from krunch.spec import Calibration, CompressionJob, SpecError, parse_job
 
 pytestmark = pytest.mark.slow

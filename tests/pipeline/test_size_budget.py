@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from krunch.run import allocate_target
-from krunch.compress_layer import compress_layer
-from krunch.size_budget import Candidate, pareto_front
+from krunch.execution.layer import compress_layer
+from krunch.plan.size_budget import Candidate, pareto_front
 from krunch.sizes import bytes_without_bias
 from krunch.spec import CompressionJob, QuantizeConfig, SpecError, parse_job
 
@@ -78,7 +78,7 @@ def _plan(model):
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_candidate_tables_computed_as_ray_tasks_equal_the_in_process_ones(minilm):
-    from krunch.distributed.executors import RayExecutor
+    from krunch.execution.executors import RayExecutor
 
     plan = _plan(minilm)
     local = allocate_target(job({"bytesRatio": 0.2}).spec.recipe, minilm, plan).budget

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from krunch.errors import ModelSourceError, UnsafeCheckpointError
-from krunch.weights import load_strict, read_state_dict, strip_prefix
+from krunch.sources.weights import load_strict, read_state_dict, strip_prefix
 
 
 class _SideEffect:

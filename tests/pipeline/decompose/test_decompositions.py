@@ -45,7 +45,7 @@ def test_svd_error_falls_with_rank_and_full_rank_is_exact(minilm_ffn_weight, ran
 @pytest.fixture(scope="module")
 def ffn_gram(minilm) -> torch.Tensor:
     """X^T X of the real inputs of MiniLM layer 2's intermediate dense, on calibration text."""
-    from krunch.calibrate import collect_grams
+    from krunch.calibration.grams import collect_grams
     from krunch.spec import Calibration
 
     name = "encoder.layer.2.intermediate.dense"
@@ -120,7 +120,7 @@ OCR_CONV = "FeatureExtraction.ConvNet.11"  # the easyocr_conv_weight kernel
 
 def held_out_patch_gram(easyocr, count: int) -> torch.Tensor:
     """X^T X of the conv's input patches on words from the evaluation half of the vocabulary (never calibrated on)."""
-    from krunch.calibrate import input_rows
+    from krunch.calibration.grams import input_rows
     from krunch.data.ocr_words import word_images
     from krunch.evaluation.ocr import pad_right_replicating
 
@@ -137,7 +137,7 @@ def held_out_patch_gram(easyocr, count: int) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_activation_aware_tucker_lowers_output_error_on_held_out_words(easyocr, easyocr_conv_weight):
-    from krunch.calibrate import collect_grams
+    from krunch.calibration.grams import collect_grams
     from krunch.spec import Calibration
 
     w, matrix = easyocr_conv_weight, easyocr_conv_weight.reshape(easyocr_conv_weight.shape[0], -1)

@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from krunch.cli import main
-from krunch.io import load_model
+from krunch.sources import load_model
 
 LEFT_OUT = ("krunch", "__editable__", "tensorly", "ray", "kopf")  # distributions the consumer must not see
 REGISTERED = f"minilm-int8-{uuid.uuid4().hex[:6]}"

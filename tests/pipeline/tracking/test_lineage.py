@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from krunch.lineage import flatten, job_identity, method_summary, quality_delta, recipe_hash, version_tags
+from krunch.registry.lineage import flatten, job_identity, method_summary, quality_delta, recipe_hash, version_tags
 from krunch.spec import SpecError, parse_job
 
 JOB = {

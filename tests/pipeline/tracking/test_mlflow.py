@@ -12,10 +12,10 @@ import yaml
 from mlflow import MlflowClient
 
 from krunch.cli import main
-from krunch.io import load_model
-from krunch.lineage import job_identity, recipe_hash
+from krunch.sources import load_model
+from krunch.registry.lineage import job_identity, recipe_hash
 from krunch.spec import Registry, load_job
-from krunch.tracking import configure, register, use_experiment
+from krunch.registry.tracking import configure, register, use_experiment
 
 REGISTERED = f"ocr-small-{uuid.uuid4().hex[:6]}"  # unique per session: KRUNCH_TEST_MLFLOW_URI may be a shared server
 UID = str(uuid.uuid4())
@@ -174,7 +174,7 @@ def test_without_a_tracking_uri_the_store_is_a_sqlite_file_here_with_artifacts_b
 
 def test_a_server_lost_after_compression_fails_the_job_after_bounded_retries_and_keeps_the_model(ray_cluster, tmp_path_factory, monkeypatch):
     from krunch.run import run_compression
-    from krunch.tracking import TrackingError, preflight, track
+    from krunch.registry.tracking import TrackingError, preflight, track
     from tests.mlflow_server import local_mlflow_server
 
     root = tmp_path_factory.mktemp("lost-server")

@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from krunch.cli import main
-from krunch.tracking import STATE_TAG, list_versions
+from krunch.registry.tracking import STATE_TAG, list_versions
 from tests.pipeline.tracking.test_mlflow import ocr_job
 
 KRUNCH = Path(sys.executable).with_name("krunch")

@@ -17,7 +17,7 @@ def load_registered(reference: str, factory: str | None = None) -> LoadedModel:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from krunch.tracking import configure, parse_models_uri, registry_version, version_files_uri
+    from krunch.registry.tracking import configure, parse_models_uri, registry_version, version_files_uri
 
     name, version, alias = parse_models_uri(reference)  # the shape first: a clear error without touching the server
     configure()

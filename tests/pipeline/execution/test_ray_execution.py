@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from krunch.run import allocate_ranks, calibration_grams
-from krunch.distributed.executors import Execution, InProcessExecutor, LayerFailedError, RayExecutor
-from krunch.distributed.faults import FaultInjection
+from krunch.execution.executors import Execution, InProcessExecutor, LayerFailedError, RayExecutor
+from krunch.execution.faults import FaultInjection
 from krunch.plan import make_plan
 from krunch.spec import SpecError
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from krunch.decompose.ranks import error_budget, rank_for_error
 from krunch.plan import LayerPlan, params_for_ranks, saving_problem
-from krunch.runtime.base import CompressedLayer, QuantizedTensor
+from krunch.runtime.base import CompressedLayer
+from krunch.sizes import stored_params
 from krunch.spec import SpecError
 
 
@@ -78,7 +79,7 @@ def compress_layer(plan: LayerPlan, module: nn.Module, gram: torch.Tensor | None
             replacement = plan.implementation.build(plan, module, ranks or [], gram)
         rel_error = relative_error(replacement, module.weight)
     rank: int | list[int] | None = ranks if ranks is None or len(ranks) > 1 else ranks[0]
-    return LayerResult(plan.name, plan.method, rank, plan.params, _logical_params(plan, replacement), rel_error,
+    return LayerResult(plan.name, plan.method, rank, plan.params, stored_params(plan.params, replacement), rel_error,
                        time.perf_counter() - start, replacement)  # fmt: skip
 
 
@@ -87,15 +88,3 @@ def relative_error(replacement: nn.Module, weight: torch.Tensor) -> float:
     with torch.no_grad():
         dense = replacement.to_dense() if isinstance(replacement, CompressedLayer) else weight
         return float((dense - weight).norm() / weight.norm().clamp(min=1e-30))
-
-
-def _logical_params(plan: LayerPlan, replacement: nn.Module) -> int:
-    """Numbers the layer stores (weights + bias), counting a quantized value as one parameter."""
-    if not isinstance(replacement, CompressedLayer):
-        return plan.params
-    bias = getattr(replacement, "bias", None)
-    total = 0 if bias is None else bias.numel()
-    for name in replacement.factor_names:
-        factor = getattr(replacement, name)
-        total += math.prod(factor.shape) if isinstance(factor, QuantizedTensor) else factor.numel()
-    return total

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from krunch.distributed.session import RaySession
+from krunch.execution.session import RaySession
 from krunch.errors import KrunchError
-from krunch.heal import Batch, HealResult, Replica, StepCallback, check_healable, healing
+from krunch.execution.heal import Batch, HealResult, Replica, StepCallback, check_healable, healing
 from krunch.model import ModelKind
 from krunch.spec import Heal, SpecError
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from krunch.errors import ModelSourceError
-from krunch.hf import load_hf_directory
-from krunch.weights import SAFETENSORS_SUFFIXES, load_strict, read_state_dict
+from krunch.sources.hf import load_hf_directory
+from krunch.sources.weights import SAFETENSORS_SUFFIXES, load_strict, read_state_dict
 from krunch.zoo import LoadedModel, load_zoo_model
 
 REFERENCE_FORMS = ("zoo:NAME, hf:DIR, file:PATH (with a module:callable factory), krunch:DIR (a compressed model), "
@@ -38,7 +38,7 @@ def load_model(reference: str, factory: str | None = None) -> LoadedModel:
 
         return load_compressed(Path(rest).expanduser(), reference, factory=factory)
     if scheme == "models":
-        from krunch.registry_source import load_registered
+        from krunch.sources.registered import load_registered
 
         return load_registered(reference, factory)
     raise ModelSourceError(reference, f"unknown reference scheme {scheme!r}; use {REFERENCE_FORMS}")

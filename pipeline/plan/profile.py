@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from krunch.budget import LayerProfile, RankOption
+from krunch.plan.budget import LayerProfile, RankOption
 from krunch.decompose.ranks import tail_fraction
 from krunch.plan import LayerPlan, factorised_params, largest_saving_rank, plan_rank_caps
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krunch.calibrate import Batch
+from krunch.calibration.grams import Batch
 from krunch.runtime.base import CompressedLayer
 from krunch.model import ModelKind
 from krunch.spec import Heal, SpecError

@@ -19,6 +19,7 @@ from torch import nn
 
 from krunch import methods
 from krunch.methods import LayerKind
+from krunch.sizes import layer_params
 from krunch.spec import LowRankForm, QuantizeConfig, RankRule, Recipe, Rounding, Rule, SpecError, Target
 
 _KINDS = {nn.Linear: LayerKind.LINEAR, nn.Conv2d: LayerKind.CONV2D, nn.Embedding: LayerKind.EMBEDDING}
@@ -89,10 +90,6 @@ class Plan:
 
 def module_kind(module: nn.Module) -> LayerKind | None:
     return _KINDS.get(type(module))
-
-
-def layer_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False))
 
 
 def make_plan(model: nn.Module, recipe: Recipe) -> Plan:

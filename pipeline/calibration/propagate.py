@@ -28,9 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from krunch.assemble import swap_module
-from krunch.calibrate import ROWS_CHUNK, Batch, calibration_batches, collect_grams, input_rows
-from krunch.compress_layer import LayerResult, relative_error
-from krunch.distributed.executors import Execution, Executor, ProgressCallback
+from krunch.calibration.grams import ROWS_CHUNK, Batch, calibration_batches, collect_grams, input_rows
+from krunch.execution.layer import LayerResult, relative_error
+from krunch.execution.executors import Execution, Executor, ProgressCallback
 from krunch.model import LoadedModel, ModelKind
 from krunch.plan import LayerPlan, Plan
 from krunch.spec import Calibration

@@ -10,7 +10,7 @@ real weight errors are larger and their output errors smaller than this
 estimate). Only candidates smaller than the dense fp32 weight
 are offered, and no factorisation below the rule's floor (dense int8/int4 keep
 every parameter). The table goes through the same Lagrangian allocator as
-paramRatio (`krunch.budget.allocate`), with bytes as the cost.
+paramRatio (`krunch.plan.budget.allocate`), with bytes as the cost.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from krunch.budget import LayerProfile, RankOption, allocate
+from krunch.plan.budget import LayerProfile, RankOption, allocate
 from krunch.plan import LayerPlan, factorised_params, largest_saving_rank
-from krunch.profile import profile
-from krunch.runtime.quant import dequantize, packed_shape, quantize
+from krunch.plan.profile import profile
+from krunch.runtime.quant import dequantize, quantize
+from krunch.sizes import quantized_bytes
 from krunch.methods import QUANTIZE_ONLY
 from krunch.spec import QuantizeConfig
 
@@ -70,12 +71,6 @@ def quantize_configs(recipe_quantize: QuantizeConfig | None) -> list[QuantizeCon
     (gptq reaches the layers kept dense; factors are rounded to nearest)."""
     base = recipe_quantize or QuantizeConfig()
     return [base.model_copy(update={"bits": bits, "group_size": group}) for bits, group in LAYOUTS]
-
-
-def quantized_bytes(shape: tuple[int, ...], config: QuantizeConfig) -> int:
-    """Bytes a QuantizedTensor of this shape stores: values (int8, or int4 packed), fp16 scales, uint8 zero points."""
-    layout = packed_shape(shape, config)
-    return math.prod(layout["values"]) + 2 * math.prod(layout["scale"]) + math.prod(layout["zero_point"])
 
 
 def factor_shapes(plan: LayerPlan, rank: int) -> list[tuple[int, ...]] | None:
@@ -124,7 +119,7 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
 
 def table_for(plan: LayerPlan, weight: torch.Tensor, configs: list[QuantizeConfig]) -> LayerTable:
     """One layer's whole table from its weight alone: the unit of work a Ray task runs."""
-    from krunch.profile import layer_spectra
+    from krunch.plan.profile import layer_spectra
 
     return layer_table(plan, weight, layer_spectra(plan, weight), configs)
 

@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from krunch.compress_layer import LayerResult, compress_layer
-from krunch.distributed.faults import FaultInjection
+from krunch.execution.layer import LayerResult, compress_layer
+from krunch.execution.faults import FaultInjection
 from krunch.model import LoadedModel
 from krunch.plan import LayerPlan, Plan
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from krunch import __version__
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # pipeline/, installed as krunch
 # Everything a pickled compressed model refers to, and nothing else.
 RUNTIME_PACKAGES = ("runtime", "architectures")
 RUNTIME_INIT = f'''"""krunch {__version__}: the runtime subset shipped with a registered model (torch only)."""

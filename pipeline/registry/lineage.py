@@ -13,16 +13,10 @@ from collections import Counter
 from typing import Any
 
 from krunch import __version__
-from krunch.spec import CompressionJob
+from krunch.spec import CompressionJob, Task
 
 TAG_PREFIX = "krunch."
-# The one number per task that says "how good": (metric key, True when higher is better).
-PRIMARY_METRIC = {
-    "perplexity": ("perplexity", False),
-    "embedding": ("lee50_pearson", True),
-    "ocr": ("word_accuracy", True),
-    "image-agreement": ("top1_agreement", True),
-}
+PRIMARY_METRIC = {task.value: task.primary_metric for task in Task}  # by the report's task name
 
 
 def _digest(document: Any) -> str:

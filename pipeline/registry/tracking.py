@@ -34,10 +34,10 @@ from urllib.parse import urlparse
 import yaml
 
 from krunch.artifact import MANIFEST, WEIGHTS
-from krunch.run import BUDGET, REPORT, CompressionResult
+from krunch.results import BUDGET, REPORT, CompressionResult
 from krunch.errors import KrunchError, require_extra
-from krunch.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
-from krunch.portable import pip_requirements, runtime_code
+from krunch.registry.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
+from krunch.registry.portable import pip_requirements, runtime_code
 from krunch.spec import CompressionJob
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded default: a file in the working directory
@@ -254,7 +254,7 @@ def log_heal_curve(run_id: str, heal: dict[str, Any], job_name: str) -> None:
     import mlflow
     from mlflow.entities import Metric
 
-    from krunch.plots import heal_figure
+    from krunch.registry.plots import heal_figure
 
     now = int(time.time() * 1000)
     series = [Metric("heal.loss", float(loss), now, step) for step, loss in enumerate(heal["losses"], start=1)]
@@ -287,7 +287,7 @@ def track(job: CompressionJob, result: CompressionResult, out_dir: Path, checked
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from krunch.plots import layer_figure
+    from krunch.registry.plots import layer_figure
 
     report = result.report
     try:
@@ -357,7 +357,7 @@ def _log_quality_size(job: CompressionJob, report: dict[str, Any], version: str)
     """This version next to the registered model's other versions, on size and quality."""
     import mlflow
 
-    from krunch.plots import VersionPoint, quality_size_figure
+    from krunch.registry.plots import VersionPoint, quality_size_figure
 
     metric, before, _ = quality(report)
     if not metric:

@@ -65,7 +65,7 @@ def ray_session(address: str | None = None) -> Iterator[RaySession]:
 
 
 def _import_layer_code() -> int:
-    import krunch.distributed.tasks  # noqa: F401 - torch, tensorly and the decompositions
+    import krunch.execution.tasks  # noqa: F401 - torch, tensorly and the decompositions
 
     return os.getpid()
 

@@ -21,13 +21,13 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from krunch.compress_layer import LayerResult
-from krunch.distributed.faults import FaultInjection
-from krunch.distributed.session import RaySession, ray_session
-from krunch.distributed.healing import heal_on_ray
-from krunch.distributed.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task, torch_threads
+from krunch.execution.layer import LayerResult
+from krunch.execution.faults import FaultInjection
+from krunch.execution.session import RaySession, ray_session
+from krunch.execution.healing import heal_on_ray
+from krunch.execution.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task, torch_threads
 from krunch.errors import KrunchError
-from krunch.heal import Batch, HealResult, StepCallback, heal, load_healed
+from krunch.execution.heal import Batch, HealResult, StepCallback, heal, load_healed
 from krunch.model import LoadedModel
 from krunch.plan import LayerPlan, Plan
 from krunch.spec import Heal, Resources, SpecError

@@ -1,0 +1,1 @@
+"""The MLflow side: runs, registered versions and their lineage, plots, and what consumers load."""
