@@ -8,6 +8,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -181,12 +182,13 @@ def compress_and_save(job, out_dir: Path):  # noqa: ANN001, ANN201 - a Compressi
 def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     """Everything that can be checked without compressing: the spec, the source model, the rules' matches,
     fixed ranks against break-even. The same job file `kubectl apply` takes."""
-    from krunch.run import load_source
+    from krunch.run import evaluation_task, load_source
     from krunch.plan import make_plan
     from krunch.report import format_plan, format_stages
 
     model = load_source(job)
     plan = make_plan(model.module, job.spec.recipe)
+    evaluation_task(job, model)
     print(format_plan(job.metadata.name, job.spec.model.source, plan))
     if stages := format_stages(job.spec.recipe):
         print(stages)
@@ -216,6 +218,18 @@ def run_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def storage_cause(err: BaseException | None) -> OSError | None:
+    """The full or read-only disk behind an error, however deep in its chain (a sqlite store on a full disk
+    reports its own 'database or disk is full' on top of the OSError that started it)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            return err
+        if "database or disk is full" in str(err):
+            return OSError(errno.ENOSPC, "no space left on device (the sqlite tracking store)")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -233,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # anything else: one line, the traceback only on request
         if args.debug:
             raise
+        if (cause := storage_cause(err)) is not None:
+            where = cause.filename or "the output or tracking store"
+            print(f"krunch: error: {where}: {cause.strerror}; nothing partial was kept in the output directory", file=sys.stderr)
+            return EXIT_FAILURE
         detail = " ".join(str(err).split())[:400]
         print(f"krunch: error: {type(err).__name__}: {detail} (run again with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILURE

@@ -26,6 +26,7 @@ from krunch.execution.layer import LayerResult
 from krunch.execution.executors import Execution, Executor, InProcessExecutor, ProgressCallback, RayExecutor
 from krunch.errors import KrunchError
 from krunch.evaluation import EvalOptions, Task, default_task, evaluate
+from krunch.evaluation.tasks import task_spec
 from krunch.execution.heal import HealResult, StepCallback
 from krunch.sources import load_model
 from krunch.model import LoadedModel
@@ -54,7 +55,22 @@ def load_source(job: CompressionJob) -> LoadedModel:
 
 
 def evaluation_task(job: CompressionJob, model: LoadedModel) -> Task:
-    return Task(job.spec.evaluation.task) if job.spec.evaluation.task else default_task(model)
+    """The job's task, with the evaluation and calibration fields it would ignore refused (before any work)."""
+    task = Task(job.spec.evaluation.task) if job.spec.evaluation.task else default_task(model)
+    wanted = task_spec(task).kind
+    if model.kind is not None and model.kind is not wanted:
+        raise SpecError("spec.evaluation.task", f"{task.value} needs a {wanted.value} model; {job.spec.model.source} is a {model.kind.value}")
+    evaluation = job.spec.evaluation
+    if task is not Task.PERPLEXITY:
+        for field in ("data", "tokens"):
+            if field in evaluation.model_fields_set:
+                raise SpecError(f"spec.evaluation.{field}", f"applies to the perplexity task only; the {task.value} task "
+                                                             "reads its own data sets and would ignore it")  # fmt: skip
+    calibration = job.spec.recipe.calibration
+    for field, value in (("spec.evaluation.data", evaluation.data), ("spec.recipe.calibration.data", calibration and calibration.data)):
+        if isinstance(value, str) and value.startswith("file:") and not Path(value.removeprefix("file:")).expanduser().is_file():
+            raise SpecError(field, f"{value}: file not found")
+    return task
 
 
 def calibration_grams(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, torch.Tensor]:
@@ -211,7 +227,7 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     compressed = result.model
 
     options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
-    metrics_before = evaluate(original, task, options)
+    metrics_before = evaluate(original, task, options, reference=original)  # a task comparing with a reference: itself
     metrics_after = evaluate(compressed, task, options, reference=original)
     start = timings.record("evaluate", start)
 

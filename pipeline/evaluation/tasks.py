@@ -79,6 +79,7 @@ def evaluate(
         )
     if reference is None and spec.needs_reference:
         if model.kind is None:
-            raise KrunchError(model.reference, f"task {task.value} compares with a reference model; pass --reference")
+            raise KrunchError(model.reference, f"task {task.value} compares with a reference model; give one (krunch eval --reference; "
+                                              "a job compares with its source)")
         reference = model
     return spec.run(model, options, reference)

@@ -205,9 +205,24 @@ def preflight(job: CompressionJob) -> Preflight:
     try:
         existing = find_version(job.spec.registry.name, identity) if job.spec.registry else None
         completed = existing is not None and complete_registration(job, existing)
+        if existing is None:
+            fail_abandoned_runs(uri, identity)
     except MlflowException as err:
         raise TrackingError(f"MLFLOW_TRACKING_URI={uri}", _mlflow_reason(err)) from None
     return Preflight(uri, identity, existing, completed)
+
+
+def fail_abandoned_runs(uri: str, identity: str) -> None:
+    """Runs of this job that a dead process left RUNNING (before any version existed) are marked FAILED: this
+    attempt supersedes them. Runs of one job take turns on a sqlite store (`job_turn`); on a server the
+    operator runs one attempt of a resource at a time."""
+    client = _client()
+    experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    if experiment is None:
+        return
+    for run in client.search_runs([experiment.experiment_id], f"tags.`{TAG_PREFIX}job_id` = '{identity}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, f"{TAG_PREFIX}failure", "abandoned: its process ended before registering; a later attempt superseded it")
+        client.set_terminated(run.info.run_id, "FAILED")
 
 
 def complete_registration(job: CompressionJob, version: str) -> bool:

@@ -120,3 +120,27 @@ def test_a_rerun_replaces_its_output_whole_and_ctrl_c_leaves_it_untouched(tmp_pa
     assert not list(tmp_path.glob(".out.*")), "a staging directory was left behind"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "fragments"),
+    [
+        ("{tokens: 100000}", ["spec.evaluation.tokens", "perplexity task only"]),
+        ("{data: file:/nonexistent/text.txt}", ["spec.evaluation.data", "perplexity task only"]),
+        ("{task: perplexity, data: file:/nonexistent/text.txt}", ["spec.evaluation.task", "needs a causal-lm model"]),
+    ],
+)
+def test_evaluation_fields_the_task_would_ignore_are_refused(tmp_path, evaluation, fragments):
+    job = job_file(tmp_path).read_text().replace("evaluation: {items: 4}", f"evaluation: {evaluation}")
+    (tmp_path / "job.yaml").write_text(job)
+    assert_one_line_error(krunch("compress", str(tmp_path / "job.yaml"), "--dry-run"), *fragments)
+
+
+def test_missing_calibration_files_are_refused_by_the_dry_run(tmp_path):
+    job = job_file(tmp_path).read_text().replace(
+        '      - {match: "classifier.1", method: svd, rank: {fixed: 64}}',
+        '      - {match: "classifier.1", method: svd, activationAware: true, rank: {fixed: 64}}\n'
+        "    calibration: {data: file:/nonexistent/images}",
+    )
+    (tmp_path / "job.yaml").write_text(job)
+    assert_one_line_error(krunch("compress", str(tmp_path / "job.yaml"), "--dry-run"), "spec.recipe.calibration.data", "file not found")

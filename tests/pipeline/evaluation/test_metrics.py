@@ -42,5 +42,5 @@ def test_task_names_and_kind_checks():
     with pytest.raises(KrunchError, match="task perplexity needs a causal-lm model, this is a image-classifier"):
         evaluate(image_model, Task.PERPLEXITY)
     bare = LoadedModel("file:x", torch.nn.Linear(2, 2))
-    with pytest.raises(KrunchError, match="compares with a reference model; pass --reference"):
+    with pytest.raises(KrunchError, match="compares with a reference model; give one"):
         evaluate(bare, Task.IMAGE_AGREEMENT, EvalOptions())
