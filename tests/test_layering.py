@@ -43,7 +43,8 @@ def import_time_edges(modules: dict[str, Path]) -> dict[str, set[str]]:
                     targets |= {f"{sub.module}.{alias.name}" for alias in sub.names}
                 elif isinstance(sub, ast.Import):
                     targets |= {alias.name for alias in sub.names}
-        edges[name] = {t for t in targets if t in modules and t != name}
+        parents = {".".join(t.split(".")[:i]) for t in targets for i in range(2, t.count(".") + 1)}  # importing a.b.c runs a.b
+        edges[name] = {t for t in targets | parents if t in modules and t != name and not name.startswith(f"{t}.")}
     return edges
 
 

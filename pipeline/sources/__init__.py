@@ -15,9 +15,9 @@ from pathlib import Path
 from torch import nn
 
 from krunch.errors import ModelSourceError
+from krunch.model import LoadedModel
 from krunch.sources.hf import load_hf_directory
 from krunch.sources.weights import SAFETENSORS_SUFFIXES, load_strict, read_state_dict
-from krunch.zoo import LoadedModel, load_zoo_model
 
 REFERENCE_FORMS = ("zoo:NAME, hf:DIR, file:PATH (with a module:callable factory), krunch:DIR (a compressed model), "
                    "models:/NAME/VERSION or models:/NAME@ALIAS (a version krunch registered in MLflow)")
@@ -28,6 +28,8 @@ def load_model(reference: str, factory: str | None = None) -> LoadedModel:
     if not rest:
         raise ModelSourceError(reference, f"not a model reference; use {REFERENCE_FORMS}")
     if scheme == "zoo":
+        from krunch.zoo import load_zoo_model  # the zoo's loaders build on this package's readers
+
         return load_zoo_model(rest)
     if scheme == "hf":
         return load_hf_directory(Path(rest).expanduser(), reference)
