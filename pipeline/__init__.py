@@ -3,6 +3,7 @@
     import krunch
     result = krunch.compress(model, recipe, calibration=texts, tokenizer=tokenizer)
     krunch.save(result, "out/")
+    krunch.register(result, "my-model", alias="candidate")   # a new MLflow version
 
 The functions are imported on first use, so `import krunch` stays light (the operator and the consumer
 runtime import parts of this package without torch's compression stack). The operator is
@@ -14,10 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Compressed", "compress", "evaluate", "load", "save"]
+__all__ = ["Compressed", "compress", "evaluate", "load", "register", "save"]
 
 if TYPE_CHECKING:
-    from krunch.api import Compressed, compress, evaluate
+    from krunch.api import Compressed, compress, evaluate, register
     from krunch.store import load, save
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from krunch import __version__
 from krunch.artifact import MEMORY
 from krunch.calibration.grams import Batch
 from krunch.run import allocate_target, assembled, compress_layers, heal_stage
@@ -36,6 +37,7 @@ from krunch.errors import KrunchError
 from krunch.execution.heal import HealResult, StepCallback
 from krunch.model import LoadedModel, ModelKind
 from krunch.plan import Plan, make_plan
+from krunch.sizes import count_params, weight_bytes
 from krunch.spec import Calibration, Recipe, Resources, SpecError
 from krunch.store import load, save  # noqa: F401  (part of this API)
 
@@ -53,6 +55,8 @@ class Compressed:
     budget: dict[str, Any] | None = None  # target.bytesRatio: every layer's candidates and the one chosen
     heal: HealResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    source_params: int = 0  # the original's, for the report `krunch.register` records
+    source_bytes: int = 0
 
     @property
     def module(self) -> nn.Module:
@@ -167,7 +171,8 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
             healed = heal_stage(recipe, executor, compressed, original, on_heal_step, progress)
             timings["heal_s"] = round(time.perf_counter() - healing, 3)
     timings["compress_s"] = round(time.perf_counter() - started, 3)
-    return Compressed(compressed, recipe, allocation.plan, execution.results, tied, execution.info, allocation.budget, healed, timings)
+    return Compressed(compressed, recipe, allocation.plan, execution.results, tied, execution.info, allocation.budget, healed,
+                      timings, count_params(original.module), weight_bytes(original.module))  # fmt: skip
 
 
 def evaluate(model: nn.Module | LoadedModel, task: str, *, tokenizer: Any = None, reference: nn.Module | LoadedModel | None = None,
@@ -180,3 +185,63 @@ def evaluate(model: nn.Module | LoadedModel, task: str, *, tokenizer: Any = None
     options = EvalOptions(data=data, items=items, **({"tokens": tokens} if tokens else {}))
     loaded = as_loaded(model, tokenizer)
     return run_task(loaded, parse_task(task), options, as_loaded(reference, tokenizer) if reference is not None else None)
+
+
+def register(compressed: Compressed, name: str, *, alias: str | None = None, metrics: dict[str, dict[str, Any]] | None = None,
+             task: str | None = None, job_name: str | None = None) -> str:  # fmt: skip
+    """Log `compressed` as an MLflow run (recipe, per-layer table, the model a consumer loads with
+    `mlflow.pytorch.load_model`) and register it as a new version of `name`, in MLFLOW_TRACKING_URI or
+    ./mlflow.db; returns the version. metrics: {"before": {...}, "after": {...}}, e.g. from `krunch.evaluate`;
+    task: what they measured, so the version records its primary metric."""
+    import json
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    from krunch.artifact import WEIGHTS
+    from krunch.registry.tracking import preflight, track
+    from krunch.results import REPORT, CompressionResult, Report
+    from krunch.run import recipe_document
+    from krunch.spec import API_VERSION, KIND, Task, parse_job
+
+    metrics = metrics or {}
+    unknown = set(metrics) - {"before", "after"}
+    if unknown:
+        raise KrunchError("metrics", f"takes 'before' and 'after' only, got {', '.join(sorted(unknown))}")
+    if task is not None and task not in {t.value for t in Task}:
+        raise KrunchError("task", f"unknown task {task!r}; choose one of {', '.join(t.value for t in Task)}")
+    document = {
+        "apiVersion": API_VERSION, "kind": KIND,
+        "metadata": {"name": job_name or _dns_name(name), "uid": str(uuid.uuid4())},  # each call: a version of its own
+        "spec": {"model": {"source": compressed.model.reference}, "recipe": recipe_document(compressed.recipe),
+                 "registry": {"name": name, **({"alias": alias} if alias else {})}},
+    }  # fmt: skip
+    job = parse_job(document, "krunch.register")
+    rows = compressed.layers()
+    module = compressed.module
+    with tempfile.TemporaryDirectory(prefix="krunch-register-") as scratch:
+        out = Path(scratch) / "model"
+        save(compressed, out)
+        bytes_after = weight_bytes(module)
+        report: Report = {
+            "job": job.metadata.name, "source": compressed.model.reference, "source_version": None, "task": task or "",
+            "params_before": compressed.source_params, "params_after": count_params(module),
+            "bytes_before": compressed.source_bytes, "bytes_after": bytes_after,
+            "file_bytes_after": (out / WEIGHTS).stat().st_size,
+            "selected_params_before": sum(r["params_before"] for r in rows), "selected_params_after": sum(r["params_after"] for r in rows),
+            "metrics_before": dict(metrics.get("before", {})), "metrics_after": dict(metrics.get("after", {})),
+            "timings": dict(compressed.timings), "layers": rows, "versions": {"krunch": __version__, "torch": torch.__version__},
+            "compression_ratio": round(compressed.source_bytes / bytes_after, 4), "execution": compressed.execution,
+        }  # fmt: skip
+        (out / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        tracked = track(job, CompressionResult(report, compressed.model), out, preflight(job))
+    assert tracked.version is not None
+    return tracked.version
+
+
+def _dns_name(name: str) -> str:
+    """A Kubernetes-style job name from a registered model name (letters lowered, others to '-')."""
+    import re
+
+    cleaned = re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-.")
+    return re.sub(r"\.\.+", ".", cleaned)[:200] or "registered"

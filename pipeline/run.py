@@ -62,8 +62,8 @@ def evaluation_task(job: CompressionJob, model: LoadedModel) -> Task:
         raise SpecError("spec.evaluation.task", f"{task.value} needs a {wanted.value} model; {job.spec.model.source} is a {model.kind.value}")
     evaluation = job.spec.evaluation
     if task is not Task.PERPLEXITY:
-        for field in ("data", "tokens"):
-            if field in evaluation.model_fields_set:
+        for field in ("data", "tokens"):  # set to anything but the default (a dumped and re-read job repeats defaults)
+            if getattr(evaluation, field) != type(evaluation).model_fields[field].default:
                 raise SpecError(f"spec.evaluation.{field}", f"applies to the perplexity task only; the {task.value} task "
                                                              "reads its own data sets and would ignore it")  # fmt: skip
     calibration = job.spec.recipe.calibration

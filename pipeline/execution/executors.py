@@ -22,10 +22,9 @@ import torch
 from tqdm import tqdm
 
 from krunch.execution.layer import LayerResult
-from krunch.execution.faults import FaultInjection
 from krunch.execution.session import RaySession, ray_session
 from krunch.execution.healing import heal_on_ray
-from krunch.execution.tasks import LayerTask, in_process_tasks, remote_tasks, run_layer_task, torch_threads
+from krunch.execution.tasks import LayerHook, LayerTask, in_process_tasks, remote_tasks, run_layer_task, torch_threads
 from krunch.errors import KrunchError
 from krunch.execution.heal import Batch, HealResult, StepCallback, heal, load_healed
 from krunch.model import LoadedModel
@@ -156,7 +155,7 @@ class RayExecutor:
     max_retries: int = 3  # a task whose worker process dies is rerun by Ray this many times
     oom_retries: int = 2  # then by us, each time asking for twice the memory
     reserve_timeout_s: float = 60.0  # to reserve the workers' CPUs/GPUs before giving up with resources.workers
-    fault: FaultInjection | None = None  # tests only
+    before_layer: LayerHook | None = None  # called in the worker with the layer's name first: where tests make workers fail
     _active: RaySession | None = field(default=None, init=False, repr=False, compare=False)  # inside `session()`
 
     @classmethod
@@ -292,7 +291,7 @@ class _Schedule:
         options = {"num_cpus": self.executor.cpus_per_task, "num_gpus": self.gpus, "memory": memory,
                    "max_retries": self.executor.max_retries, "retry_exceptions": False, "name": f"compress:{task.name}",
                    "scheduling_strategy": PlacementGroupSchedulingStrategy(group)}  # fmt: skip
-        return self.remote.options(**options).remote(task, self.executor.fault)
+        return self.remote.options(**options).remote(task, self.executor.before_layer)
 
     def run(self, tasks: list[LayerTask]) -> list[LayerResult]:
         from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
@@ -348,11 +347,11 @@ def _ray_layer_work(work: LayerWork, layer: LayerPlan, weight: torch.Tensor, thr
         return work(layer, weight)
 
 
-def _ray_layer_task(task: LayerTask, fault: FaultInjection | None) -> LayerResult:
+def _ray_layer_task(task: LayerTask, before_layer: LayerHook | None) -> LayerResult:
     """Runs in a Ray worker: CUDA when Ray assigned this task a GPU, the assigned CPUs as torch threads."""
     import ray
 
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    result = run_layer_task(task, device, fault)
+    result = run_layer_task(task, device, before_layer)
     result.resources = dict(ray.get_runtime_context().get_assigned_resources())
     return result

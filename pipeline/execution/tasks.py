@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,6 @@ from safetensors import safe_open
 from torch import nn
 
 from krunch.execution.layer import LayerResult, compress_layer
-from krunch.execution.faults import FaultInjection
 from krunch.model import LoadedModel
 from krunch.plan import LayerPlan, Plan
 
@@ -56,6 +55,7 @@ class StoredTensor:
 
 
 TensorSource = FileTensor | StoredTensor
+LayerHook = Callable[[str], None]  # called with a layer's name in the worker before its task runs
 
 
 @dataclass
@@ -157,14 +157,14 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_layer_task(task: LayerTask, device: str = "cpu", fault: FaultInjection | None = None) -> LayerResult:
+def run_layer_task(task: LayerTask, device: str = "cpu", before_layer: LayerHook | None = None) -> LayerResult:
     """Compress one layer, on CUDA when `device` says so; the result comes back on the CPU.
 
     A layer left as it was (method none, no quantization) returns no module:
     the caller already holds it, so it is not shipped back.
     """
-    if fault is not None:
-        fault.maybe_fail(task.name)
+    if before_layer is not None:
+        before_layer(task.name)
     with torch_threads(task.threads):
         module, gram = materialise(task), task.gram
         if device != "cpu":

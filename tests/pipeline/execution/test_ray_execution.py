@@ -8,13 +8,17 @@ worker count.
 from __future__ import annotations
 
 import pytest
+import ray.cloudpickle
 import torch
 
 from krunch.run import allocate_ranks, calibration_grams
 from krunch.execution.executors import Execution, InProcessExecutor, LayerFailedError, RayExecutor
-from krunch.execution.faults import FaultInjection
 from krunch.plan import make_plan
 from krunch.spec import SpecError
+from tests.pipeline.execution import faults
+from tests.pipeline.execution.faults import FaultInjection
+
+ray.cloudpickle.register_pickle_by_value(faults)  # the workers unpickle the hook without importing the tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -107,7 +111,7 @@ def test_threads_follow_the_cpus_ray_assigns(minilm, minilm_stage):
 def test_a_killed_worker_is_retried_and_the_result_is_unchanged(minilm, minilm_stage, minilm_reference, tmp_path):
     layer = "encoder.layer.3.intermediate.dense"
     fault = FaultInjection(layer, "kill", str(tmp_path / "killed"))
-    execution = RayExecutor(workers=2, fault=fault).run(minilm, *minilm_stage)
+    execution = RayExecutor(workers=2, before_layer=fault).run(minilm, *minilm_stage)
     assert fault.attempts() == 2  # the first attempt's process died; Ray ran it again
     assert_identical(minilm_reference, execution)
 
@@ -115,7 +119,7 @@ def test_a_killed_worker_is_retried_and_the_result_is_unchanged(minilm, minilm_s
 def test_out_of_memory_is_retried_with_twice_the_memory(minilm, minilm_stage, minilm_reference, tmp_path):
     layer = "encoder.layer.1.attention.self.query"
     fault = FaultInjection(layer, "oom", str(tmp_path / "oom"))
-    execution = RayExecutor(workers=2, fault=fault).run(minilm, *minilm_stage)
+    execution = RayExecutor(workers=2, before_layer=fault).run(minilm, *minilm_stage)
     assert fault.attempts() == 2
     (retry,) = execution.info["retries"][layer]
     assert retry["reason"] == "out_of_memory" and retry["memory_after"] == 2 * retry["memory_before"]
@@ -129,7 +133,7 @@ def test_a_deterministic_layer_error_fails_at_once_naming_the_layer(minilm, tmp_
     stage = stage_inputs(minilm, recipe)
     fault = FaultInjection("encoder.layer.2.intermediate.dense", "none", str(tmp_path / "count"))
     with pytest.raises(SpecError) as raised:
-        RayExecutor(workers=2, fault=fault).run(minilm, *stage)
+        RayExecutor(workers=2, before_layer=fault).run(minilm, *stage)
     assert "layer encoder.layer.2.intermediate.dense" in str(raised.value)
     assert raised.value.subject == "spec.recipe.rules[0].rank.energy"
     assert fault.attempts() == 1  # not retried

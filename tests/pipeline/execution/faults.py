@@ -1,8 +1,8 @@
-"""Fault injection for tests only: make one layer's first attempt fail the way real workers fail.
+"""Fault injection, in the tests only: make one layer's first attempt fail the way real workers fail.
 
-Never set from a job spec; tests hand it to `RayExecutor` to prove that a
-killed worker is retried and that an out-of-memory failure is retried with a
-larger memory request.
+Handed to `RayExecutor(before_layer=...)` to prove that a killed worker is retried and that an
+out-of-memory failure is retried with a larger memory request. Ray pickles this module by value, so
+workers need no access to the tests.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class FaultInjection:
     def attempts(self) -> int:
         return len(self.attempts_file.read_text().splitlines()) if self.attempts_file.exists() else 0
 
-    def maybe_fail(self, layer_name: str) -> None:
+    def __call__(self, layer_name: str) -> None:
         if layer_name != self.layer:
             return
         with self.attempts_file.open("a") as log:
