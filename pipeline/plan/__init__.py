@@ -10,9 +10,10 @@ the spec field.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -23,6 +24,7 @@ from krunch.sizes import layer_params
 from krunch.spec import LowRankForm, QuantizeConfig, RankRule, Recipe, Rounding, Rule, SpecError, Target
 
 _KINDS = {nn.Linear: LayerKind.LINEAR, nn.Conv2d: LayerKind.CONV2D, nn.Embedding: LayerKind.EMBEDDING}
+log = logging.getLogger("krunch")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class LayerPlan:
 @dataclass(frozen=True)
 class Plan:
     layers: list[LayerPlan]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why): subclasses krunch does not replace
 
     @property
     def allocated(self) -> list[LayerPlan]:
@@ -89,24 +92,49 @@ class Plan:
 
 
 def module_kind(module: nn.Module) -> LayerKind | None:
-    return _KINDS.get(type(module))
+    """Linear, Conv2d or Embedding, including subclasses that compute what their base does (same forward):
+    those are safe to replace. A subclass with a forward of its own is not (see `unsafe_subclass`)."""
+    for base, kind in _KINDS.items():
+        if isinstance(module, base) and unsafe_subclass(module, base) is None:
+            return kind
+    return None
+
+
+def unsafe_subclass(module: nn.Module, base: type[nn.Module]) -> str | None:
+    """Why a subclass of a layer krunch replaces cannot be replaced: it changes what its base computes."""
+    for attribute in ("forward", "_conv_forward"):
+        if hasattr(base, attribute) and getattr(type(module), attribute) is not getattr(base, attribute):
+            return (f"{type(module).__name__} subclasses {base.__name__} with its own {attribute}: a replacement "
+                    f"would compute {base.__name__}'s and drop what it adds")  # fmt: skip
+    return None
+
+
+def skipped_subclasses(model: nn.Module) -> list[tuple[str, str]]:
+    return [(name, reason) for name, module in model.named_modules() for base in _KINDS
+            if isinstance(module, base) and (reason := unsafe_subclass(module, base)) is not None]  # fmt: skip
 
 
 def make_plan(model: nn.Module, recipe: Recipe) -> Plan:
     candidates = [(name, module) for name, module in model.named_modules() if module_kind(module) is not None]
+    skipped = skipped_subclasses(model)
     layers: list[LayerPlan] = []
     claimed: set[str] = set()
     for index, rule in enumerate(recipe.rules):
         matched = [(n, m) for n, m in candidates if fnmatch.fnmatchcase(n, rule.match)]
         fresh = [(n, m) for n, m in matched if n not in claimed]
         if not fresh:
-            raise SpecError(f"spec.recipe.rules[{index}].match", _nothing_selected(rule.match, matched, candidates))
+            unsafe = [(n, why) for n, why in skipped if fnmatch.fnmatchcase(n, rule.match)]
+            reason = (f"{rule.match!r} only matches modules krunch leaves as they are, e.g. {unsafe[0][0]}: {unsafe[0][1]}"
+                      if unsafe and not matched else _nothing_selected(rule.match, matched, candidates))  # fmt: skip
+            raise SpecError(f"spec.recipe.rules[{index}].match", reason)
         for name, module in fresh:
             claimed.add(name)
             layers.append(_layer_plan(name, module, index, rule, recipe.quantize, recipe.target))
     order = {name: index for index, (name, _) in enumerate(candidates)}
     layers.sort(key=lambda layer: order[layer.name])  # module order, whichever rule claimed them
-    return Plan(_resolve_ties(model, layers))
+    if skipped:
+        log.warning("krunch: %d modules left as they are: %s", len(skipped), "; ".join(sorted({why for _, why in skipped})))
+    return Plan(_resolve_ties(model, layers), skipped)
 
 
 def _nothing_selected(pattern: str, matched: list, candidates: list) -> str:
@@ -220,7 +248,28 @@ def _resolve_ties(model: nn.Module, layers: list[LayerPlan]) -> list[LayerPlan]:
             )
         # it stores nothing of its own: it reads the owner's weight, however that was rounded
         resolved.append(LayerPlan(**{**layer.__dict__, "tied_to": first.name, "quantize": first.quantize}))
+    _refuse_broken_ties(model, resolved)
     return resolved
+
+
+def _refuse_broken_ties(model: nn.Module, layers: list[LayerPlan]) -> None:
+    """A layer whose weight another module also uses, where that module is not in the plan: replacing one side
+    would store the weight twice and let the two drift apart."""
+    planned = {layer.name for layer in layers}
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            users.setdefault(id(weight), []).append(name)
+    for layer in layers:
+        if not layer.factorized and layer.quantize is None:
+            continue  # left exactly as it is: the tie stays
+        others = [n for n in users.get(id(model.get_submodule(layer.name).weight), []) if n not in planned]
+        if others:
+            kind = type(model.get_submodule(others[0])).__name__
+            raise SpecError(f"{layer.field}.match", f"{layer.name} shares its weight with {others[0]} ({kind}), which no rule "
+                            "selects; select both alike (method none, the same quantize) or neither, or the weight "
+                            "would be stored twice")  # fmt: skip
 
 
 def _layout(config: QuantizeConfig | None) -> QuantizeConfig | None:

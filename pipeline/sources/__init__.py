@@ -9,8 +9,13 @@ safetensors and a manifest). Nothing is ever unpickled beyond plain tensors.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 from torch import nn
 
@@ -66,12 +71,37 @@ def load_file_model(path: Path, reference: str, factory: str | None) -> LoadedMo
     return loaded
 
 
-def call_factory(factory: str) -> nn.Module | LoadedModel:
-    module_name, _, attribute = factory.partition(":")
-    if not module_name or not attribute:
-        raise ModelSourceError(factory, "factory must be written module:callable, e.g. mypkg.models:build_net")
+def import_factory_module(factory: str, module_name: str) -> ModuleType:
+    """`path/to/file.py` loads that file; a dotted name is imported with the working directory on the path,
+    as `python -m` would (a console script does not put it there)."""
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser().resolve()
+        if not path.is_file():
+            raise ModelSourceError(factory, f"no file {path}")
+        name = f"krunch_factory_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    cwd_missing = os.getcwd() not in sys.path and "" not in sys.path
+    if cwd_missing:
+        sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
+    finally:
+        if cwd_missing:
+            sys.path.remove(os.getcwd())
+
+
+def call_factory(factory: str) -> nn.Module | LoadedModel:
+    """Build the architecture with a factory the user named (never one a file names)."""
+    module_name, _, attribute = factory.rpartition(":")
+    if not module_name or not attribute:
+        raise ModelSourceError(factory, "factory must be written module:callable or path/to/file.py:callable, "
+                                        "e.g. mypkg.models:build_net")  # fmt: skip
+    try:
+        module = import_factory_module(factory, module_name)
     except ImportError as err:
         raise ModelSourceError(factory, f"cannot import module {module_name!r} ({err})") from None
     builder = getattr(module, attribute, None)

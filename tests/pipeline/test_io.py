@@ -68,3 +68,21 @@ def test_saved_hf_directory_loads_like_the_zoo_model(tmp_path, minilm):
     batch = minilm.tokenizer(["tensor networks"], return_tensors="pt")
     with torch.inference_mode():
         assert torch.allclose(user.module(**batch).last_hidden_state, minilm.module(**batch).last_hidden_state)
+
+
+def test_factories_as_a_file_path_or_a_module_of_the_working_directory(tmp_path):
+    """A console script does not put the working directory on sys.path; krunch does, as `python -m` would."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "mynet.py").write_text("import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(4, 2))\n")
+    save_file({"0.weight": torch.ones(2, 4), "0.bias": torch.zeros(2)}, tmp_path / "w.safetensors")
+    loaded = load_model(f"file:{tmp_path / 'w.safetensors'}", f"{tmp_path / 'mynet.py'}:build")
+    assert torch.equal(loaded.module(torch.ones(1, 4)), torch.full((1, 2), 4.0))
+    code = "from krunch.sources import load_model; print(load_model('file:w.safetensors', 'mynet:build').module[0].weight.sum().item())"
+    cli = Path(sys.executable)
+    done = subprocess.run([str(cli), "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "8.0", done.stderr
+    with pytest.raises(ModelSourceError, match="no file"):
+        load_model(f"file:{tmp_path / 'w.safetensors'}", f"{tmp_path / 'missing.py'}:build")

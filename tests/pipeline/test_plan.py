@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
 from krunch.plan import make_plan
 from krunch.spec import Recipe, SpecError
@@ -58,3 +59,50 @@ def test_refusals_name_the_field(smollm2, rules, path, reason):
         make_plan(smollm2.module, recipe(*rules))
     assert caught.value.subject == path
     assert reason in caught.value.reason
+
+
+def test_a_tie_to_a_module_no_rule_selects_is_refused():
+    """A tied LM head selected while its embedding is not (or is a subclass krunch does not take): replacing
+    the head alone would store the weight twice."""
+
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    for embedding in (nn.Embedding(50, 16), ScaledEmbedding(50, 16)):
+        model = nn.ModuleDict({"embed": embedding, "head": nn.Linear(16, 50, bias=False)})
+        model["head"].weight = model["embed"].weight
+        recipe = Recipe.model_validate({"rules": [{"match": "head", "method": "none"}], "quantize": {"bits": 8}})
+        with pytest.raises(SpecError, match=r"head shares its weight with embed \((Scaled)?Embedding\), which no rule selects"):
+            make_plan(model, recipe)
+    plain = nn.ModuleDict({"embed": nn.Embedding(50, 16), "head": nn.Linear(16, 50, bias=False)})
+    plain["head"].weight = plain["embed"].weight
+    both = Recipe.model_validate({"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8}})
+    assert [layer.tied_to for layer in make_plan(plain, both).layers] == [None, "embed"]
+
+
+class SamePaddingConv(nn.Conv2d):
+    """TF-style 'same' padding applied in its own forward, as EfficientNet ports do."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+class TaggedLinear(nn.Linear):
+    """A subclass that changes nothing it computes: safe to replace."""
+
+
+def test_subclasses_are_replaced_when_they_compute_what_their_base_does_and_reported_otherwise(caplog):
+    model = nn.Sequential(SamePaddingConv(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), TaggedLinear(8, 4))
+    recipe = Recipe.model_validate({"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8}})
+    with caplog.at_level("WARNING", logger="krunch"):
+        plan = make_plan(model, recipe)
+    assert [layer.name for layer in plan.layers] == ["1", "3"]
+    assert plan.skipped and plan.skipped[0][0] == "0" and "SamePaddingConv subclasses Conv2d with its own forward" in plan.skipped[0][1]
+    assert "1 modules left as they are" in caplog.text
+    from krunch.report import format_plan
+
+    assert "skipped, 1 module (e.g. 0): SamePaddingConv subclasses Conv2d" in format_plan("job", "file:x", plan)
+    only = Recipe.model_validate({"rules": [{"match": "0", "method": "none"}], "quantize": {"bits": 8}})
+    with pytest.raises(SpecError, match="only matches modules krunch leaves as they are, e.g. 0: SamePaddingConv"):
+        make_plan(model, only)
