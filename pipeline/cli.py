@@ -1,8 +1,8 @@
 """The `krunch` command line.
 
 Bad input (a KrunchError) is reported as one line naming the input and the
-reason, exit status 2; any other failure as one line, exit status 1. `--debug`
-shows the traceback instead.
+reason, exit status 2; a server that does not answer, exit status 3; any other
+failure as one line, exit status 1; Ctrl-C, 130. `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 from krunch import __version__
 from krunch.errors import KrunchError
 
-EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -240,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"krunch: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return err.exit_code
     except KeyboardInterrupt:
         print("krunch: interrupted; the partial output was removed and nothing more was registered", file=sys.stderr)
         return EXIT_INTERRUPTED

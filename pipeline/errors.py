@@ -8,6 +8,8 @@ reason, and where possible what to do instead; the CLI prints it as one line.
 class KrunchError(ValueError):
     """Bad input from the user: reported as one line, never as a traceback."""
 
+    exit_code = 2  # the CLI's exit status for this kind of error
+
     def __init__(self, subject: str, reason: str) -> None:
         self.subject = subject
         self.reason = reason
@@ -16,6 +18,12 @@ class KrunchError(ValueError):
     def __reduce__(self) -> tuple:
         """Pickle by (subject, reason), so the error crosses process boundaries (Ray tasks) intact."""
         return (type(self), (self.subject, self.reason))
+
+
+class ServiceUnavailable(KrunchError):
+    """A server krunch needs (MLflow, Ray) does not answer: not the user's input, and worth retrying."""
+
+    exit_code = 3
 
 
 class ModelSourceError(KrunchError):

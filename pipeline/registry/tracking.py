@@ -35,7 +35,7 @@ import yaml
 
 from krunch.artifact import MANIFEST, WEIGHTS
 from krunch.results import BUDGET, REPORT, CompressionResult
-from krunch.errors import KrunchError, require_extra
+from krunch.errors import KrunchError, ServiceUnavailable, require_extra
 from krunch.registry.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
 from krunch.registry.portable import pip_requirements, runtime_code
 from krunch.spec import CompressionJob
@@ -54,6 +54,10 @@ STATE_TAG = f"{TAG_PREFIX}registration"  # pending -> complete; versions from be
 
 class TrackingError(KrunchError):
     """The tracking server or registry cannot do what the job needs."""
+
+
+class TrackingUnavailable(TrackingError, ServiceUnavailable):
+    """The tracking server does not answer (exit status 3: retry later, the job itself is fine)."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def wait_reachable(uri: str, tries: int = PREFLIGHT_TRIES, timeout_s: float = PR
             reason = type(err).__name__ + (": connection refused" if "refused" in str(err).lower() else "")
         if attempt + 1 < tries:
             time.sleep(2**attempt)
-    raise TrackingError(f"MLFLOW_TRACKING_URI={uri}", f"the tracking server did not answer after {tries} tries "
+    raise TrackingUnavailable(f"MLFLOW_TRACKING_URI={uri}", f"the tracking server did not answer after {tries} tries "
                         f"in {time.monotonic() - started:.0f} s ({reason}); start it or unset the variable to use {DEFAULT_TRACKING_URI}")  # fmt: skip
 
 

@@ -148,7 +148,7 @@ def test_an_unreachable_server_fails_before_any_work_after_bounded_retries(tmp_p
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     job_path = ocr_job(tmp_path / "job.yaml", "unreachable", "zoo:easyocr-g2", "FeatureExtraction.ConvNet.11", "candidate")
-    assert main(["compress", str(job_path), "--out", str(tmp_path / "out")]) == 2
+    assert main(["compress", str(job_path), "--out", str(tmp_path / "out")]) == 3  # a connection problem, not bad input
     error = capsys.readouterr().err
     assert f"MLFLOW_TRACKING_URI={uri}" in error and "did not answer after 3 tries" in error
     assert not (tmp_path / "out").exists()
