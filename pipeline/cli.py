@@ -155,7 +155,7 @@ def run_compress(args: argparse.Namespace) -> int:
         try:
             tracked = track(job, result, out_dir, checked)
         except TrackingError as err:  # the work is not lost: the model is on disk and the job can be re-run
-            raise TrackingError(err.subject, f"{err.reason}; the compressed model is kept in {out_dir}/") from None
+            raise type(err)(err.subject, f"{err.reason}; the compressed model is kept in {out_dir}/") from None
     print(f"MLflow run {tracked.run_id} at {checked.tracking_uri}")
     if tracked.version:
         at = f"@{tracked.alias}" if tracked.alias else f"/{tracked.version}"
@@ -166,12 +166,17 @@ def run_compress(args: argparse.Namespace) -> int:
 
 def compress_and_save(job, out_dir: Path):  # noqa: ANN001, ANN201 - a CompressionJob and its result, imported lazily
     """Run the job into a staging directory that replaces `out_dir` whole at the end."""
-    from krunch.outputs import staged
+    from krunch.outputs import OutputError, staged
     from krunch.report import format_summary
     from krunch.run import run_compression
 
-    with staged(out_dir) as staging:  # a failure or Ctrl-C leaves no partial directory, a rerun no stale file
-        result = run_compression(job, staging)
+    try:
+        with staged(out_dir) as staging:  # a failure or Ctrl-C leaves no partial directory, a rerun no stale file
+            result = run_compression(job, staging)
+    except Exception as err:
+        if (cause := storage_cause(err)) is None:
+            raise
+        raise OutputError(f"--out {out_dir}", f"{cause.strerror} while writing the model; the partial output was removed") from err
     result.model.reference = f"krunch:{out_dir}"
     print(format_summary(result.report))
     print(f"wrote {out_dir}/ (model.safetensors, manifest.json, report.json); reload with: krunch eval krunch:{out_dir}")
@@ -181,13 +186,13 @@ def compress_and_save(job, out_dir: Path):  # noqa: ANN001, ANN201 - a Compressi
 def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     """Everything that can be checked without compressing: the spec, the source model, the rules' matches,
     fixed ranks against break-even. The same job file `kubectl apply` takes."""
-    from krunch.run import evaluation_task, load_source
+    from krunch.run import check_text_data, evaluation_task, load_source
     from krunch.plan import make_plan
     from krunch.report import format_plan, format_stages
 
     model = load_source(job)
     plan = make_plan(model.module, job.spec.recipe)
-    evaluation_task(job, model)
+    check_text_data(job, model, evaluation_task(job, model))
     print(format_plan(job.metadata.name, job.spec.model.source, plan))
     if stages := format_stages(job.spec.recipe):
         print(stages)
@@ -225,6 +230,8 @@ def storage_cause(err: BaseException | None) -> OSError | None:
             return err
         if "database or disk is full" in str(err):
             return OSError(errno.ENOSPC, "no space left on device (the sqlite tracking store)")
+        if "No space left on device" in str(err):  # raised by a library that wraps the OSError (safetensors)
+            return OSError(errno.ENOSPC, "No space left on device")
         err = err.__cause__ or err.__context__
     return None
 

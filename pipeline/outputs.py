@@ -89,7 +89,8 @@ def staged(out: Path) -> Iterator[Path]:
     """A fresh sibling of `out` to write into; on success it replaces `out` (a rename), on any failure or
     interrupt it is removed and `out` is left as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_abandoned(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield staging
     except BaseException:
@@ -102,6 +103,24 @@ def staged(out: Path) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+def remove_abandoned(out: Path) -> None:
+    """Staging directories of `out` whose process is gone (killed with SIGKILL, or the machine lost)."""
+    for sibling in out.parent.glob(f".{out.name}.partial-*"):
+        pid = sibling.name.removeprefix(f".{out.name}.partial-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def source_bytes(reference: str) -> int | None:

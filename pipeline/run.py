@@ -29,7 +29,7 @@ from krunch.evaluation import EvalOptions, Task, default_task, evaluate
 from krunch.evaluation.tasks import task_spec
 from krunch.execution.heal import HealResult, StepCallback
 from krunch.sources import load_model
-from krunch.model import LoadedModel
+from krunch.model import LoadedModel, ModelKind
 from krunch.results import BUDGET, REPORT, CompressionResult, Report
 from krunch.plan import LayerPlan, Plan, largest_saving_rank, make_plan
 from krunch.plan.profile import layer_spectra, profile
@@ -71,6 +71,28 @@ def evaluation_task(job: CompressionJob, model: LoadedModel) -> Task:
         if isinstance(value, str) and value.startswith("file:") and not Path(value.removeprefix("file:")).expanduser().is_file():
             raise SpecError(field, f"{value}: file not found")
     return task
+
+
+def check_text_data(job: CompressionJob, model: LoadedModel, task: Task) -> None:
+    """Text the job will read exists, is text, splits in two and has the tokens asked for: checked by reading
+    it before any work, not an hour in."""
+    from krunch.data.text import Split, token_slice
+    from krunch.evaluation.perplexity import DEFAULT_DATA
+
+    recipe = job.spec.recipe
+    needs = []
+    if model.kind in (ModelKind.CAUSAL_LM, ModelKind.SENTENCE_EMBEDDING) and (recipe.needs_calibration or recipe.heal):
+        calibration = recipe.calibration or Calibration()
+        needs.append(("spec.recipe.calibration", calibration.data, Split.CALIBRATION, calibration.tokens))
+        if recipe.heal is not None:
+            needs.append(("spec.recipe.heal.tokens", calibration.data, Split.CALIBRATION, recipe.heal.tokens))
+    if task is Task.PERPLEXITY:
+        needs.append(("spec.evaluation", job.spec.evaluation.data or DEFAULT_DATA, Split.EVALUATION, job.spec.evaluation.tokens))
+    for field, data, split, tokens in needs:
+        try:
+            token_slice(model.tokenizer, data, split, tokens)
+        except KrunchError as err:
+            raise SpecError(field, str(err)) from None
 
 
 def calibration_grams(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, torch.Tensor]:
@@ -219,6 +241,7 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     original = load_source(job)
     task = evaluation_task(job, original)
     make_plan(original.module, job.spec.recipe)  # a recipe that does not fit the model fails before Ray starts
+    check_text_data(job, original, task)
     start = timings.record("load", timings.started)
 
     result = compress(original, job.spec.recipe, executor=executor, on_layer=progress, on_heal_step=heal_progress)

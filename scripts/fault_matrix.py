@@ -61,8 +61,9 @@ class Proxy:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do(self) -> None:
-                if proxy.tripped.is_set():
+                if proxy.tripped.is_set():  # a request on a connection opened before: the server died under it
                     self.close_connection = True
+                    self.connection.close()
                     return
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
@@ -75,8 +76,7 @@ class Proxy:
                 self.end_headers()
                 self.wfile.write(reply.content)
                 if proxy.after and proxy.after in self.path and reply.ok:
-                    proxy.tripped.set()
-                    threading.Thread(target=proxy.server.shutdown, daemon=True).start()
+                    proxy.trip()
 
             do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = do
 
@@ -88,10 +88,16 @@ class Proxy:
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def trip(self) -> None:
+        """Gone: the listening socket closes at once (new connections are refused), serving stops."""
+        self.tripped.set()
+        self.server.socket.close()
+        threading.Thread(target=self.server.shutdown, daemon=True).start()
+
     def close(self) -> None:
         if not self.tripped.is_set():
             self.server.shutdown()
-        self.server.server_close()
+            self.server.server_close()
 
 
 @dataclass
@@ -125,12 +131,13 @@ class Row:
     registration: str
     runs_left_running: int
     output_loads: bool
+    staging_left: int
     first_error: str
 
     @property
     def survived(self) -> bool:
         return (self.rerun_exit == 0 and self.versions == 1 and self.alias_on_it and self.registration == "complete"
-                and self.runs_left_running == 0 and self.output_loads)  # fmt: skip
+                and self.runs_left_running == 0 and self.output_loads and self.staging_left == 0)  # fmt: skip
 
 
 def run(job: Path, out: Path, env: dict, fault: Fault, workdir: Path) -> tuple[int, str]:
@@ -163,11 +170,13 @@ def check(uri: str, job_name: str, alias: str, out: Path, env: dict) -> dict:
         on_alias = client.get_model_version_by_alias(REGISTERED, alias).version
     except Exception:  # noqa: BLE001 - no alias yet
         on_alias = None
+    litter = sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
     loads = subprocess.run([str(KRUNCH), "eval", f"krunch:{out}", "--items", "2"], capture_output=True, text=True,
                            env=env, timeout=300).returncode == 0  # fmt: skip
     return {"versions": len(versions), "alias_on_it": len(versions) == 1 and on_alias == versions[0].version,
             "registration": versions[0].tags.get("krunch.registration", "?") if len(versions) == 1 else "-",
-            "runs_left_running": sum(r.info.status == "RUNNING" for r in runs), "output_loads": loads}  # fmt: skip
+            "runs_left_running": sum(r.info.status == "RUNNING" for r in runs), "output_loads": loads,
+            "staging_left": len(litter)}  # fmt: skip
 
 
 def main() -> int:
@@ -203,18 +212,43 @@ def main() -> int:
             print(f"    first exit {first_exit} ({first_error[:100]}), rerun exit {rerun_exit}, {found}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
     print_table(rows)
+    documents = [asdict(r) | {"survived": r.survived} for r in rows]
+    if args.only and args.json.exists():  # a partial run replaces its rows in the full table
+        fresh = {d["fault"]: d for d in documents}
+        documents = [fresh.pop(d["fault"], d) for d in json.loads(args.json.read_text())] + list(fresh.values())
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps([asdict(r) | {"survived": r.survived} for r in rows], indent=2) + "\n")
+    args.json.write_text(json.dumps(documents, indent=2) + "\n")
+    args.json.with_suffix(".md").write_text(render(documents), encoding="utf-8")
     print(f"wrote {args.json}")
     return 0 if all(r.survived for r in rows) else 1
 
 
+def render(documents: list[dict]) -> str:
+    """docs/fault_matrix.md, from the JSON: the table the README quotes."""
+    lines = ["# Fault matrix", "", "`scripts/fault_matrix.py` (MobileNetV2, SVD on its classifier, a real local MLflow server",
+             "behind a proxy that stops answering after the named request); each fault once, then a clean rerun.", "",
+             "| fault | first run exits | rerun exits | versions | alias on it | registration | runs left RUNNING | staging left | output loads | survived |",
+             "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | --- |"]  # fmt: skip
+    for d in documents:
+        lines.append(f"| {d['fault']} | {d['first_exit']} | {d['rerun_exit']} | {d['versions']} | {'yes' if d['alias_on_it'] else 'no'} | "
+                     f"{d['registration']} | {d['runs_left_running']} | {d['staging_left']} | {'yes' if d['output_loads'] else 'no'} | "
+                     f"{'yes' if d['survived'] else '**no**'} |")  # fmt: skip
+    lines += ["", "First-run messages:", ""]
+    for d in documents:
+        if d["first_exit"] < 0:
+            lines.append(f"- {d['fault']}: killed by signal {-d['first_exit']} (no message: nothing could run)")
+        elif d["first_exit"]:
+            lines.append(f"- {d['fault']}: `{d['first_error']}`")
+    return "\n".join(lines) + "\n"
+
+
 def print_table(rows: list[Row]) -> None:
-    print("| fault | first run exits | rerun exits | versions | alias on it | registration | runs left RUNNING | output loads | survived |")
-    print("| --- | ---: | ---: | ---: | --- | --- | ---: | --- | --- |")
+    print("| fault | first run exits | rerun exits | versions | alias on it | registration | runs left RUNNING | staging left | output loads | survived |")
+    print("| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | --- |")
     for r in rows:
         print(f"| {r.fault} | {r.first_exit} | {r.rerun_exit} | {r.versions} | {'yes' if r.alias_on_it else 'no'} | "
-              f"{r.registration} | {r.runs_left_running} | {'yes' if r.output_loads else 'no'} | {'yes' if r.survived else '**no**'} |")
+              f"{r.registration} | {r.runs_left_running} | {r.staging_left} | {'yes' if r.output_loads else 'no'} | "
+              f"{'yes' if r.survived else '**no**'} |")
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def preflight(job: CompressionJob) -> Preflight:
         if existing is None:
             fail_abandoned_runs(uri, identity)
     except MlflowException as err:
-        raise TrackingError(f"MLFLOW_TRACKING_URI={uri}", _mlflow_reason(err)) from None
+        raise _tracking_error(uri, err) from None
     return Preflight(uri, identity, existing, completed)
 
 
@@ -244,8 +244,17 @@ def complete_registration(job: CompressionJob, version: str) -> bool:
     return True
 
 
-def _mlflow_reason(err: Exception) -> str:
-    return " ".join(str(getattr(err, "message", err)).split())[:300]
+def _tracking_error(uri: str, err: Exception) -> TrackingError:
+    """A lost server (connection refused, retries exhausted) is a connection problem; anything else, the registry's answer."""
+    reason = _mlflow_reason(err)
+    lost = any(sign in reason for sign in ("Max retries exceeded", "Connection refused", "Failed to establish", "Read timed out"))
+    return (TrackingUnavailable if lost else TrackingError)(f"MLFLOW_TRACKING_URI={uri}", reason)
+
+
+def _mlflow_reason(err: Exception, limit: int = 300) -> str:
+    """MLflow's message on one line, cut at a word boundary when long."""
+    text = " ".join(str(getattr(err, "message", err)).split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def run_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -347,7 +356,7 @@ def track(job: CompressionJob, result: CompressionResult, out_dir: Path, checked
             _client().set_model_version_tag(job.spec.registry.name, version, STATE_TAG, "complete")
         return Tracked(run.info.run_id, run.info.experiment_id, version, job.spec.registry.alias if job.spec.registry else None)
     except MlflowException as err:
-        raise TrackingError(f"MLFLOW_TRACKING_URI={checked.tracking_uri}", _mlflow_reason(err)) from None
+        raise _tracking_error(checked.tracking_uri, err) from None
 
 
 def register(job: CompressionJob, model_uri: str, tags: dict[str, str]) -> str:

@@ -144,3 +144,49 @@ def test_missing_calibration_files_are_refused_by_the_dry_run(tmp_path):
     )
     (tmp_path / "job.yaml").write_text(job)
     assert_one_line_error(krunch("compress", str(tmp_path / "job.yaml"), "--dry-run"), "spec.recipe.calibration.data", "file not found")
+
+
+def test_staging_left_by_a_killed_process_is_removed_by_the_next_run(tmp_path):
+    import os
+
+    from krunch.outputs import staged
+
+    out = tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    abandoned = tmp_path / f".out.partial-{dead.pid}-abc"
+    running = tmp_path / f".out.partial-{os.getpid()}-def"  # another live run's: left alone
+    for directory in (abandoned, running):
+        directory.mkdir()
+    with staged(out) as staging:
+        (staging / "report.json").write_text("{}")
+    assert not abandoned.exists() and running.exists() and (out / "report.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("text", "tokens", "fragment"),
+    [
+        ("one paragraph only, no blank line to split it", 64, "needs at least two paragraphs"),
+        ("first paragraph.\n\nsecond paragraph.\n", 100000, "has only"),
+        (None, 64, "not a UTF-8 text file"),
+    ],
+)
+def test_the_dry_run_reads_the_calibration_text_it_would_use(tmp_path, text, tokens, fragment):
+    data = tmp_path / "calibration.txt"
+    if text is None:
+        data.write_bytes(bytes(range(256)) * 4)
+    else:
+        data.write_text(text)
+    job = f"""apiVersion: krunch.dev/v1alpha1
+kind: CompressionJob
+metadata: {{name: text-data}}
+spec:
+  model: {{source: zoo:minilm-l6}}
+  recipe:
+    rules:
+      - {{match: "encoder.layer.0.intermediate.dense", method: svd, activationAware: true, rank: {{fixed: 64}}}}
+    calibration: {{data: "file:{data}", tokens: {tokens}}}
+"""
+    (tmp_path / "job.yaml").write_text(job)
+    assert_one_line_error(krunch("compress", str(tmp_path / "job.yaml"), "--dry-run"), "spec.recipe.calibration", fragment)
