@@ -350,13 +350,6 @@ class Metadata(BaseModel):
     name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
                       description="lower-case letters, digits, '-' and '.', starting and ending alphanumeric")  # fmt: skip
 
-    @field_validator("name")
-    @classmethod
-    def _no_empty_label(cls, value: str) -> str:
-        if ".." in value:
-            raise ValueError(f"{value!r} contains '..'; a name is not a path")
-        return value
-
 
 class CompressionJob(_Model):
     api_version: Literal["krunch.dev/v1alpha1"]

@@ -15,6 +15,7 @@ from torch import nn
 
 from krunch.decompose.ranks import error_budget, rank_for_error
 from krunch.plan import LayerPlan, params_for_ranks, saving_problem
+from krunch.results import LayerRow
 from krunch.runtime.base import CompressedLayer
 from krunch.sizes import stored_params
 from krunch.spec import SpecError
@@ -34,7 +35,7 @@ class LayerResult:
     threads: int = 0  # torch threads the layer ran with
     resources: dict | None = None  # what Ray assigned the attempt that succeeded (None in process)
 
-    def row(self) -> dict:
+    def row(self) -> LayerRow:
         """The report's line; `kernels`: what each factor's matmul runs on where the layer now is."""
         kernels = self.module.kernels() if isinstance(self.module, CompressedLayer) else None
         return {"name": self.name, "method": self.method, "rank": self.rank, "params_before": self.params_before,
