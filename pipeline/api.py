@@ -18,6 +18,7 @@ The CLI, the Ray job entry point and the benchmarks call these same functions; `
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -27,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from krunch import __version__
 from krunch.artifact import MEMORY
 from krunch.calibration.grams import Batch
 from krunch.run import allocate_target, assembled, compress_layers, heal_stage
@@ -40,6 +40,8 @@ from krunch.plan import Plan, make_plan
 from krunch.sizes import count_params, weight_bytes
 from krunch.spec import Calibration, Recipe, Resources, SpecError
 from krunch.store import load, save  # noqa: F401  (part of this API)
+
+log = logging.getLogger("krunch")
 
 
 @dataclass
@@ -153,6 +155,8 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
     elif calibration is not None:
         original = dataclasses.replace(original, calibration_inputs=calibration_inputs(calibration, tokenizer or original.tokenizer))
     plan = make_plan(original.module, recipe)  # a recipe that does not fit the model fails before any work
+    for why, names in plan.skipped_reasons().items():
+        log.warning("krunch: %d module(s) left as they are (e.g. %s): %s", len(names), names[0], why)
     needs_data = recipe.needs_calibration or recipe.heal is not None
     if needs_data and original.kind is None and original.calibration_inputs is None:
         raise KrunchError("calibration", "this recipe fits layers to calibration data (activationAware, gptq, heal); "
@@ -200,8 +204,8 @@ def register(compressed: Compressed, name: str, *, alias: str | None = None, met
 
     from krunch.artifact import WEIGHTS
     from krunch.registry.tracking import preflight, track
-    from krunch.results import REPORT, CompressionResult, Report
-    from krunch.run import recipe_document
+    from krunch.results import REPORT, CompressionResult
+    from krunch.run import build_report, recipe_document
     from krunch.spec import API_VERSION, KIND, Task, parse_job
 
     metrics = metrics or {}
@@ -217,22 +221,11 @@ def register(compressed: Compressed, name: str, *, alias: str | None = None, met
                  "registry": {"name": name, **({"alias": alias} if alias else {})}},
     }  # fmt: skip
     job = parse_job(document, "krunch.register")
-    rows = compressed.layers()
-    module = compressed.module
     with tempfile.TemporaryDirectory(prefix="krunch-register-") as scratch:
         out = Path(scratch) / "model"
         save(compressed, out)
-        bytes_after = weight_bytes(module)
-        report: Report = {
-            "job": job.metadata.name, "source": compressed.model.reference, "source_version": None, "task": task or "",
-            "params_before": compressed.source_params, "params_after": count_params(module),
-            "bytes_before": compressed.source_bytes, "bytes_after": bytes_after,
-            "file_bytes_after": (out / WEIGHTS).stat().st_size,
-            "selected_params_before": sum(r["params_before"] for r in rows), "selected_params_after": sum(r["params_after"] for r in rows),
-            "metrics_before": dict(metrics.get("before", {})), "metrics_after": dict(metrics.get("after", {})),
-            "timings": dict(compressed.timings), "layers": rows, "versions": {"krunch": __version__, "torch": torch.__version__},
-            "compression_ratio": round(compressed.source_bytes / bytes_after, 4), "execution": compressed.execution,
-        }  # fmt: skip
+        report = build_report(job.metadata.name, compressed.model.reference, task or "", compressed, dict(metrics.get("before", {})),
+                              dict(metrics.get("after", {})), dict(compressed.timings), out / WEIGHTS)  # fmt: skip
         (out / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         tracked = track(job, CompressionResult(report, compressed.model), out, preflight(job))
     assert tracked.version is not None

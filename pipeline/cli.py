@@ -144,8 +144,9 @@ def run_compress(args: argparse.Namespace) -> int:
     from krunch.registry.tracking import TrackingError, configure, job_turn, preflight, track
     from krunch.registry.lineage import job_identity
 
-    with job_turn(configure(), job_identity(job)):  # on a sqlite store, runs of this job take turns
-        checked = preflight(job)  # the server answers and the job is new, before any work
+    uri = configure()
+    with job_turn(uri, job_identity(job)):  # on a sqlite store, runs of this job take turns
+        checked = preflight(job, uri)  # the server answers and the job is new, before any work
         if checked.existing_version:
             done = "completed the pending registration of" if checked.completed else "already registered as"
             print(f"{job.metadata.name}: {done} {job.spec.registry.name} version {checked.existing_version} "

@@ -107,10 +107,8 @@ def format_plan(job_name: str, source: str, plan: Any) -> str:
             if note := runtime_note(layer):
                 notes[note] = notes.get(note, 0) + 1
         lines += [f"    runtime, {n} layer{'s' if n != 1 else ''}: {note}" for note, n in notes.items()]
-    reasons: dict[str, list[str]] = {}
-    for name, why in getattr(plan, "skipped", []):
-        reasons.setdefault(why, []).append(name)
-    lines += [f"  skipped, {len(names)} module{'s' if len(names) != 1 else ''} (e.g. {names[0]}): {why}" for why, names in reasons.items()]
+    lines += [f"  skipped, {len(names)} module{'s' if len(names) != 1 else ''} (e.g. {names[0]}): {why}"
+              for why, names in plan.skipped_reasons().items()]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,9 +32,13 @@ from krunch.sources import load_model
 from krunch.model import LoadedModel, ModelKind
 from krunch.results import BUDGET, REPORT, CompressionResult, Report
 from krunch.plan import LayerPlan, Plan, largest_saving_rank, make_plan
-from krunch.plan.profile import layer_spectra, profile
+from krunch.plan.profile import profile
 from krunch.sizes import bytes_without_bias, count_params, weight_bytes
 from krunch.spec import Calibration, CompressionJob, Recipe, SpecError
+
+if TYPE_CHECKING:
+    from krunch.api import Compressed
+
 
 @dataclass
 class Timings:
@@ -163,7 +167,7 @@ def allocate_ranks(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, 
     if target is None or target.param_ratio is None:
         return {}
     layers = plan.allocated
-    profiles = [profile(layer, layer_spectra(layer, model.module.get_submodule(layer.name).weight)) for layer in layers]
+    profiles = [profile(layer, layer.implementation.spectra(layer, model.module.get_submodule(layer.name).weight, None)) for layer in layers]
     for layer, options in zip(layers, profiles, strict=True):
         if not options.options:
             raise SpecError(f"{layer.field}.floor", f"{layer.floor} of {layer.name}'s parameters is more than any rank that "
@@ -260,12 +264,9 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     compressed.reference = f"krunch:{out_dir}"
     timings.record("save", start)
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
-    report = build_report(job, task, original, compressed, result.plan, result.results, metrics_before, metrics_after, timings, out_dir)
-    report["execution"] = result.execution
-    if result.heal is not None:
-        report["heal"] = result.heal.summary(job.spec.recipe.heal)
+    report = build_report(job.metadata.name, job.spec.model.source, task.value, result, metrics_before, metrics_after,
+                          timings.stages, out_dir / WEIGHTS, original.metadata.get("registry_version"))  # fmt: skip
     if result.budget is not None:
-        report["target"] = bytes_target_report(result.budget, result.results)
         (out_dir / BUDGET).write_text(json.dumps(result.budget, indent=1) + "\n", encoding="utf-8")
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return CompressionResult(report, compressed)
@@ -295,36 +296,41 @@ def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replac
     return layer.implementation.build(layer, original.module.get_submodule(name), [], None)
 
 
-def build_report(job: CompressionJob, task: Task, original: LoadedModel, compressed: LoadedModel, plan: Plan,
-                 results: list[LayerResult], metrics_before: dict, metrics_after: dict,
-                 timings: Timings, out_dir: Path) -> Report:  # fmt: skip
-    allocated = {layer.name for layer in plan.allocated}
-    rows = [r.row() for r in results]
-    selected_before = sum(r.params_before for r in results)
-    selected_after = sum(r.params_after for r in results)
-    bytes_before, bytes_after = weight_bytes(original.module), weight_bytes(compressed.module)
+def build_report(job_name: str, source: str, task: str, result: Compressed, metrics_before: dict, metrics_after: dict,
+                 timings: dict[str, float], weights: Path, source_version: str | None = None) -> Report:  # fmt: skip
+    """report.json of a compressed model: sizes before and after, the metrics given, per-layer rows, and what the
+    recipe's target, healing and execution did. `krunch compress` and `krunch.register` both write it."""
+    results = result.results
+    bytes_after = weight_bytes(result.module)
     report: Report = {
-        "job": job.metadata.name,
-        "source": job.spec.model.source,
-        "source_version": original.metadata.get("registry_version"),  # the version a models:/ alias named when loaded
-        "task": task.value,
-        "params_before": count_params(original.module),
-        "params_after": count_params(compressed.module),
-        "bytes_before": bytes_before,
+        "job": job_name,
+        "source": source,
+        "source_version": source_version,  # the version a models:/ alias named when loaded
+        "task": task,
+        "params_before": result.source_params,
+        "params_after": count_params(result.module),
+        "bytes_before": result.source_bytes,
         "bytes_after": bytes_after,
-        "file_bytes_after": (out_dir / WEIGHTS).stat().st_size,
-        "selected_params_before": selected_before,
-        "selected_params_after": selected_after,
+        "file_bytes_after": weights.stat().st_size,
+        "selected_params_before": sum(r.params_before for r in results),
+        "selected_params_after": sum(r.params_after for r in results),
         "metrics_before": metrics_before,
         "metrics_after": metrics_after,
-        "timings": timings.stages,
-        "layers": rows,
+        "timings": timings,
+        "layers": result.layers(),
         "versions": {"krunch": __version__, "torch": torch.__version__},
-        "compression_ratio": round(bytes_before / bytes_after, 4),
+        "compression_ratio": round(result.source_bytes / bytes_after, 4),
+        "execution": result.execution,
     }
-    if allocated and job.spec.recipe.target.param_ratio is not None:  # bytesRatio reports itself (bytes_target_report)
+    allocated = {layer.name for layer in result.plan.allocated}
+    target = result.recipe.target
+    if result.budget is not None:
+        report["target"] = bytes_target_report(result.budget, results)
+    elif allocated and target is not None and target.param_ratio is not None:
         before = sum(r.params_before for r in results if r.name in allocated)
         after = sum(r.params_after for r in results if r.name in allocated)
-        report["target"] = {"param_ratio": job.spec.recipe.target.param_ratio, "achieved_ratio": round(after / before, 5),
+        report["target"] = {"param_ratio": target.param_ratio, "achieved_ratio": round(after / before, 5),
                             "layers": len(allocated), "params_before": before, "params_after": after}  # fmt: skip
+    if result.heal is not None:
+        report["heal"] = result.heal.summary(result.recipe.heal)
     return report

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from krunch.decompose.ranks import error_budget, rank_for_error
-from krunch.plan import LayerPlan, params_for_ranks, saving_problem
+from krunch.plan import LayerPlan, saving_problem
 from krunch.results import LayerRow
 from krunch.runtime.base import CompressedLayer
 from krunch.sizes import stored_params
@@ -61,7 +61,7 @@ def choose_ranks(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | Non
 
 
 def _check_saves(plan: LayerPlan, ranks: list[int]) -> None:
-    params = params_for_ranks(plan, ranks)
+    params = plan.implementation.params_for_ranks(plan, ranks)
     if params >= plan.params - plan.bias_params:
         assert plan.rank is not None
         rule, value = ("energy", plan.rank.energy) if plan.rank.energy is not None else ("maxError", plan.rank.max_error)

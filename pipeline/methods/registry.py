@@ -32,7 +32,8 @@ def register(cls: type[CompressionMethod]) -> type[CompressionMethod]:
         if not hasattr(cls, attribute):
             raise ValueError(f"method {name}: missing class attribute {attribute!r}")
     existing = _methods.get(name)
-    if existing is not None and type(existing).__qualname__ != cls.__qualname__:
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    if existing is not None and f"{type(existing).__module__}.{type(existing).__qualname__}" != where:  # a re-import is fine
         raise ValueError(f"method {name!r} is already registered by {type(existing).__module__}.{type(existing).__qualname__}")
     _methods[name] = cls()
     return cls

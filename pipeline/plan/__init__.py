@@ -10,7 +10,6 @@ the spec field.
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from krunch.sizes import layer_params
 from krunch.spec import LowRankForm, QuantizeConfig, RankRule, Recipe, Rounding, Rule, SpecError, Target
 
 _KINDS = {nn.Linear: LayerKind.LINEAR, nn.Conv2d: LayerKind.CONV2D, nn.Embedding: LayerKind.EMBEDDING}
-log = logging.getLogger("krunch")
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,13 @@ class Plan:
     layers: list[LayerPlan]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module, why): subclasses krunch does not replace
 
+    def skipped_reasons(self) -> dict[str, list[str]]:
+        """Why modules were left as they are, with the modules each reason covers."""
+        reasons: dict[str, list[str]] = {}
+        for name, why in self.skipped:
+            reasons.setdefault(why, []).append(name)
+        return reasons
+
     @property
     def allocated(self) -> list[LayerPlan]:
         """Factorised layers whose rank comes from the global budget."""
@@ -127,13 +132,12 @@ def make_plan(model: nn.Module, recipe: Recipe) -> Plan:
             reason = (f"{rule.match!r} only matches modules krunch leaves as they are, e.g. {unsafe[0][0]}: {unsafe[0][1]}"
                       if unsafe and not matched else _nothing_selected(rule.match, matched, candidates))  # fmt: skip
             raise SpecError(f"spec.recipe.rules[{index}].match", reason)
+        options = rule.method_options()  # once per rule, not per module
         for name, module in fresh:
             claimed.add(name)
-            layers.append(_layer_plan(name, module, index, rule, recipe.quantize, recipe.target))
+            layers.append(_layer_plan(name, module, index, rule, options, recipe.quantize, recipe.target))
     order = {name: index for index, (name, _) in enumerate(candidates)}
     layers.sort(key=lambda layer: order[layer.name])  # module order, whichever rule claimed them
-    if skipped:
-        log.warning("krunch: %d modules left as they are: %s", len(skipped), "; ".join(sorted({why for _, why in skipped})))
     return Plan(_resolve_ties(model, layers), skipped)
 
 
@@ -161,7 +165,7 @@ def _rounding_for(name: str, kind: LayerKind, index: int, rule: Rule, default: Q
     return config.nearest()
 
 
-def _layer_plan(name: str, module: nn.Module, index: int, rule: Rule, default_quantize: QuantizeConfig | None,
+def _layer_plan(name: str, module: nn.Module, index: int, rule: Rule, options: Any, default_quantize: QuantizeConfig | None,
                 target: Target | None = None) -> LayerPlan:  # fmt: skip
     kind = module_kind(module)
     assert kind is not None
@@ -183,7 +187,7 @@ def _layer_plan(name: str, module: nn.Module, index: int, rule: Rule, default_qu
         params=layer_params(module),
         floor=rule.floor,
         form=rule.form,
-        options=rule.method_options(),
+        options=options,
     )
     if rule.rank is not None and rule.rank.fixed is not None:
         check_fixed_rank(plan, rule.rank.fixed)
@@ -194,15 +198,6 @@ def factorised_params(plan: LayerPlan, rank: int) -> int:
     """Weight parameters after factorising at one rank (bond dimension for tt, both channel ranks for tucker)."""
     method = plan.implementation
     return method.params_for_ranks(plan, method.ranks_for(plan, rank))
-
-
-def plan_rank_caps(plan: LayerPlan) -> list[int]:
-    return plan.implementation.rank_caps(plan)
-
-
-def params_for_ranks(plan: LayerPlan, ranks: list[int]) -> int:
-    """Weight parameters for concrete ranks: [r] (svd, cp), bond dimensions (tt), [r_out, r_in] (tucker)."""
-    return plan.implementation.params_for_ranks(plan, ranks)
 
 
 def largest_saving_rank(plan: LayerPlan) -> int:

@@ -6,18 +6,13 @@ import torch
 
 from krunch.plan.budget import LayerProfile, RankOption
 from krunch.decompose.ranks import tail_fraction
-from krunch.plan import LayerPlan, factorised_params, largest_saving_rank, plan_rank_caps
-
-
-def layer_spectra(plan: LayerPlan, weight: torch.Tensor, gram: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The spectra whose tails bound the truncation error: one for svd, one per bond (tt) or channel mode (tucker)."""
-    return plan.implementation.spectra(plan, weight, gram)
+from krunch.plan import LayerPlan, factorised_params, largest_saving_rank
 
 
 def profile(plan: LayerPlan, spectra: list[torch.Tensor]) -> LayerProfile:
     """Every rank that saves space and keeps at least the rule's floor of the weight's parameters."""
     tails = [tail_fraction(s) for s in spectra]
-    caps = plan_rank_caps(plan)
+    caps = plan.implementation.rank_caps(plan)
     least = (plan.floor or 0.0) * plan.weight_params
     options = []
     for rank in range(1, largest_saving_rank(plan) + 1):

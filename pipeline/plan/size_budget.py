@@ -119,9 +119,7 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
 
 def table_for(plan: LayerPlan, weight: torch.Tensor, configs: list[QuantizeConfig]) -> LayerTable:
     """One layer's whole table from its weight alone: the unit of work a Ray task runs."""
-    from krunch.plan.profile import layer_spectra
-
-    return layer_table(plan, weight, layer_spectra(plan, weight), configs)
+    return layer_table(plan, weight, plan.implementation.spectra(plan, weight, None), configs)
 
 
 def pareto_front(candidates: list[Candidate], dense_bytes: int) -> list[Candidate]:

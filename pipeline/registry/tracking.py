@@ -135,14 +135,17 @@ def use_experiment(uri: str) -> None:
     (MLflow would put them under the working directory, wherever that happens to be)."""
     import mlflow
 
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+    name = experiment_name()
     client = _client()
     if client.get_experiment_by_name(name) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+        database = sqlite_path(uri)
+        location = None if database is None else (database.parent / "mlruns").as_uri()
         client.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
 
 
 def _client():
@@ -200,28 +203,29 @@ def parse_models_uri(reference: str) -> tuple[str, str | None, str | None]:
     return name, version, None
 
 
-def preflight(job: CompressionJob) -> Preflight:
-    """Everything about MLflow that can fail before compression starts, checked before it starts."""
+def preflight(job: CompressionJob, uri: str | None = None) -> Preflight:
+    """Everything about MLflow that can fail before compression starts, checked before it starts (`uri`: what
+    `configure` returned, when the caller configured already)."""
     from mlflow.exceptions import MlflowException
 
-    uri = configure()
+    uri = uri or configure()
     identity = job_identity(job)
     try:
         existing = find_version(job.spec.registry.name, identity) if job.spec.registry else None
         completed = existing is not None and complete_registration(job, existing)
         if existing is None:
-            fail_abandoned_runs(uri, identity)
+            fail_abandoned_runs(identity)
     except MlflowException as err:
         raise _tracking_error(uri, err) from None
     return Preflight(uri, identity, existing, completed)
 
 
-def fail_abandoned_runs(uri: str, identity: str) -> None:
+def fail_abandoned_runs(identity: str) -> None:
     """Runs of this job that a dead process left RUNNING (before any version existed) are marked FAILED: this
     attempt supersedes them. Runs of one job take turns on a sqlite store (`job_turn`); on a server the
     operator runs one attempt of a resource at a time."""
     client = _client()
-    experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    experiment = client.get_experiment_by_name(experiment_name())
     if experiment is None:
         return
     for run in client.search_runs([experiment.experiment_id], f"tags.`{TAG_PREFIX}job_id` = '{identity}' and attributes.status = 'RUNNING'"):
