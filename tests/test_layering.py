@@ -27,6 +27,15 @@ def module_files() -> dict[str, Path]:
     return modules
 
 
+def absolute(name: str, path: Path, node: ast.ImportFrom) -> str:
+    """The module a `from ... import` names, relative ones resolved against the importing module's package."""
+    if node.level == 0:
+        return node.module or ""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    base = package[: len(package) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def import_time_edges(modules: dict[str, Path]) -> dict[str, set[str]]:
     """krunch modules each module imports when it is imported: module-level statements, not those inside
     functions or under `if TYPE_CHECKING`."""
@@ -38,9 +47,10 @@ def import_time_edges(modules: dict[str, Path]) -> dict[str, set[str]]:
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                 continue
             for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else []:
-                if isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
-                    targets.add(sub.module)
-                    targets |= {f"{sub.module}.{alias.name}" for alias in sub.names}
+                if isinstance(sub, ast.ImportFrom):
+                    base = absolute(name, path, sub)
+                    targets.add(base)
+                    targets |= {f"{base}.{alias.name}" for alias in sub.names}
                 elif isinstance(sub, ast.Import):
                     targets |= {alias.name for alias in sub.names}
         parents = {".".join(t.split(".")[:i]) for t in targets for i in range(2, t.count(".") + 1)}  # importing a.b.c runs a.b
@@ -112,3 +122,18 @@ def test_the_registry_reads_the_typed_report_never_the_compression_stage():
     stage = ("krunch.run", "krunch.api", "krunch.execution", "krunch.calibration", "krunch.plan", "krunch.decompose")
     assert sorted(m for m in seen if any(m == s or m.startswith(f"{s}.") for s in stage)) == []
     assert "krunch.results" in seen
+
+
+def test_the_shipped_runtime_names_itself_only_relatively():
+    """A registered model ships krunch.runtime under a versioned name: an absolute `krunch.` import inside
+    it would load whichever krunch the consumer has (or none)."""
+    absolute_imports = []
+    for name, path in module_files().items():
+        if name.startswith(("krunch.runtime", "krunch.architectures")):
+            body = [n for n in ast.parse(path.read_text(encoding="utf-8")).body
+                    if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]  # fmt: skip
+            for node in (sub for top in body for sub in ast.walk(top)):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                modules += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                absolute_imports += [f"{name}: {m}" for m in modules if m.split(".")[0] == "krunch"]
+    assert absolute_imports == [], absolute_imports

@@ -37,7 +37,7 @@ from krunch.artifact import MANIFEST, WEIGHTS
 from krunch.results import BUDGET, REPORT, CompressionResult
 from krunch.errors import KrunchError, ServiceUnavailable, require_extra
 from krunch.registry.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
-from krunch.registry.portable import pip_requirements, runtime_code
+from krunch.registry.portable import pickled_as, pip_requirements, runtime_code, runtime_namespace
 from krunch.spec import CompressionJob
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded default: a file in the working directory
@@ -344,13 +344,16 @@ def track(job: CompressionJob, result: CompressionResult, out_dir: Path, checked
                                   "plots/layers.png")  # fmt: skip
             if "heal" in report:
                 log_heal_curve(run.info.run_id, report["heal"], job.metadata.name)
-            model_info = mlflow.pytorch.log_model(
-                result.model.module, name=MODEL_NAME, serialization_format="pickle",
-                code_paths=[str(runtime_code(Path(scratch) / "code"))],
-                pip_requirements=pip_requirements(result.model.module),
-                extra_files=_model_files(out_dir, result, Path(scratch)),
-                metadata={"krunch_format": "krunch-compressed/1", "krunch_job_id": checked.identity},
-            )  # fmt: skip
+            namespace = runtime_namespace()
+            with pickled_as(namespace):
+                model_info = mlflow.pytorch.log_model(
+                    result.model.module, name=MODEL_NAME, serialization_format="pickle",
+                    code_paths=[str(runtime_code(Path(scratch) / "code", namespace))],
+                    pip_requirements=pip_requirements(result.model.module),
+                    extra_files=_model_files(out_dir, result, Path(scratch)),
+                    metadata={"krunch_format": "krunch-compressed/1", "krunch_job_id": checked.identity,
+                              "krunch_runtime": namespace},
+                )  # fmt: skip
             version = None
             if job.spec.registry:
                 version = register(job, model_info.model_uri, version_tags(job, report) | {STATE_TAG: "pending"})

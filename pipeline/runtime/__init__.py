@@ -4,9 +4,9 @@ The layers that replace dense ones, the quantized kernels they run on, and the r
 layer from its JSON config (an allow-list), never by unpickling.
 """
 
-from krunch.runtime import conv, linear, quantized  # noqa: F401  (registers the layer types)
-from krunch.runtime.base import CompressedLayer, QuantizedTensor, build_layer, layer_types, set_exact
-from krunch.runtime.kernels import Kernel
-from krunch.runtime.quant import QuantFormat
+from . import conv, linear, quantized  # noqa: F401  (registers the layer types)
+from .base import CompressedLayer, QuantizedTensor, build_layer, layer_types, set_exact
+from .kernels import Kernel
+from .quant import QuantFormat
 
 __all__ = ["CompressedLayer", "Kernel", "QuantFormat", "QuantizedTensor", "build_layer", "layer_types", "set_exact"]

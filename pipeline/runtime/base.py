@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krunch.runtime.kernels import Kernel, Packed, choose_kernel, pack, quantized_linear
-from krunch.runtime.quant import QuantFormat, QuantizedData, dequantize, packed_shape, quantize
+from .kernels import Kernel, Packed, choose_kernel, pack, quantized_linear
+from .quant import QuantFormat, QuantizedData, dequantize, packed_shape, quantize
 
 _LAYER_TYPES: dict[str, type[CompressedLayer]] = {}
 

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from krunch.runtime.quant import QuantFormat, QuantizedData, packed_shape
+from .quant import QuantFormat, QuantizedData, packed_shape
 
 # Rows up to which the packed weight-only kernels beat a bf16 GEMM on a transient weight (docs/kernels.md).
 PACKED_MAX_ROWS = 16

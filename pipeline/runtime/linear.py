@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krunch.runtime.base import CompressedLayer, quantize_config_json
-from krunch.runtime.quant import QuantFormat
+from .base import CompressedLayer, quantize_config_json
+from .quant import QuantFormat
 
 if TYPE_CHECKING:  # the factors' types are built at compression time; the runtime only reads their fields
     from krunch.decompose.pivot import Pivoted

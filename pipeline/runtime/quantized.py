@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krunch.runtime.base import CompressedLayer, quantize_config_json
-from krunch.runtime.quant import QuantFormat, QuantizedData, dequantize
+from .base import CompressedLayer, quantize_config_json
+from .quant import QuantFormat, QuantizedData, dequantize
 
 
 class QuantizedLinear(CompressedLayer):

@@ -6,13 +6,15 @@ links the packages of krunch's environment except krunch itself and what only
 compression needs (tensorly, Ray, kopf), so the model can rely on nothing but
 what it ships (its bundled layer code) and declares (torch, transformers...).
 Its working directory holds packages of its own named `pipeline` and `krunch`: the model must load its
-own shipped code, not theirs, and leave the consumer's `pipeline` alone.
+own shipped code, not theirs, and leave them alone; a second model shipped by another krunch version
+loads in the same process with its own code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,7 +26,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import krunch
 from krunch.cli import main
+from krunch.registry import portable
 from krunch.sources import load_model
 
 LEFT_OUT = ("krunch", "__editable__", "tensorly", "ray", "kopf")  # distributions the consumer must not see
@@ -37,15 +41,20 @@ from safetensors.torch import load_file, save_file
 for name in ("tensorly", "ray"):
     assert importlib.util.find_spec(name) is None, name + " is importable in the consumer environment"
 import mlflow.pytorch
-model = mlflow.pytorch.load_model(sys.argv[1])
 torch.set_num_threads(1)
-with torch.no_grad():
-    hidden = model(**load_file(sys.argv[2])).last_hidden_state
-save_file({"hidden": hidden.contiguous()}, sys.argv[3])
-import pipeline  # the consumer's own package, untouched by the model
-ran = sorted({m._packed.kernel.value for m in model.modules() if type(m).__name__ == "QuantizedTensor" and m._packed})
-print(json.dumps({"type": type(model).__name__, "layer_code": sys.modules["krunch"].__file__,
-                  "consumer_pipeline": pipeline.MARKER, "kernels_ran": ran,
+inputs = load_file(sys.argv[1])
+seen = {}
+for uri, out in zip(sys.argv[2::2], sys.argv[3::2]):  # several models, one process
+    model = mlflow.pytorch.load_model(uri)
+    with torch.no_grad():
+        hidden = model(**inputs).last_hidden_state
+    save_file({"hidden": hidden.contiguous()}, out)
+    quantized = [m for m in model.modules() if type(m).__name__ == "QuantizedTensor"]
+    code = sys.modules[type(quantized[0]).__module__.split(".")[0]]
+    seen[uri] = {"type": type(model).__name__, "layer_code": code.__file__, "marker": getattr(code.runtime, "MARKER", None),
+                 "kernels_ran": sorted({m._packed.kernel.value for m in quantized if m._packed})}
+import krunch, pipeline  # the consumer's own packages, untouched by the models
+print(json.dumps({"models": seen, "consumer_packages": [krunch.MARKER, pipeline.MARKER],
                   "krunch_modules": sorted(m for m in sys.modules if m.startswith("krunch"))}))
 """
 
@@ -81,17 +90,32 @@ def registered(mlflow_server, ray_cluster, tmp_path_factory):
     return root / "out"
 
 
-def test_consumer_without_krunch_loads_the_alias_and_gets_the_same_outputs(registered, mlflow_server, tmp_path):
+def another_krunch(root: Path) -> Path:
+    """The runtime as a different krunch version ships it: a copy of this one's, with a marker."""
+    shutil.copytree(portable.PACKAGE_ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    with (root / "runtime" / "__init__.py").open("a", encoding="utf-8") as init:
+        init.write('\nMARKER = "another krunch"\n')
+    return root
+
+
+def test_consumer_without_krunch_loads_the_alias_and_gets_the_same_outputs(registered, mlflow_server, tmp_path, monkeypatch):
     compressed = load_model(f"krunch:{registered}")
     batch = compressed.tokenizer(["Tensor networks compress weight matrices.", "A short one."], padding=True, return_tensors="pt")
     inputs = {key: value.contiguous() for key, value in batch.items()}
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
     assert compressed.module.encoder.layer[0].attention.self.query.weight_q.kernel()[0].value == "int8pack"
+    # A second registered model, shipped by "another krunch version": an int8-only recipe, in memory.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    second = krunch.compress(load_model("zoo:minilm-l6"), {"rules": [{"match": "encoder.*", "method": "none"}],
+                                                           "quantize": {"bits": 8}}, progress=False)  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(portable, "PACKAGE_ROOT", another_krunch(tmp_path / "another"))
+        krunch.register(second, f"{REGISTERED}-other", alias="prod")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the consumer: the last bits of a matmul depend on the thread count
     try:
         with torch.no_grad():
-            expected = compressed.module(**inputs).last_hidden_state
+            expected = [m(**inputs).last_hidden_state for m in (compressed.module, second.module)]
     finally:
         torch.set_num_threads(threads)
 
@@ -102,19 +126,27 @@ def test_consumer_without_krunch_loads_the_alias_and_gets_the_same_outputs(regis
         (tmp_path / name / "__init__.py").write_text(f"MARKER = 'consumer {name}'\n", encoding="utf-8")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "KRUNCH"))}
     env |= {"MLFLOW_TRACKING_URI": mlflow_server, "HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}
+    uris = [f"models:/{REGISTERED}@prod", f"models:/{REGISTERED}-other@prod"]
+    outputs = [tmp_path / "first.safetensors", tmp_path / "second.safetensors"]
     result = subprocess.run(
-        [str(python), str(tmp_path / "consumer.py"), f"models:/{REGISTERED}@prod", str(tmp_path / "inputs.safetensors"), str(tmp_path / "out.safetensors")],
+        [str(python), str(tmp_path / "consumer.py"), str(tmp_path / "inputs.safetensors"),
+         uris[0], str(outputs[0]), uris[1], str(outputs[1])],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert loaded["type"] == "BertModel"
-    assert str(tmp_path) not in loaded["layer_code"] and "/code/krunch/" in loaded["layer_code"]  # shipped with the model
-    assert loaded["consumer_pipeline"] == "consumer pipeline"
-    assert "int8pack" in loaded["kernels_ran"]  # the consumer gets the quantized kernel, not a dequantized copy
-    assert all(name == "krunch" or name.startswith(("krunch.runtime", "krunch.architectures")) for name in loaded["krunch_modules"])
-    hidden = load_file(str(tmp_path / "out.safetensors"))["hidden"]
-    assert torch.equal(hidden, expected)
+    first, other = (loaded["models"][uri] for uri in uris)
+    assert first["type"] == other["type"] == "BertModel"
+    for model in (first, other):  # each model's layers run its own shipped code
+        assert str(tmp_path) not in model["layer_code"] and "/code/krunch_" in model["layer_code"]
+        assert "int8pack" in model["kernels_ran"]  # the consumer gets the quantized kernel, not a dequantized copy
+    assert first["layer_code"] != other["layer_code"]
+    assert (first["marker"], other["marker"]) == (None, "another krunch")
+    assert loaded["consumer_packages"] == ["consumer krunch", "consumer pipeline"]
+    assert all(name == "krunch" or name.startswith("krunch_") for name in loaded["krunch_modules"])
+    for output, want in zip(outputs, expected):
+        assert torch.equal(load_file(str(output))["hidden"], want)
+    hidden = load_file(str(outputs[0]))["hidden"]
     with torch.no_grad():
         original = load_model("zoo:minilm-l6").module(**inputs).last_hidden_state
     assert not torch.allclose(hidden, original, atol=1e-3)  # the consumer really got the compressed model
