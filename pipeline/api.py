@@ -203,7 +203,7 @@ def register(compressed: Compressed, name: str, *, alias: str | None = None, met
     from pathlib import Path
 
     from krunch.artifact import WEIGHTS
-    from krunch.registry.tracking import preflight, track
+    from krunch.registry.tracking import callers_mlflow_kept, preflight, track
     from krunch.results import REPORT, CompressionResult
     from krunch.run import build_report, recipe_document
     from krunch.spec import API_VERSION, KIND, Task, parse_job
@@ -227,7 +227,8 @@ def register(compressed: Compressed, name: str, *, alias: str | None = None, met
         report = build_report(job.metadata.name, compressed.model.reference, task or "", compressed, dict(metrics.get("before", {})),
                               dict(metrics.get("after", {})), dict(compressed.timings), out / WEIGHTS)  # fmt: skip
         (out / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        tracked = track(job, CompressionResult(report, compressed.model), out, preflight(job))
+        with callers_mlflow_kept():
+            tracked = track(job, CompressionResult(report, compressed.model), out, preflight(job))
     assert tracked.version is not None
     return tracked.version
 

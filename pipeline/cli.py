@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from krunch import __version__
+from krunch.app_env import apply_application_defaults
 from krunch.errors import KrunchError
 
 EXIT_FAILURE = 1
@@ -238,8 +238,7 @@ def storage_cause(err: BaseException | None) -> OSError | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    apply_application_defaults()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

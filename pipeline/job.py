@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from krunch.app_env import apply_application_defaults
 from krunch.errors import KrunchError
 from krunch.job_events import emit
 from krunch.spec import CompressionJob, SpecError, parse_job
@@ -77,6 +78,7 @@ def run(job: CompressionJob, out_dir: Path) -> dict:
 
 
 def main() -> int:
+    apply_application_defaults()
     try:
         job = read_job()
         emit("started", name=job.metadata.name)

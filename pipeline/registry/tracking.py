@@ -45,8 +45,6 @@ EXPERIMENT = "krunch"
 MODEL_NAME = "model"  # the logged model's name inside the run
 # MLflow's HTTP client retries 7 times with a backoff factor of 2 (minutes against a dead server);
 # krunch bounds it unless the user chose otherwise.
-BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}  # fmt: skip
 PREFLIGHT_TRIES = 3
 PREFLIGHT_TIMEOUT_S = 5.0
 STATE_TAG = f"{TAG_PREFIX}registration"  # pending -> complete; versions from before the tag count as complete
@@ -76,13 +74,36 @@ class Tracked:
     alias: str | None
 
 
+MLFLOW_GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@contextlib.contextmanager
+def callers_mlflow_kept() -> Iterator[None]:
+    """A library call points MLflow's fluent API at krunch's store and experiment (it knows no other way);
+    afterwards the caller's tracking and registry URIs, active experiment and environment are as they were.
+    MLflow keeps these in module globals (pinned in constraints.txt) mirrored into os.environ."""
+    require_extra("mlflow", "mlflow", "tracking and registering models")
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    environment = {name: os.environ.get(name) for name in MLFLOW_GLOBALS}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id)
+    try:
+        yield
+    finally:
+        tracking_utils.set_tracking_uri(saved[0])  # also resets the tracer that follows the URI
+        registry_utils._registry_uri, fluent._active_experiment_id = saved[1], saved[2]
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def configure() -> str:
-    """Point MLflow at MLFLOW_TRACKING_URI, or at the embedded sqlite default; bound its HTTP retries and
-    make sure a server answers before anything is asked of it."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name, value in BOUNDED_HTTP.items():
-        os.environ.setdefault(name, value)
+    """Point MLflow at MLFLOW_TRACKING_URI, or at the embedded sqlite default, and make sure a server answers
+    before anything is asked of it (krunch's programs also bound MLflow's HTTP retries: `krunch.app_env`)."""
     require_extra("mlflow", "mlflow", "tracking and registering models")
     import mlflow
 

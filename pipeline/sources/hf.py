@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,7 +68,6 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
         hint = f" (found {found[0]}: convert it to safetensors)" if found else ""
         raise ModelSourceError(reference, f"no .safetensors weights in the directory{hint}")
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -106,7 +104,6 @@ def hf_architecture(directory: Path, reference: str) -> LoadedModel:
     config = read_hf_config(directory, reference)
     if config.get("auto_map"):
         raise ModelSourceError(reference, "config.json names remote code (auto_map); krunch never runs it")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     kind = hf_model_kind(config)

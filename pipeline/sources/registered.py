@@ -17,11 +17,11 @@ def load_registered(reference: str, factory: str | None = None) -> LoadedModel:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from krunch.registry.tracking import configure, parse_models_uri, registry_version, version_files_uri
+    from krunch.registry.tracking import callers_mlflow_kept, configure, parse_models_uri, registry_version, version_files_uri
 
     name, version, alias = parse_models_uri(reference)  # the shape first: a clear error without touching the server
-    configure()
-    with tempfile.TemporaryDirectory(prefix="krunch-registered-") as scratch:
+    with callers_mlflow_kept(), tempfile.TemporaryDirectory(prefix="krunch-registered-") as scratch:
+        configure()
         try:
             version = registry_version(name, version, alias)
             pinned = f"models:/{name}/{version}"  # what a model built on it records: aliases move

