@@ -59,6 +59,10 @@ ROWS: dict[str, tuple[str, Any]] = {
     "llama.cpp Q4_0": ("llama", "Q4_0"),
 }  # fmt: skip
 FP32 = "PyTorch fp32 eager"
+# Rows of the same models whose decode steps run compiled (krunch.runtime.compile_decode): row -> the eager row.
+COMPILED = {"PyTorch fp32 + compile": FP32, "krunch int8 + compile": "krunch int8",
+            "krunch int4 g32 + compile": "krunch int4 g32 (embedding int8)"}  # fmt: skip
+MAX_CACHE_LEN = 256  # the compiled rows' static cache: the 64-token prompt and 128 new tokens fit
 
 
 def log(message: str) -> None:
@@ -146,7 +150,7 @@ def prepared_rows(names: list[str], peers: bool) -> tuple[list[tuple[str, str, d
     pythons = peer_pythons() if peers else {}
     prepared = []
     for name in names:
-        runtime, how = ROWS[name]
+        runtime, how = ROWS[COMPILED.get(name, name)]
         if runtime in ("torchao", "llama") and runtime not in pythons:
             why = f"{runtime} not set up: scripts/bench_peers.sh {runtime}" if peers else "--no-peers"
             log(f"{name}: skipped ({why})")
@@ -157,12 +161,14 @@ def prepared_rows(names: list[str], peers: bool) -> tuple[list[tuple[str, str, d
         if runtime == "hf":
             path, row["dtype"] = hf_dir, how
         elif runtime == "krunch":
-            path = krunch_model(name, how, source)
+            path = krunch_model(COMPILED.get(name, name), how, source)
         elif runtime == "torchao":
             path, row["config"] = hf_dir, how
         else:
             path = gguf_model(how, hf_dir, python)
         row["path"] = str(path)
+        if name in COMPILED:
+            row["compile"] = {"max_cache_len": MAX_CACHE_LEN}
         prepared.append((name, python, row))
     return prepared, source.tokenizer, hf_dir
 
@@ -330,10 +336,10 @@ def main() -> int:
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "bench_inference.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "inference.png")
     args = parser.parse_args()
-    names = [n.strip() for n in args.rows.split(",")] if args.rows else list(ROWS)
-    unknown = [n for n in names if n not in ROWS]
+    names = [n.strip() for n in args.rows.split(",")] if args.rows else list(ROWS) + list(COMPILED)
+    unknown = [n for n in names if n not in ROWS and n not in COMPILED]
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS) + list(COMPILED)}")
     if FP32 not in names:
         names.insert(0, FP32)  # every ratio needs the baseline of the same run
     import platform

@@ -52,6 +52,10 @@ class TorchModel:
             if runtime == "torchao":
                 self.model = torchao_quantized(self.model, row["config"])
         self.model.eval()
+        if row.get("compile"):  # decode steps on one compiled graph over a static cache (krunch's runtime)
+            from krunch.runtime import compile_decode
+
+            compile_decode(self.model, max_cache_len=row["compile"]["max_cache_len"])
 
     def threads(self, count: int) -> None:
         self.torch.set_num_threads(count)
@@ -133,9 +137,11 @@ class LlamaModel:
 def measure(row: dict) -> dict:
     before_load = rss_bytes()
     model = LlamaModel(row) if row["runtime"] == "llama" else TorchModel(row)
-    model.generate(row["prompt"], 8)  # warm-up: kernels packed, caches allocated
+    start = time.perf_counter()
+    model.generate(row["prompt"], 8)  # warm-up: kernels packed, caches allocated, decode compiled
+    warm_up_s = time.perf_counter() - start
     resident = rss_bytes() - before_load
-    result: dict = {"resident_bytes": resident, "decode_tokens_per_s": {}, "cpu_s_per_token": {}}
+    result: dict = {"resident_bytes": resident, "warm_up_s": round(warm_up_s, 2), "decode_tokens_per_s": {}, "cpu_s_per_token": {}}
     for threads in row["threads"]:
         model.threads(threads)
         model.generate(row["prompt"], 4)
