@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from krunch.errors import KrunchError
 from krunch.execution.heal import HealResult, StepCallback
 from krunch.model import LoadedModel, ModelKind
 from krunch.plan import Plan, make_plan
+from krunch.plan.profile import DEFAULT_MAX_ERROR
 from krunch.sizes import count_params, weight_bytes
 from krunch.spec import Calibration, Recipe, Resources, SpecError
 from krunch.store import load, save  # noqa: F401  (part of this API)
@@ -101,12 +102,29 @@ def model_kind(module: nn.Module, tokenizer: Any) -> ModelKind | None:
     return None
 
 
-def as_loaded(model: nn.Module | LoadedModel, tokenizer: Any = None) -> LoadedModel:
+def as_loaded(model: nn.Module | LoadedModel, tokenizer: Any = None, kind: str | None = None,
+              preprocess: Callable[[Any], torch.Tensor] | None = None) -> LoadedModel:  # fmt: skip
+    """kind: what a plain module is (image-classifier: fed photo crops through `preprocess`, default the
+    ImageNet eval transform); transformers models with a tokenizer are recognised by themselves."""
     if isinstance(model, LoadedModel):
         return model
     if not isinstance(model, nn.Module):
         raise KrunchError("model", f"must be a torch.nn.Module (or a model krunch loaded), got {type(model).__name__}")
-    return LoadedModel(f"{MEMORY}{type(model).__name__}", model, model_kind(model, tokenizer), tokenizer)
+    loaded = LoadedModel(f"{MEMORY}{type(model).__name__}", model, model_kind(model, tokenizer), tokenizer, preprocess)
+    if kind is not None:
+        from pydantic import ValidationError
+
+        from krunch.sources.stated import stated
+        from krunch.spec import ModelSource
+
+        try:
+            source = ModelSource(source=loaded.reference, kind=kind)
+        except ValidationError as err:
+            raise KrunchError("kind", err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        stated(loaded, source, "kind")
+    elif preprocess is not None and loaded.kind is None:
+        raise KrunchError("preprocess", "says how pictures become an image classifier's inputs: pass kind='image-classifier' too")
+    return loaded
 
 
 def calibration_inputs(items: Iterable[Any], tokenizer: Any) -> list[Batch]:
@@ -138,18 +156,20 @@ def default_executor() -> Executor:
 
 
 def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, calibration: Iterable[Any] | str | None = None,
-             tokenizer: Any = None, executor: Executor | None = None, progress: bool = True,
-             on_layer: ProgressCallback | None = None, on_heal_step: StepCallback | None = None) -> Compressed:  # fmt: skip
+             tokenizer: Any = None, kind: str | None = None, preprocess: Callable[[Any], torch.Tensor] | None = None,
+             executor: Executor | None = None, progress: bool = True, on_layer: ProgressCallback | None = None,
+             on_heal_step: StepCallback | None = None) -> Compressed:  # fmt: skip
     """Compress `model` by `recipe`; the original is left as it was.
 
     calibration: inputs for activation-aware layers, gptq rounding, propagation and healing (texts with
     `tokenizer`, dicts of keyword arguments, tuples or tensors), or the name of a corpus krunch knows
     (`wikipedia`); default: the recipe's own calibration section, for the model kinds krunch knows.
+    kind, preprocess: what a plain module is and how pictures become its inputs (`as_loaded`).
     executor: where the layer tasks run (default: here, or on Ray when RAY_ADDRESS is set).
     """
     started = time.perf_counter()
     recipe = as_recipe(recipe)
-    original = as_loaded(model, tokenizer)
+    original = as_loaded(model, tokenizer, kind, preprocess)
     if isinstance(calibration, str):
         recipe = recipe.model_copy(update={"calibration": (recipe.calibration or Calibration()).model_copy(update={"data": calibration})})
     elif calibration is not None:
@@ -167,6 +187,7 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
         allocation = allocate_target(recipe, original, plan, executor)
         timings["plan_s"] = round(time.perf_counter() - started, 3)
         execution = compress_layers(recipe, executor, original, allocation.plan, allocation.ranks, on_layer, progress)
+        warn_destroyed(execution.results)
         compressed, tied = assembled(original, allocation.plan, execution.results)
         timings["decompose_s"] = round(time.perf_counter() - started - timings["plan_s"], 3)
         healed = None
@@ -179,16 +200,28 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
                       timings, count_params(original.module), weight_bytes(original.module))  # fmt: skip
 
 
+def warn_destroyed(results: list[LayerResult]) -> None:
+    """Say which layers came out with almost none of their weight left (a fixed rank far too small, a flat
+    spectrum): one such layer can ruin a model that every other number says is fine."""
+    high = sorted(((r.rel_error, r.name) for r in results if r.rel_error is not None and r.rel_error > DEFAULT_MAX_ERROR), reverse=True)
+    if high:
+        listed = ", ".join(f"{name} ({error:.3f})" for error, name in high[:5])
+        log.warning("krunch: %d layer(s) above %.1f relative weight error: %s", len(high), DEFAULT_MAX_ERROR, listed)
+
+
 def evaluate(model: nn.Module | LoadedModel, task: str, *, tokenizer: Any = None, reference: nn.Module | LoadedModel | None = None,
-             data: str | None = None, tokens: int | None = None, items: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """Quality and speed on one of krunch's tasks (perplexity, embedding, ocr, image-agreement)."""
+             data: str | None = None, tokens: int | None = None, items: int | None = None, kind: str | None = None,
+             preprocess: Callable[[Any], torch.Tensor] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Quality and speed on one of krunch's tasks (perplexity, embedding, ocr, image-agreement); a plain
+    `reference` module is fed as the model is."""
     from krunch.evaluation import EvalOptions
     from krunch.evaluation import evaluate as run_task
     from krunch.evaluation import parse_task
 
     options = EvalOptions(data=data, items=items, **({"tokens": tokens} if tokens else {}))
-    loaded = as_loaded(model, tokenizer)
-    return run_task(loaded, parse_task(task), options, as_loaded(reference, tokenizer) if reference is not None else None)
+    loaded = as_loaded(model, tokenizer, kind, preprocess)
+    against = as_loaded(reference, tokenizer, kind, preprocess or loaded.preprocess) if reference is not None else None
+    return run_task(loaded, parse_task(task), options, against)
 
 
 def register(compressed: Compressed, name: str, *, alias: str | None = None, metrics: dict[str, dict[str, Any]] | None = None,

@@ -187,13 +187,15 @@ def compress_and_save(job, out_dir: Path):  # noqa: ANN001, ANN201 - a Compressi
 def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     """Everything that can be checked without compressing: the spec, the source model, the rules' matches,
     fixed ranks against break-even. The same job file `kubectl apply` takes."""
-    from krunch.run import check_text_data, evaluation_task, load_source
+    from krunch.run import check_text_data, evaluation_task, job_reference, load_source
     from krunch.plan import make_plan
     from krunch.report import format_plan, format_stages
 
     model = load_source(job)
     plan = make_plan(model.module, job.spec.recipe)
-    check_text_data(job, model, evaluation_task(job, model))
+    task = evaluation_task(job, model)
+    job_reference(job, model, task)
+    check_text_data(job, model, task)
     print(format_plan(job.metadata.name, job.spec.model.source, plan))
     if stages := format_stages(job.spec.recipe):
         print(stages)

@@ -28,11 +28,11 @@ from krunch.errors import KrunchError
 from krunch.evaluation import EvalOptions, Task, default_task, evaluate
 from krunch.evaluation.tasks import task_spec
 from krunch.execution.heal import HealResult, StepCallback
-from krunch.sources import load_model
+from krunch.sources.stated import load_reference, load_stated
 from krunch.model import LoadedModel, ModelKind
 from krunch.results import BUDGET, REPORT, CompressionResult, Report
 from krunch.plan import LayerPlan, Plan, largest_saving_rank, make_plan
-from krunch.plan.profile import profile
+from krunch.plan.profile import DEFAULT_MAX_ERROR, max_error, profile
 from krunch.sizes import bytes_without_bias, count_params, weight_bytes
 from krunch.spec import Calibration, CompressionJob, Recipe, SpecError
 
@@ -52,10 +52,11 @@ class Timings:
 
 
 def load_source(job: CompressionJob) -> LoadedModel:
-    try:
-        return load_model(job.spec.model.source, job.spec.model.factory)
-    except KrunchError as err:
-        raise SpecError("spec.model.source", str(err)) from None
+    return load_stated(job.spec.model, "spec.model")
+
+
+def job_reference(job: CompressionJob, model: LoadedModel, task: Task) -> LoadedModel:
+    return load_reference(job.spec.evaluation.reference, model, task_spec(task).needs_reference, task.value)
 
 
 def evaluation_task(job: CompressionJob, model: LoadedModel) -> Task:
@@ -169,9 +170,13 @@ def allocate_ranks(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, 
     layers = plan.allocated
     profiles = [profile(layer, layer.implementation.spectra(layer, model.module.get_submodule(layer.name).weight, None)) for layer in layers]
     for layer, options in zip(layers, profiles, strict=True):
-        if not options.options:
+        if not options.options and layer.floor is not None:
             raise SpecError(f"{layer.field}.floor", f"{layer.floor} of {layer.name}'s parameters is more than any rank that "
-                            f"saves space keeps (break-even rank {largest_saving_rank(layer)})")  # fmt: skip
+                            f"saves space keeps (break-even rank {largest_saving_rank(layer)}) under an error of at most "
+                            f"{max_error(layer)}")  # fmt: skip
+        if not options.options:
+            raise SpecError(f"{layer.field}.maxError", f"every rank of {layer.name} that saves space leaves a relative error "
+                            f"above {max_error(layer)}: raise maxError, or leave this layer dense")  # fmt: skip
     biases = sum(layer.bias_params for layer in layers)
     budget = round(target.param_ratio * sum(layer.params for layer in layers)) - biases  # biases stay dense
     try:
@@ -183,7 +188,10 @@ def allocate_ranks(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, 
 
 def _floors_hint(layers: list[LayerPlan]) -> str:
     floors = sorted({layer.field for layer in layers if layer.floor is not None})
-    return f"; rule floors ({', '.join(f + '.floor' for f in floors)}) raise that smallest total" if floors else ""
+    hints = [f"rule floors ({', '.join(f + '.floor' for f in floors)})"] if floors else []
+    if any(max_error(layer) < 1 for layer in layers):
+        hints.append(f"error ceilings (maxError, default {DEFAULT_MAX_ERROR})")
+    return f"; {' and '.join(hints)} raise that smallest total" if hints else ""
 
 
 def heal_stage(recipe: Recipe, executor: Executor, compressed: LoadedModel, original: LoadedModel,
@@ -244,6 +252,7 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     timings = Timings()
     original = load_source(job)
     task = evaluation_task(job, original)
+    reference = job_reference(job, original, task)
     make_plan(original.module, job.spec.recipe)  # a recipe that does not fit the model fails before Ray starts
     check_text_data(job, original, task)
     start = timings.record("load", timings.started)
@@ -254,8 +263,8 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     compressed = result.model
 
     options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
-    metrics_before = evaluate(original, task, options, reference=original)  # a task comparing with a reference: itself
-    metrics_after = evaluate(compressed, task, options, reference=original)
+    metrics_before = evaluate(original, task, options, reference=reference)  # default reference: the source itself
+    metrics_after = evaluate(compressed, task, options, reference=reference)
     start = timings.record("evaluate", start)
 
     # a registry alias is pinned to the version it named: the compressed model must reload the same weights later

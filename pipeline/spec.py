@@ -28,6 +28,7 @@ MAX_RULES = 1000
 MAX_WORKERS = 4096
 MAX_TOKENS = 1 << 27  # 134M tokens: a few days of CPU calibration
 MAX_ITEMS = 1 << 20
+MODEL_KINDS = ("causal-lm", "sentence-embedding", "text-recognizer", "image-classifier")  # krunch.model.ModelKind (no torch here)
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
@@ -107,6 +108,11 @@ class Rule(_Model):
     floor: float | None = Field(
         None, gt=0, lt=1, description="with recipe.target: keep at least this fraction of each layer's weight parameters "
         "(guidance such as CompactifAI's: spare the early layers, a block's last MLP)",
+    )
+    max_error: float | None = Field(
+        None, gt=0, le=1, description="with recipe.target: the largest relative truncation error (from the weight's spectrum) "
+        "the allocator may give any layer of this rule (default 0.9: no layer is cut to almost nothing to spare the others); "
+        "1 turns the ceiling off",
     )
 
     @field_validator("quantize", mode="before")
@@ -214,8 +220,9 @@ class Recipe(_Model):
                 if rule.implementation.factorizing and rule.rank is None:
                     raise ValueError(f"rules[{index}].rank: required for method {rule.method} unless a target is set")
         for index, rule in enumerate(self.rules):
-            if rule.floor is not None and (self.target is None or rule.rank is not None or not rule.implementation.factorizing):
-                raise ValueError(f"rules[{index}].floor: only for factorising rules without a rank, whose ranks come from recipe.target")
+            for name, value in (("floor", rule.floor), ("maxError", rule.max_error)):
+                if value is not None and (self.target is None or rule.rank is not None or not rule.implementation.factorizing):
+                    raise ValueError(f"rules[{index}].{name}: only for factorising rules without a rank, whose ranks come from recipe.target")
         if self.target is not None:
             for index, rule in enumerate(self.rules):
                 if rule.implementation.factorizing and not rule.implementation.spectral and rule.rank is None:
@@ -241,9 +248,44 @@ def _gptq(config: QuantizeConfig | None) -> bool:
     return config is not None and config.rounding is Rounding.GPTQ
 
 
+class Preprocessing(_Model):
+    """How a picture becomes the image model's input (the defaults: torchvision's ImageNet eval transform)."""
+
+    resize: int = Field(256, ge=8, le=4096, description="the picture's short side is resized to this many pixels")
+    crop: int = Field(224, ge=8, le=4096, description="then a centred square of this many pixels is cut")
+    mean: list[float] = Field([0.485, 0.456, 0.406], min_length=1, max_length=3, description="per channel, on pixels scaled to [0, 1]")
+    std: list[float] = Field([0.229, 0.224, 0.225], min_length=1, max_length=3, description="per channel, each above 0")
+    grayscale: bool = Field(False, description="one channel instead of RGB")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Preprocessing:
+        if self.crop > self.resize:
+            raise ValueError(f"crop: {self.crop} is larger than resize {self.resize}")
+        channels = 1 if self.grayscale else 3
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != channels:
+                raise ValueError(f"{name}: {channels} value(s) for {'grayscale' if self.grayscale else 'RGB'} input, got {len(getattr(self, name))}")
+        if any(not 0 < value < 1e6 for value in self.std):
+            raise ValueError("std: every value must be above 0")
+        if any(abs(value) > 1e6 for value in self.mean):
+            raise ValueError("mean: values are for pixels scaled to [0, 1]")
+        return self
+
+
 class ModelSource(_Model):
     source: str = Field(min_length=1, description="zoo:NAME | hf:DIR | file:PATH (+ factory) | models:/NAME/VERSION | models:/NAME@ALIAS")
     factory: str | None = Field(None, description="module:callable that builds the architecture for a file: source")
+    kind: str | None = Field(None, description="what a factory's bare module is, which decides how it is calibrated and evaluated: "
+                             "image-classifier (the kinds with a tokenizer or charset come from their sources: hf:, zoo:)")
+    preprocessing: Preprocessing | None = Field(None, description="image-classifier: how pictures become its inputs "
+                                                "(default: the ImageNet eval transform)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str | None) -> str | None:
+        if value is not None and value not in MODEL_KINDS:
+            raise ValueError(f"unknown kind {value!r}; choose one of {', '.join(MODEL_KINDS)}")
+        return value
 
 
 class Task(enum.Enum):
@@ -264,6 +306,8 @@ class Task(enum.Enum):
 
 class Evaluation(_Model):
     task: str | None = Field(None, description="perplexity | embedding | ocr | image-agreement; default: the model's own")
+    reference: ModelSource | None = Field(None, description="image-agreement, embedding: the model the compressed one is "
+                                          "compared with (default: the source model itself)")
     data: str | None = Field(None, description="text for perplexity: wikipedia or file:PATH")
     tokens: int = Field(4096, ge=64, le=MAX_TOKENS)
     items: int | None = Field(None, ge=1, le=MAX_ITEMS, description="cap on words or images")

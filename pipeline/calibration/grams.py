@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from krunch.data.text import Split, token_slice
+from krunch.data.text import Split, special_tokens, token_slice
 from krunch.model import LoadedModel, ModelKind
 from krunch.spec import Calibration
 
@@ -30,12 +30,11 @@ Batch = tuple[tuple, dict]  # (args, kwargs) for a model's (or a block's) forwar
 
 
 def _special_tokens(model: LoadedModel) -> tuple[list[int], list[int]]:
-    """The ids an encoder's tokenizer puts around every input ([CLS] ... [SEP]): its attention leans on them,
-    so calibration windows without them show layers inputs they never see in use. None for causal LMs."""
-    tokenizer = model.tokenizer
-    if model.kind is not ModelKind.SENTENCE_EMBEDDING or tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-        return [], []
-    return [tokenizer.cls_token_id], [tokenizer.sep_token_id]
+    """The ids the model's tokenizer puts around every input (a causal LM's BOS, an encoder's [CLS] ... [SEP]):
+    attention leans on them, so calibration windows without them show layers inputs they never see in use.
+    A causal LM's windows take only the leading ones (a window is a stretch of running text)."""
+    first, last = special_tokens(model.tokenizer)
+    return (first, []) if model.kind is ModelKind.CAUSAL_LM else (first, last)
 
 
 def text_batches(model: LoadedModel, data: str, split: Split, tokens: int) -> Iterator[Batch]:

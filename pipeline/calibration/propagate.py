@@ -5,7 +5,10 @@ Independent calibration whitens every layer for the original model's activations
 layers compound unseen. Here the blocks (the nn.ModuleList or nn.Sequential holding the selected layers:
 decoder layers, encoder layers, a CNN's convs, each then a block of its own) run in order, and within a
 block its stages (layers reading the same tensor: q/k/v, then o, then gate/up, then down) run in order. For
-a stage, with X its input in the original model and X~ its input in the model compressed so far:
+a stage, with X its input in the original model and X~ its input in the model compressed so far (each block
+called with the arguments the model itself passes it, recorded on one pass: a hybrid model's sliding and global
+layers get different masks and rotary tables; before any work, the blocks replayed in order must reproduce the
+model's own hidden states):
 
     G~ = X~'X~,  K = X'X~,  M0 = W (K + lam I)(G~ + lam I)^-1
 
@@ -28,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from krunch.assemble import swap_module
+from krunch.errors import KrunchError
 from krunch.calibration.grams import ROWS_CHUNK, Batch, calibration_batches, collect_grams, input_rows
 from krunch.execution.layer import LayerResult, relative_error
 from krunch.execution.executors import Execution, Executor, ProgressCallback
@@ -41,10 +45,6 @@ RIDGE = 0.5  # lam as a fraction of G~'s mean diagonal; MiniLM held-out fidelity
 # 0.05 -> 0.963, 0.005 -> 0.966, 0.0005 -> 0.966 (independent calibration 0.951).
 CONV_RIDGE = 0.005
 DROPPED_KWARGS = ("past_key_values", "past_key_value")  # each block runs standalone, without a cache
-
-
-class _Captured(Exception):
-    """Raised by the pre-hook once the first block's inputs are recorded: the rest of the forward is not needed."""
 
 
 @dataclass
@@ -107,26 +107,72 @@ def _output(result: object) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def first_block_inputs(model: LoadedModel, block: nn.Module, calibration: Calibration) -> list[Batch]:
-    """(args, kwargs) the first block receives, one per calibration batch (position embeddings, masks...)."""
-    captured: list[Batch] = []
+@dataclass
+class BlockCalls:
+    """What the model itself passes each block, per calibration batch: the arguments besides the hidden state
+    (masks, position embeddings: a hybrid model's sliding and global layers get different ones), and, on the
+    first batch, the hidden state too, to check that replaying the blocks one by one reproduces the model."""
 
-    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, {k: v for k, v in kwargs.items() if k not in DROPPED_KWARGS}))
-        raise _Captured
+    calls: list[list[Batch]]  # calls[block][batch]: (args, kwargs), the hidden state left in place on batch 0 only
+    first_hidden: list[torch.Tensor]  # each block's hidden input on the first batch
 
-    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    def inputs(self, block: int, hidden: list[torch.Tensor] | None = None) -> list[Batch]:
+        """Block `block`'s inputs: its own arguments around `hidden` (default: the model's, for block 0)."""
+        if hidden is None:
+            assert block == 0, "only block 0's hidden inputs are kept for every batch"
+            return [call for call in self.calls[0]]
+        return [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(self.calls[block], hidden, strict=True)]
+
+
+def block_calls(model: LoadedModel, blocks: Blocks, calibration: Calibration) -> BlockCalls:
+    """One pass of the original model per calibration batch, recording every block's call."""
+    calls: list[list[Batch]] = [[] for _ in blocks.modules]
+    first_hidden: list[torch.Tensor] = []
+
+    def recorder(index: int):  # noqa: ANN202
+        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = {k: v for k, v in kwargs.items() if k not in DROPPED_KWARGS}
+            batch = len(calls[index])
+            keep = batch == 0 or index == 0  # the other hidden states are recomputed block by block
+            hidden = _hidden(args, kwargs).detach().clone() if keep else None  # a copy: later in-place ops (ReLU) change it
+            if batch == 0:
+                first_hidden.append(hidden)
+            calls[index].append(_with_hidden(args, kwargs, hidden))  # type: ignore[arg-type]
+
+        return record
+
+    handles = [block.register_forward_pre_hook(recorder(index), with_kwargs=True) for index, block in enumerate(blocks.modules)]
     try:
         with torch.inference_mode():
             for args, kwargs in calibration_batches(model, calibration):
                 extra = {"use_cache": False} if model.kind is ModelKind.CAUSAL_LM else {}
-                try:
-                    model.module(*args, **kwargs, **extra)
-                except _Captured:
-                    pass
+                model.module(*args, **kwargs, **extra)
     finally:
-        handle.remove()
-    return captured
+        for handle in handles:
+            handle.remove()
+    if any(len(c) != len(calls[0]) for c in calls) or len(first_hidden) != len(blocks.modules):
+        raise KrunchError("calibration.propagate", f"the blocks of {blocks.path} are not each called once per forward "
+                          "(shared or skipped blocks), so they cannot be replayed in order; use propagate: false")  # fmt: skip
+    return BlockCalls(calls, first_hidden)
+
+
+REPLAY_TOLERANCE = 1e-3  # relative difference between replayed and real block inputs (the same fp32 ops: ~1e-6)
+
+
+def check_replay(blocks: Blocks, recorded: BlockCalls) -> None:
+    """Run the original blocks one after another on the first batch, each with its own arguments, and compare
+    every block's input with the model's own: a model that does work between its blocks cannot be replayed."""
+    hidden = recorded.first_hidden[0]
+    with torch.inference_mode():
+        for index, block in enumerate(blocks.modules):
+            real = recorded.first_hidden[index]
+            difference = float((hidden - real).norm() / real.norm().clamp_min(1e-12))
+            if difference > REPLAY_TOLERANCE:
+                raise KrunchError("calibration.propagate", f"replaying {blocks.path} block by block gives block {index} "
+                                  f"inputs {difference:.1%} away from the model's own (the model does work between its "
+                                  "blocks that krunch does not replay); use propagate: false for this model")  # fmt: skip
+            args, kwargs = recorded.calls[index][0]
+            hidden = _output(block(*args, **kwargs))
 
 
 def stages_of(block: nn.Module, names: list[str], block_path: str, sample: Batch) -> list[list[str]]:
@@ -152,14 +198,14 @@ def stages_of(block: nn.Module, names: list[str], block_path: str, sample: Batch
 
 
 def original_pass(block: nn.Module, readers: list[str],
-                  inputs: list[Batch]) -> tuple[dict[str, list[torch.Tensor]], list[Batch]]:  # fmt: skip
+                  inputs: list[Batch]) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:  # fmt: skip
     """One pass of the original block: the inputs of each stage (named by a layer reading them), per batch,
-    and the next block's inputs. The original block never changes, so its activations are computed once."""
+    and its hidden outputs. The original block never changes, so its activations are computed once."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in readers}
     handles = [block.get_submodule(name).register_forward_pre_hook(
         lambda _m, args, name=name: seen[name].append(args[0].detach())) for name in readers]  # fmt: skip
     try:
-        following = _advance(block, inputs)
+        following = _outputs(block, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -243,7 +289,9 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
     info = first.info if first else {}
     done = len(results)
     by_name = {layer.name: layer for layer in plan.layers}
-    inputs = first_block_inputs(model, blocks.modules[0], calibration)
+    recorded = block_calls(model, blocks, calibration)
+    check_replay(blocks, recorded)  # before any work: the blocks replayed in order are the model
+    inputs = recorded.inputs(0)
     working_inputs = inputs
     bar = tqdm(total=len(blocks.modules), desc="propagating", unit="block")
     try:
@@ -267,8 +315,9 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
                     working_block = _installed(working_block, _within(result.name, path), result.module)
                 done += len(stage)
                 bar.set_postfix_str(f"{done}/{total} layers", refresh=False)
-            inputs = following
-            working_inputs = _advance(working_block, working_inputs)
+            if index + 1 < len(blocks.modules):  # the next block's own arguments around these outputs
+                inputs = recorded.inputs(index + 1, following)
+                working_inputs = recorded.inputs(index + 1, _outputs(working_block, working_inputs))
             bar.update(1)
     finally:
         bar.close()
@@ -294,8 +343,7 @@ def _compress_stage(executor: Executor, model: LoadedModel, stage: list[str], pa
     return staged
 
 
-def _advance(block: nn.Module, inputs: list[Batch]) -> list[Batch]:
-    """The next block's inputs: this block's outputs, with the same masks and position embeddings."""
+def _outputs(block: nn.Module, inputs: list[Batch]) -> list[torch.Tensor]:
+    """The block's hidden outputs, one per batch: the next block's hidden inputs."""
     with torch.inference_mode():
-        return [_with_hidden(args, kwargs, _output(block(*args, **kwargs))) for args, kwargs in inputs]
-
+        return [_output(block(*args, **kwargs)) for args, kwargs in inputs]

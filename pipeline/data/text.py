@@ -108,3 +108,17 @@ def token_slice(tokenizer, data: str, split: Split, tokens: int) -> list[int]:
         if chars >= len(text):
             raise DataError(data, f"the {split.value} split has only {len(ids)} tokens, {tokens} were asked for")
         chars *= 2
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after every text when it adds special tokens (a BOS; [CLS] and
+    [SEP]): a model reads them in use, so windows cut from raw token slices must carry them too (a BOS
+    model scored without its BOS reads perplexities several times too high)."""
+    probe = "krunch"
+    bare = tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return list(full[:start]), list(full[start + len(bare) :])
+    return [], []
+

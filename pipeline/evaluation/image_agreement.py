@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from krunch.data.images import DEFAULT_CROPS_PER_PHOTO, photo_crops
 from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
 from krunch.evaluation.timing import timed_batches
-from krunch.zoo.mobilenet import imagenet_preprocess
+from krunch.data.transforms import imagenet_preprocess
 from krunch.model import LoadedModel, ModelKind
 
 

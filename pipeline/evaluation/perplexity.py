@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from krunch.data.text import Split, token_slice
+from krunch.data.text import Split, special_tokens, token_slice
 from krunch.errors import KrunchError
 from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
 from krunch.evaluation.speed import PREFILL_TOKENS, causal_lm_speed
@@ -25,8 +25,10 @@ def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel 
         raise KrunchError("--tokens", f"must be at least the window size {options.window}, got {options.tokens}")
     data = options.data or DEFAULT_DATA
     ids = token_slice(model.tokenizer, data, Split.EVALUATION, options.tokens)
-    usable = len(ids) // options.window * options.window
-    windows = torch.tensor(ids[:usable]).view(-1, options.window)
+    first, _ = special_tokens(model.tokenizer)  # a BOS model reads its BOS first, as in use
+    text = options.window - len(first)
+    usable = len(ids) // text * text
+    windows = torch.tensor([first + ids[start : start + text] for start in range(0, usable, text)])
     batches = [windows[i : i + 1] for i in range(len(windows))]
 
     def negative_log_likelihood(batch: torch.Tensor) -> tuple[float, int]:
@@ -43,6 +45,7 @@ def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel 
         "perplexity": round(math.exp(total_nll / predicted), 4),
         "data": data,
         "tokens": usable,
+        "leading_special_tokens": first,
         "windows": len(batches),
         "tokens_per_s": timing["items_per_s"],
         "seconds": timing["seconds"],

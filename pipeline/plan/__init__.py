@@ -38,6 +38,7 @@ class LayerPlan:
     params: int  # weight + bias, before
     tied_to: str | None = None  # an earlier layer whose weight this one shares
     floor: float | None = None  # with a target: the least fraction of the weight's parameters to keep
+    max_error: float | None = None  # with a target: the largest relative truncation error allowed (None: the default)
     form: LowRankForm | None = None  # svd: pivoted (the default) or factors
     options: Any = None  # the rule's method options, validated by the method's model
 
@@ -186,6 +187,7 @@ def _layer_plan(name: str, module: nn.Module, index: int, rule: Rule, options: A
         weight_shape=tuple(module.weight.shape),
         params=layer_params(module),
         floor=rule.floor,
+        max_error=rule.max_error,
         form=rule.form,
         options=options,
     )

@@ -75,3 +75,51 @@ def test_a_floor_where_no_target_sets_the_rank_is_refused(recipe):
                    "spec": {"model": {"source": "zoo:minilm-l6"}, "recipe": recipe}})
 
 
+
+
+def spectral_errors(model, recipe, ranks: dict[str, int]) -> dict[str, float]:
+    """Each allocated layer's relative truncation error at its chosen rank, from its weight's spectrum."""
+    import dataclasses
+
+    from krunch.plan.profile import profile
+
+    errors = {}
+    for layer in make_plan(model.module, recipe).allocated:
+        unbounded = dataclasses.replace(layer, max_error=1.0)
+        spectra = layer.implementation.spectra(layer, model.module.get_submodule(layer.name).weight, None)
+        option = next(o for o in profile(unbounded, spectra).options if o.rank == ranks[layer.name])
+        errors[layer.name] = option.error**0.5
+    return errors
+
+
+def mobilenet_recipe(ratio: float, **extra):
+    """Tucker on MobileNetV2's 1x1 projection convs and its head conv: near full rank, so at a budget the
+    spectra alone would starve some layer (the head conv got rank 7 of 320 at 0.5 without a ceiling)."""
+    rules = [{"match": "features.*.conv.2", "method": "tucker", **extra}, {"match": "features.18.0", "method": "tucker", **extra}]
+    return parse_job({"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "t"},
+                      "spec": {"model": {"source": "zoo:mobilenet-v2"},
+                               "recipe": {"target": {"paramRatio": ratio}, "rules": rules}}}).spec.recipe  # fmt: skip
+
+
+def test_the_allocator_never_cuts_a_layer_past_its_error_ceiling(mobilenet):
+    worst = {}
+    for ceiling, recipe in ((1.0, mobilenet_recipe(0.6, maxError=1)), (0.9, mobilenet_recipe(0.6))):
+        ranks = allocate_ranks(recipe, mobilenet, make_plan(mobilenet.module, recipe))
+        worst[ceiling] = max(spectral_errors(mobilenet, recipe, ranks).values())
+    assert worst[1.0] > 0.9  # without a ceiling one layer is destroyed to spare the others
+    assert worst[0.9] <= 0.9
+    tight = mobilenet_recipe(0.5)  # the ceiling leaves no way to fit this budget: said, naming both causes
+    with pytest.raises(SpecError, match=r"target\.paramRatio: .*error ceilings \(maxError, default 0\.9\)"):
+        allocate_ranks(tight, mobilenet, make_plan(mobilenet.module, tight))
+
+
+def test_a_ceiling_no_rank_can_meet_names_its_field(mobilenet):
+    recipe = mobilenet_recipe(0.6, maxError=0.01)
+    with pytest.raises(SpecError, match=r"rules\[0\]\.maxError: every rank of features\..* above 0\.01"):
+        allocate_ranks(recipe, mobilenet, make_plan(mobilenet.module, recipe))
+
+
+def test_a_ceiling_where_no_target_sets_the_rank_is_refused():
+    with pytest.raises(SpecError, match=r"rules\[0\]\.maxError: only for factorising rules without a rank"):
+        parse_job({"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "t"},
+                   "spec": {"model": {"source": "zoo:minilm-l6"}, "recipe": {"rules": [{**REST, "rank": {"fixed": 8}, "maxError": 0.5}]}}})

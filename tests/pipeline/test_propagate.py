@@ -15,7 +15,7 @@ from krunch.run import calibration_grams
 from krunch.data.text import Split
 from krunch.execution.executors import InProcessExecutor, RayExecutor
 from krunch.plan import make_plan
-from krunch.calibration.propagate import find_blocks, first_block_inputs, propagate, refitted_weight, stages_of
+from krunch.calibration.propagate import block_calls, find_blocks, propagate, refitted_weight, stages_of
 from krunch.spec import Calibration, CompressionJob, SpecError, parse_job
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def test_minilm_blocks_and_stages_follow_the_data_flow(minilm):
     names = [n for n, m in minilm.module.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
     blocks = find_blocks(minilm.module, names)
     assert blocks.path == "encoder.layer" and len(blocks.modules) == 6
-    inputs = first_block_inputs(minilm, blocks.modules[0], Calibration(tokens=1024))
+    inputs = block_calls(minilm, blocks, Calibration(tokens=1024)).inputs(0)
     assert [args[0].shape[:2] for args, _ in inputs] == [(16, 32), (8, 64)]  # sentence-length windows, then longer
     stages = stages_of(blocks.modules[0], blocks.layers_of(0, names), "encoder.layer.0", inputs[0])
     short = [[n.removeprefix("encoder.layer.0.") for n in stage] for stage in stages]
@@ -63,7 +63,7 @@ def test_smollm2_decoder_stages_with_rotary_inputs(smollm2):
     names = [n for n, m in smollm2.module.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
     blocks = find_blocks(smollm2.module, names)
     assert blocks.path == "model.layers" and len(blocks.modules) == 30
-    inputs = first_block_inputs(smollm2, blocks.modules[0], Calibration(tokens=512))
+    inputs = block_calls(smollm2, blocks, Calibration(tokens=512)).inputs(0)
     stages = stages_of(blocks.modules[0], blocks.layers_of(0, names), "model.layers.0", inputs[0])
     short = [sorted(n.rsplit(".", 1)[1] for n in stage) for stage in stages]
     assert short == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
