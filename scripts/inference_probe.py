@@ -134,7 +134,17 @@ class LlamaModel:
         self.llm.eval(ids)
 
 
+def import_runtime(row: dict) -> None:
+    """The runtime's own libraries, imported before the baseline: resident memory is then the model's."""
+    if row["runtime"] == "llama":
+        import llama_cpp  # noqa: F401
+    else:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+
 def measure(row: dict) -> dict:
+    import_runtime(row)
     before_load = rss_bytes()
     model = LlamaModel(row) if row["runtime"] == "llama" else TorchModel(row)
     start = time.perf_counter()
