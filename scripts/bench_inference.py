@@ -9,8 +9,10 @@ Every row runs in a fresh process (scripts/inference_probe.py) in its runtime's 
 (scripts/bench_peers.sh makes the peers'); ratios are to PyTorch fp32 eager measured in the same run.
 Columns: weight bytes, decode tokens/s at 1 and 2 threads (greedy, KV cache, 128 new tokens after a
 64-token prompt, the prompt's time included), prefill tokens/s (512 tokens), resident memory the model
-adds to its process once its runtime (torch and transformers, or llama_cpp) is imported, CPU seconds per generated token (user + system, 2 threads), perplexity on 2048
-held-out tokens (krunch rows also on the fp32 dequantize-then-matmul reference), the first words.
+adds to its process once its runtime (torch and transformers, or llama_cpp) is imported, CPU seconds
+per generated token (user + system, 2 threads), perplexity on 2048 held-out tokens (krunch rows also on the
+fp32 dequantize-then-matmul reference), the first words. `+ compile` rows decode through
+krunch.runtime.compile_decode.
 """
 
 from __future__ import annotations

@@ -160,19 +160,17 @@ REPLAY_TOLERANCE = 1e-3  # relative difference between replayed and real block i
 
 
 def check_replay(blocks: Blocks, recorded: BlockCalls) -> None:
-    """Run the original blocks one after another on the first batch, each with its own arguments, and compare
-    every block's input with the model's own: a model that does work between its blocks cannot be replayed."""
-    hidden = recorded.first_hidden[0]
+    """On the first batch, each original block run on the model's own input to it, with its own arguments, must
+    give the model's own input to the next block: a model that does work between its blocks cannot be replayed."""
     with torch.inference_mode():
-        for index, block in enumerate(blocks.modules):
-            real = recorded.first_hidden[index]
-            difference = float((hidden - real).norm() / real.norm().clamp_min(1e-12))
+        for index, block in enumerate(blocks.modules[:-1]):
+            args, kwargs = _with_hidden(*recorded.calls[index][0], recorded.first_hidden[index].clone())  # in-place ops stay off the record
+            replayed, real = _output(block(*args, **kwargs)), recorded.first_hidden[index + 1]
+            difference = float((replayed - real).norm() / real.norm().clamp_min(1e-12))
             if difference > REPLAY_TOLERANCE:
-                raise KrunchError("calibration.propagate", f"replaying {blocks.path} block by block gives block {index} "
+                raise KrunchError("calibration.propagate", f"replaying {blocks.path} block by block gives block {index + 1} "
                                   f"inputs {difference:.1%} away from the model's own (the model does work between its "
                                   "blocks that krunch does not replay); use propagate: false for this model")  # fmt: skip
-            args, kwargs = recorded.calls[index][0]
-            hidden = _output(block(*args, **kwargs))
 
 
 def stages_of(block: nn.Module, names: list[str], block_path: str, sample: Batch) -> list[list[str]]:
