@@ -190,6 +190,7 @@ def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     from krunch.run import check_text_data, evaluation_task, job_reference, load_source
     from krunch.plan import make_plan
     from krunch.report import format_plan, format_stages
+    from krunch.sources.stated import describe_inputs
 
     model = load_source(job)
     plan = make_plan(model.module, job.spec.recipe)
@@ -197,6 +198,7 @@ def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     job_reference(job, model, task)
     check_text_data(job, model, task)
     print(format_plan(job.metadata.name, job.spec.model.source, plan))
+    print(describe_inputs(model))
     if stages := format_stages(job.spec.recipe):
         print(stages)
     print("dry run: the job is valid; nothing was compressed, tracked or written")

@@ -61,3 +61,23 @@ def load_reference(reference: ModelSource | None, model: LoadedModel, needs_refe
         raise SpecError(f"{field}.source", f"{reference.source} is a {loaded.kind.value if loaded.kind else 'module of no kind'}, "
                         f"the model a {model.kind.value if model.kind else 'module of no kind'}")  # fmt: skip
     return loaded
+
+
+def describe_inputs(model: LoadedModel) -> str:
+    """How calibration and evaluation will feed the model (`--dry-run`): its kind, and the special tokens
+    around text windows or the picture transform."""
+    if model.kind is None:
+        return "  inputs: a module of no stated kind: calibration needs spec.model.kind (or calibration= inputs in Python)"
+    line = f"  inputs: {model.kind.value}"
+    if model.tokenizer is not None:
+        from krunch.data.text import special_tokens
+
+        first, last = special_tokens(model.tokenizer)
+        if model.kind is ModelKind.CAUSAL_LM:
+            last = []
+        names = model.tokenizer.convert_ids_to_tokens(first + last) if first or last else []
+        line += f"; text windows wrapped in {names}" if names else "; text windows as raw tokens (the tokenizer adds no special tokens)"
+    elif isinstance(model.preprocess, ImagePreprocess):
+        p = model.preprocess
+        line += f"; pictures resized to {p.resize}, centre crop {p.crop}, mean {list(p.mean)}, std {list(p.std)}"
+    return line

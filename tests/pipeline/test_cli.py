@@ -128,6 +128,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("easyocr-tucker: zoo:easyocr-g2, 7 layers selected")
     assert any(line.startswith("  rules[2] tucker, activation-aware, rank from target") and "5 layers" in line for line in lines)
+    assert "  inputs: text-recognizer" in lines
     assert "nothing was compressed" in lines[-1]
     assert not (tmp_path / "out").exists()
 

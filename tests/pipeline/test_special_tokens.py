@@ -11,7 +11,9 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import krunch
+from krunch.api import as_loaded
 from krunch.data.text import special_tokens
+from krunch.sources.stated import describe_inputs
 
 BOS = 1
 
@@ -44,10 +46,13 @@ def windows_seen(model: torch.nn.Module) -> tuple[list[torch.Tensor], torch.util
     return seen, model.register_forward_pre_hook(record, with_kwargs=True)
 
 
-def test_the_special_tokens_are_read_from_the_tokenizer(bos_model, minilm, smollm2):
+def test_the_special_tokens_are_read_from_the_tokenizer_and_shown_before_any_work(bos_model, minilm, smollm2):
     assert special_tokens(bos_model[1]) == ([BOS], [])
     assert special_tokens(minilm.tokenizer) == ([minilm.tokenizer.cls_token_id], [minilm.tokenizer.sep_token_id])
     assert special_tokens(smollm2.tokenizer) == ([], [])  # SmolLM2 adds none: its windows are as before
+    assert describe_inputs(as_loaded(*bos_model)) == "  inputs: causal-lm; text windows wrapped in ['<bos>']"  # --dry-run's line
+    assert describe_inputs(minilm).endswith("wrapped in ['[CLS]', '[SEP]']")
+    assert describe_inputs(smollm2).endswith("as raw tokens (the tokenizer adds no special tokens)")
 
 
 def test_perplexity_windows_start_with_the_bos(bos_model):
