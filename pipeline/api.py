@@ -220,7 +220,8 @@ def evaluate(model: nn.Module | LoadedModel, task: str, *, tokenizer: Any = None
 
     options = EvalOptions(data=data, items=items, **({"tokens": tokens} if tokens else {}))
     loaded = as_loaded(model, tokenizer, kind, preprocess)
-    against = as_loaded(reference, tokenizer, kind, preprocess or loaded.preprocess) if reference is not None else None
+    same_kind = kind or (loaded.kind.value if loaded.kind else None)
+    against = as_loaded(reference, tokenizer, same_kind, preprocess or loaded.preprocess) if reference is not None else None
     return run_task(loaded, parse_task(task), options, against)
 
 

@@ -121,4 +121,3 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
         if full[start : start + len(bare)] == bare:
             return list(full[:start]), list(full[start + len(bare) :])
     return [], []
-

@@ -14,7 +14,7 @@ from krunch.errors import KrunchError
 from krunch.execution.executors import InProcessExecutor
 from krunch.model import ModelKind
 from krunch.run import evaluation_task, job_reference, load_source, run_compression
-from krunch.spec import SpecError, parse_job
+from krunch.spec import MODEL_KINDS, SpecError, parse_job
 
 FACTORY = "krunch.architectures.mobilenet_v2:MobileNetV2"
 CLASSIFIER_SVD = {"rules": [{"match": "classifier.1", "method": "svd", "activationAware": True, "rank": {"fixed": 256}}],
@@ -95,3 +95,9 @@ def test_the_python_api_takes_the_kind_of_a_plain_module(mobilenet):
     with pytest.raises(KrunchError, match="kind: unknown kind 'cnn'"):
         krunch.compress(module, CLASSIFIER_SVD, kind="cnn", progress=False)
     assert torch.equal(mobilenet.module.classifier[1].weight, module.classifier[1].weight)  # the original is left as it was
+    against_plain = krunch.evaluate(result.model, "image-agreement", reference=module, items=20)  # fed as the model is
+    assert against_plain["reference"].startswith("memory:") and 0.5 < against_plain["top1_agreement"] <= 1.0
+
+
+def test_the_spec_knows_the_same_kinds_as_the_runtime():
+    assert MODEL_KINDS == tuple(kind.value for kind in ModelKind)  # the spec lists them without importing torch
