@@ -187,18 +187,13 @@ def compress_and_save(job, out_dir: Path):  # noqa: ANN001, ANN201 - a Compressi
 def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     """Everything that can be checked without compressing: the spec, the source model, the rules' matches,
     fixed ranks against break-even. The same job file `kubectl apply` takes."""
-    from krunch.run import check_text_data, evaluation_task, job_reference, load_source
-    from krunch.plan import make_plan
     from krunch.report import format_plan, format_stages
+    from krunch.run import prepare_job
     from krunch.sources.stated import describe_inputs
 
-    model = load_source(job)
-    plan = make_plan(model.module, job.spec.recipe)
-    task = evaluation_task(job, model)
-    job_reference(job, model, task)
-    check_text_data(job, model, task)
-    print(format_plan(job.metadata.name, job.spec.model.source, plan))
-    print(describe_inputs(model))
+    prepared = prepare_job(job)
+    print(format_plan(job.metadata.name, job.spec.model.source, prepared.plan))
+    print(describe_inputs(prepared.model))
     if stages := format_stages(job.spec.recipe):
         print(stages)
     print("dry run: the job is valid; nothing was compressed, tracked or written")

@@ -100,6 +100,26 @@ def check_text_data(job: CompressionJob, model: LoadedModel, task: Task) -> None
             raise SpecError(field, str(err)) from None
 
 
+@dataclass
+class PreparedJob:
+    """A job's source model, task, evaluation reference and plan, with everything that can fail before any
+    work checked (`krunch compress --dry-run` stops here)."""
+
+    model: LoadedModel
+    task: Task
+    reference: LoadedModel
+    plan: Plan
+
+
+def prepare_job(job: CompressionJob) -> PreparedJob:
+    model = load_source(job)
+    task = evaluation_task(job, model)
+    reference = job_reference(job, model, task)
+    plan = make_plan(model.module, job.spec.recipe)  # a recipe that does not fit the model fails before Ray starts
+    check_text_data(job, model, task)
+    return PreparedJob(model, task, reference, plan)
+
+
 def calibration_grams(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, torch.Tensor]:
     names = [layer.name for layer in plan.layers if layer.calibrated and layer.tied_to is None]
     if not names:
@@ -250,11 +270,8 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
 
     executor = executor or RayExecutor.from_resources(job.spec.resources)
     timings = Timings()
-    original = load_source(job)
-    task = evaluation_task(job, original)
-    reference = job_reference(job, original, task)
-    make_plan(original.module, job.spec.recipe)  # a recipe that does not fit the model fails before Ray starts
-    check_text_data(job, original, task)
+    prepared = prepare_job(job)
+    original, task, reference = prepared.model, prepared.task, prepared.reference
     start = timings.record("load", timings.started)
 
     result = compress(original, job.spec.recipe, executor=executor, on_layer=progress, on_heal_step=heal_progress)

@@ -211,8 +211,8 @@ def main() -> int:
             rows.append(Row(fault.name, first_exit, rerun_exit, first_error=first_error[:160], **found))
             print(f"    first exit {first_exit} ({first_error[:100]}), rerun exit {rerun_exit}, {found}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
-    print_table(rows)
     documents = [asdict(r) | {"survived": r.survived} for r in rows]
+    print(render(documents))
     if args.only and args.json.exists():  # a partial run replaces its rows in the full table
         fresh = {d["fault"]: d for d in documents}
         documents = [fresh.pop(d["fault"], d) for d in json.loads(args.json.read_text())] + list(fresh.values())
@@ -240,15 +240,6 @@ def render(documents: list[dict]) -> str:
         elif d["first_exit"]:
             lines.append(f"- {d['fault']}: `{d['first_error']}`")
     return "\n".join(lines) + "\n"
-
-
-def print_table(rows: list[Row]) -> None:
-    print("| fault | first run exits | rerun exits | versions | alias on it | registration | runs left RUNNING | staging left | output loads | survived |")
-    print("| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | --- |")
-    for r in rows:
-        print(f"| {r.fault} | {r.first_exit} | {r.rerun_exit} | {r.versions} | {'yes' if r.alias_on_it else 'no'} | "
-              f"{r.registration} | {r.runs_left_running} | {r.staging_left} | {'yes' if r.output_loads else 'no'} | "
-              f"{'yes' if r.survived else '**no**'} |")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ class BlockCalls:
         """Block `block`'s inputs: its own arguments around `hidden` (default: the model's, for block 0)."""
         if hidden is None:
             assert block == 0, "only block 0's hidden inputs are kept for every batch"
-            return [call for call in self.calls[0]]
+            return list(self.calls[0])
         return [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(self.calls[block], hidden, strict=True)]
 
 

@@ -43,8 +43,6 @@ from krunch.spec import CompressionJob
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded default: a file in the working directory
 EXPERIMENT = "krunch"
 MODEL_NAME = "model"  # the logged model's name inside the run
-# MLflow's HTTP client retries 7 times with a backoff factor of 2 (minutes against a dead server);
-# krunch bounds it unless the user chose otherwise.
 PREFLIGHT_TRIES = 3
 PREFLIGHT_TIMEOUT_S = 5.0
 STATE_TAG = f"{TAG_PREFIX}registration"  # pending -> complete; versions from before the tag count as complete

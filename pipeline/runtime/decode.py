@@ -8,8 +8,6 @@ static and the generation config asks for it; this sets that up, so the model ob
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 DEFAULT_MAX_CACHE_LEN = 512  # attention reads the whole static cache every step: size it for the workload
@@ -34,11 +32,3 @@ def compile_decode(model: nn.Module, *, max_cache_len: int = DEFAULT_MAX_CACHE_L
     generation_config.compile_config = config
     return model
 
-
-def compiled_decode(model: nn.Module) -> dict[str, Any] | None:
-    """What `compile_decode` set on this model (for reports), or None when decode runs eager."""
-    generation_config = getattr(model, "generation_config", None)
-    config = getattr(generation_config, "compile_config", None)
-    if config is None or not getattr(config, "_compile_all_devices", False):
-        return None
-    return {"mode": config.mode, "max_cache_len": generation_config.max_cache_len}

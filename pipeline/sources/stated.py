@@ -3,11 +3,11 @@ pipeline, so `spec.model.kind` and `spec.model.preprocessing` say them, checked 
 
 from __future__ import annotations
 
-from krunch.data.transforms import ImagePreprocess
+from krunch.data.transforms import ImagePreprocess, imagenet_preprocess
 from krunch.errors import KrunchError
 from krunch.model import LoadedModel, ModelKind
 from krunch.sources import load_model
-from krunch.spec import ModelSource, SpecError
+from krunch.spec import ModelSource, Preprocessing, SpecError
 
 NEEDS_TOKENIZER = (ModelKind.CAUSAL_LM, ModelKind.SENTENCE_EMBEDDING)
 
@@ -25,15 +25,20 @@ def stated(model: LoadedModel, source: ModelSource, field: str) -> LoadedModel:
             raise SpecError(f"{field}.kind", f"a {kind.value} needs its character set, which {source.source} does not come with")
         model.kind = kind
     if model.kind is ModelKind.IMAGE_CLASSIFIER and model.preprocess is None:
-        model.preprocess = ImagePreprocess()  # the ImageNet eval transform
+        model.preprocess = imagenet_preprocess
     if source.preprocessing is not None:
         if model.kind is not ModelKind.IMAGE_CLASSIFIER:
             what = model.kind.value if model.kind else "a module of no stated kind"
             raise SpecError(f"{field}.preprocessing", f"applies to image classifiers; {source.source} is {what} "
                             "(a factory's module: add kind: image-classifier)")  # fmt: skip
-        p = source.preprocessing
-        model.preprocess = ImagePreprocess(p.resize, p.crop, tuple(p.mean), tuple(p.std), p.grayscale)
+        model.preprocess = transform(source.preprocessing)
     return model
+
+
+def transform(preprocessing: Preprocessing) -> ImagePreprocess:
+    """The callable a job's `preprocessing` section describes."""
+    p = preprocessing
+    return ImagePreprocess(p.resize, p.crop, tuple(p.mean), tuple(p.std), p.grayscale)
 
 
 def load_stated(source: ModelSource, field: str) -> LoadedModel:

@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 import krunch
-from krunch.data.transforms import ImagePreprocess
+from krunch.data.transforms import ImagePreprocess, imagenet_preprocess
 from krunch.errors import KrunchError
 from krunch.execution.executors import InProcessExecutor
 from krunch.model import ModelKind
 from krunch.run import evaluation_task, job_reference, load_source, run_compression
-from krunch.spec import MODEL_KINDS, SpecError, parse_job
+from krunch.sources.stated import transform
+from krunch.spec import MODEL_KINDS, Preprocessing, SpecError, parse_job
 
 FACTORY = "krunch.architectures.mobilenet_v2:MobileNetV2"
 CLASSIFIER_SVD = {"rules": [{"match": "classifier.1", "method": "svd", "activationAware": True, "rank": {"fixed": 256}}],
@@ -99,5 +100,6 @@ def test_the_python_api_takes_the_kind_of_a_plain_module(mobilenet):
     assert against_plain["reference"].startswith("memory:") and 0.5 < against_plain["top1_agreement"] <= 1.0
 
 
-def test_the_spec_knows_the_same_kinds_as_the_runtime():
+def test_the_spec_knows_the_same_kinds_and_default_transform_as_the_runtime():
     assert MODEL_KINDS == tuple(kind.value for kind in ModelKind)  # the spec lists them without importing torch
+    assert transform(Preprocessing()) == imagenet_preprocess  # the spec's defaults are the zoo's transform

@@ -12,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import krunch
 from krunch.runtime import Kernel, compile_decode
-from krunch.runtime.decode import compiled_decode
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +34,13 @@ def test_compiled_decode_gives_the_eager_tokens_on_the_quantized_kernels(quantiz
     prompt = torch.randint(1, 256, (1, 12))
     eager = greedy(quantized_llama, prompt, 6)
     assert quantized_llama.model.layers[0].mlp.up_proj.weight_q.kernel()[0] is Kernel.INT8_CPU
-    assert compiled_decode(quantized_llama) is None
+    assert quantized_llama.generation_config.compile_config is None
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compile_decode(quantized_llama, max_cache_len=32)
-    assert compiled_decode(quantized_llama) == {"mode": "default", "max_cache_len": 32}
+    generation = quantized_llama.generation_config
+    assert (generation.cache_implementation, generation.max_cache_len, generation.compile_config.mode) == ("static", 32, "default")
     try:
         compiled = greedy(quantized_llama, prompt, 6)
         again = greedy(quantized_llama, torch.randint(1, 256, (1, 9)), 6)  # same cache size: no new graph
