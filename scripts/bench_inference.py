@@ -12,7 +12,8 @@ Columns: weight bytes, decode tokens/s at 1 and 2 threads (greedy, KV cache, 128
 adds to its process once its runtime (torch and transformers, or llama_cpp) is imported, CPU seconds
 per generated token (user + system, 2 threads), perplexity on 2048 held-out tokens (krunch rows also on the
 fp32 dequantize-then-matmul reference), the first words. `+ compile` rows decode through
-krunch.runtime.compile_decode.
+krunch.runtime.greedy_decode (one compiled step per token), the `(generate)` row through transformers'
+`generate` set up by krunch.runtime.compile_decode.
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ ROWS: dict[str, tuple[str, Any]] = {
     "llama.cpp Q4_0": ("llama", "Q4_0"),
 }  # fmt: skip
 FP32 = "PyTorch fp32 eager"
-# Rows of the same models whose decode steps run compiled (krunch.runtime.compile_decode): row -> the eager row.
-COMPILED = {"PyTorch fp32 + compile": FP32, "krunch int8 + compile": "krunch int8",
-            "krunch int4 g32 + compile": "krunch int4 g32 (embedding int8)"}  # fmt: skip
+# Rows of the same models whose decode steps run compiled: row -> (the eager row, the decode loop).
+COMPILED = {"PyTorch fp32 + compile": (FP32, "greedy_decode"), "krunch int8 + compile": ("krunch int8", "greedy_decode"),
+            "krunch int8 + compile (generate)": ("krunch int8", "generate"),
+            "krunch int4 g32 + compile": ("krunch int4 g32 (embedding int8)", "greedy_decode")}  # fmt: skip
 MAX_CACHE_LEN = 256  # the compiled rows' static cache: the 64-token prompt and 128 new tokens fit
-COMPILE_NOTE = ("\n`+ compile` rows: `krunch.runtime.compile_decode(model, max_cache_len=256)`, so `generate` runs each decode "
+COMPILE_NOTE = ("\n`+ compile` rows: `krunch.runtime.greedy_decode(model, ids, 128, max_cache_len=256)`, a greedy loop whose "
+                "every token is one compiled step (forward and argmax) over a static cache; the `(generate)` row: "
+                "`krunch.runtime.compile_decode(model, max_cache_len=256)`, so transformers' `generate` runs each decode "
                 "step on one inductor graph over a static cache; the prompt's prefill and the prefill column stay eager. Their "
                 "first `generate` compiles (`warm_up_s` in the JSON).\n")
 
@@ -155,7 +159,8 @@ def prepared_rows(names: list[str], peers: bool) -> tuple[list[tuple[str, str, d
     pythons = peer_pythons() if peers else {}
     prepared = []
     for name in names:
-        runtime, how = ROWS[COMPILED.get(name, name)]
+        eager_row, loop = COMPILED.get(name, (name, None))
+        runtime, how = ROWS[eager_row]
         if runtime in ("torchao", "llama") and runtime not in pythons:
             why = f"{runtime} not set up: scripts/bench_peers.sh {runtime}" if peers else "--no-peers"
             log(f"{name}: skipped ({why})")
@@ -166,14 +171,14 @@ def prepared_rows(names: list[str], peers: bool) -> tuple[list[tuple[str, str, d
         if runtime == "hf":
             path, row["dtype"] = hf_dir, how
         elif runtime == "krunch":
-            path = krunch_model(COMPILED.get(name, name), how, source)
+            path = krunch_model(eager_row, how, source)
         elif runtime == "torchao":
             path, row["config"] = hf_dir, how
         else:
             path = gguf_model(how, hf_dir, python)
         row["path"] = str(path)
         if name in COMPILED:
-            row["compile"] = {"max_cache_len": MAX_CACHE_LEN}
+            row["compile"] = {"max_cache_len": MAX_CACHE_LEN, "loop": loop}
         prepared.append((name, python, row))
     return prepared, source.tokenizer, hf_dir
 

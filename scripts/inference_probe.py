@@ -31,7 +31,8 @@ def cpu_seconds() -> float:
 
 
 class TorchModel:
-    """transformers' generate with a KV cache, greedy; prefill is one forward that keeps the last logits."""
+    """transformers' generate with a KV cache, greedy (or krunch's compiled greedy loop for `compile` rows);
+    prefill is one forward that keeps the last logits."""
 
     def __init__(self, row: dict) -> None:
         import torch
@@ -52,10 +53,11 @@ class TorchModel:
             if runtime == "torchao":
                 self.model = torchao_quantized(self.model, row["config"])
         self.model.eval()
-        if row.get("compile"):  # decode steps on one compiled graph over a static cache (krunch's runtime)
+        self.compiled = row.get("compile")  # decode steps on one compiled graph over a static cache (krunch's runtime)
+        if self.compiled and self.compiled["loop"] == "generate":
             from krunch.runtime import compile_decode
 
-            compile_decode(self.model, max_cache_len=row["compile"]["max_cache_len"])
+            compile_decode(self.model, max_cache_len=self.compiled["max_cache_len"])
 
     def threads(self, count: int) -> None:
         self.torch.set_num_threads(count)
@@ -63,6 +65,11 @@ class TorchModel:
     def generate(self, prompt: list[int], new_tokens: int) -> list[int]:
         torch = self.torch
         ids = torch.tensor([prompt])
+        if self.compiled and self.compiled["loop"] == "greedy_decode":
+            from krunch.runtime import greedy_decode
+
+            out = greedy_decode(self.model, ids, new_tokens, max_cache_len=self.compiled["max_cache_len"])
+            return out[0, len(prompt) :].tolist()
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip

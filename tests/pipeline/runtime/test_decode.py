@@ -1,6 +1,7 @@
-"""compile_decode: `generate` runs its decode steps on a compiled graph over the quantized kernels and
-gives what eager decoding gives. A small random-weight Llama keeps the compile short: this checks the
-plumbing; the speed is measured by scripts/bench_inference.py on SmolLM2."""
+"""compile_decode and greedy_decode: decode steps on a compiled graph over the quantized kernels give the
+tokens eager `generate` gives, and single-token attention as matmuls gives SDPA's output. A small
+random-weight Llama keeps the compile short: this checks the plumbing; the speed is measured by
+scripts/bench_inference.py on SmolLM2."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pytest
 import torch
 import torch._dynamo
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import krunch
-from krunch.runtime import Kernel, compile_decode
+from krunch.runtime import Kernel, compile_decode, greedy_decode
+from krunch.runtime.decode import DECODE_ATTENTION, decode_attention
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,9 @@ def test_compiled_decode_gives_the_eager_tokens_on_the_quantized_kernels(quantiz
     finally:
         quantized_llama.generation_config.compile_config = None
         quantized_llama.generation_config.cache_implementation = None
+        attention = quantized_llama.config._attn_implementation
+        quantized_llama.set_attn_implementation("sdpa")
+    assert attention == DECODE_ATTENTION
     assert graphs >= 1  # the decode steps ran compiled
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs and again.sequences.shape == (1, 15)
     assert torch.equal(compiled.sequences, eager.sequences)
@@ -60,3 +66,59 @@ def test_compile_decode_refuses_what_it_cannot_compile(quantized_llama):
         compile_decode(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="max_cache_len"):
         compile_decode(quantized_llama, max_cache_len=1)
+
+
+def test_single_token_attention_as_matmuls_gives_sdpa_output():
+    """Grouped heads (8 query heads on 2 key/value heads), a boolean mask hiding the unwritten cache."""
+    torch.manual_seed(1)
+    module = nn.Module().eval()
+    module.num_key_value_groups, module.is_causal = 4, True
+    query, key, value = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+    mask[0, ..., :17], mask[1, ..., :33] = True, True
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    got, _ = decode_attention(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape == (2, 1, 8, 16)
+    assert torch.allclose(got, expected, atol=1e-5)
+    unmasked, _ = decode_attention(module, query, key, value, None, scaling=0.25)
+    assert not torch.allclose(unmasked, expected, atol=1e-3)  # the mask is what hides the rest of the cache
+    longer = torch.randn(2, 8, 3, 16)  # more than one query row: SDPA itself
+    assert torch.equal(decode_attention(module, longer, key, value, None)[0], sdpa_attention_forward(module, longer, key, value, None)[0])
+
+
+def reference(model: nn.Module, prompt: torch.Tensor, new_tokens: int, eos: list[int] | None) -> torch.Tensor:
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    with torch.inference_mode():
+        return model.generate(prompt, generation_config=config)
+
+
+def test_greedy_decode_gives_the_tokens_of_generate_on_one_compiled_step(quantized_llama):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        prompt = torch.randint(1, 256, (1, 12))
+        tokens = greedy_decode(quantized_llama, prompt, 10)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        other = torch.randint(1, 256, (2, 7))
+        batch = greedy_decode(quantized_llama, other, 10)  # another prompt length and batch: the same cache length
+        eos = int(tokens[0, 15])  # a token the model produces: generation stops there
+        stopped = greedy_decode(quantized_llama, prompt, 10, eos_token_id=[255, eos])
+    finally:
+        quantized_llama.set_attn_implementation("sdpa")
+    assert graphs >= 1 and tokens.shape == (1, 22)
+    assert torch.equal(tokens, reference(quantized_llama, prompt, 10, None))
+    assert torch.equal(batch, reference(quantized_llama, other, 10, None))
+    assert torch.equal(stopped, reference(quantized_llama, prompt, 10, [255, eos])) and stopped.shape[1] <= 16
+    assert torch.equal(greedy_decode(quantized_llama, prompt, 10, compile=False), tokens)
+
+
+def test_greedy_decode_refuses_what_it_cannot_run(quantized_llama):
+    prompt = torch.randint(1, 256, (1, 12))
+    with pytest.raises(TypeError, match="Sequential"):
+        greedy_decode(nn.Sequential(nn.Linear(4, 4)), prompt, 4)
+    with pytest.raises(ValueError, match="input_ids"):
+        greedy_decode(quantized_llama, prompt[0], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_decode(quantized_llama, prompt, 0)
+    with pytest.raises(ValueError, match="max_cache_len 16 is shorter"):
+        greedy_decode(quantized_llama, prompt, 8, max_cache_len=16)
