@@ -38,7 +38,7 @@ from krunch.execution.heal import HealResult, StepCallback
 from krunch.model import LoadedModel, ModelKind
 from krunch.plan import Plan, make_plan
 from krunch.plan.profile import DEFAULT_MAX_ERROR
-from krunch.sizes import count_params, weight_bytes
+from krunch.sizes import count_params, float_dtype, weight_bytes
 from krunch.spec import Calibration, Recipe, Resources, SpecError
 from krunch.store import load, save  # noqa: F401  (part of this API)
 
@@ -60,6 +60,8 @@ class Compressed:
     timings: dict[str, float] = field(default_factory=dict)
     source_params: int = 0  # the original's, for the report `krunch.register` records
     source_bytes: int = 0
+    source_dtype: str = "float32"
+    source_fp16_bytes: int = 0  # the source with its floats in 16 bits: what an fp32 source is also compared with
 
     @property
     def module(self) -> nn.Module:
@@ -197,7 +199,8 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
             timings["heal_s"] = round(time.perf_counter() - healing, 3)
     timings["compress_s"] = round(time.perf_counter() - started, 3)
     return Compressed(compressed, recipe, allocation.plan, execution.results, tied, execution.info, allocation.budget, healed,
-                      timings, count_params(original.module), weight_bytes(original.module))  # fmt: skip
+                      timings, count_params(original.module), weight_bytes(original.module), float_dtype(original.module),
+                      weight_bytes(original.module, float_bytes=2))  # fmt: skip
 
 
 def warn_destroyed(results: list[LayerResult]) -> None:

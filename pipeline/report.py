@@ -41,7 +41,9 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
     before, after = report["metrics_before"], report["metrics_after"]
     rows += [(key, before.get(key, "-"), after[key]) for key in (*QUALITY_KEYS, *SPEED_KEYS) if key in after]
     width = max(len(name) for name, _, _ in rows)
-    lines = [f"{report['job']}: {report['source']} ({report['task']}), compression ratio {report['compression_ratio']:.3g}x"]
+    dtype = report.get("source_dtype", "float32")
+    vs_fp16 = f", {report['compression_ratio_vs_fp16']:.3g}x against fp16" if "compression_ratio_vs_fp16" in report else ""
+    lines = [f"{report['job']}: {report['source']} ({report['task']}, {dtype}), compression ratio {report['compression_ratio']:.3g}x{vs_fp16}"]
     lines.append(f"{'':{width}}  {'before':>14}  {'after':>14}")
     lines += [f"{name:{width}}  {_fmt(b):>14}  {_fmt(a):>14}" for name, b, a in rows]
     if "target" in report:

@@ -188,7 +188,7 @@ def allocate_ranks(recipe: Recipe, model: LoadedModel, plan: Plan) -> dict[str, 
     if target is None or target.param_ratio is None:
         return {}
     layers = plan.allocated
-    profiles = [profile(layer, layer.implementation.spectra(layer, model.module.get_submodule(layer.name).weight, None)) for layer in layers]
+    profiles = [profile(layer, layer.implementation.spectra(layer, model.module.get_submodule(layer.name).weight.float(), None)) for layer in layers]
     for layer, options in zip(layers, profiles, strict=True):
         if not options.options and layer.floor is not None:
             raise SpecError(f"{layer.field}.floor", f"{layer.floor} of {layer.name}'s parameters is more than any rank that "
@@ -346,8 +346,12 @@ def build_report(job_name: str, source: str, task: str, result: Compressed, metr
         "layers": result.layers(),
         "versions": {"krunch": __version__, "torch": torch.__version__},
         "compression_ratio": round(result.source_bytes / bytes_after, 4),
+        "source_dtype": result.source_dtype,
         "execution": result.execution,
     }
+    if result.source_dtype == "float32" and result.source_fp16_bytes:  # what the model people deploy would be
+        report["bytes_before_fp16"] = result.source_fp16_bytes
+        report["compression_ratio_vs_fp16"] = round(result.source_fp16_bytes / bytes_after, 4)
     allocated = {layer.name for layer in result.plan.allocated}
     target = result.recipe.target
     if result.budget is not None:

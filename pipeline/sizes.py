@@ -33,16 +33,29 @@ def bytes_without_bias(layer: nn.Module) -> int:
     return weight_bytes(layer) - (bias.numel() * bias.element_size() if bias is not None else 0)
 
 
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct tensors in the state dict: what model.safetensors holds, header aside."""
+def weight_bytes(module: nn.Module, float_bytes: int | None = None) -> int:
+    """Bytes of the distinct tensors in the state dict: what model.safetensors holds, header aside.
+    `float_bytes=2`: what it would hold with its floating-point tensors in 16 bits (the fp16 model people
+    deploy, against which an fp32 source's ratios are also given)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for tensor in module.state_dict(keep_vars=True).values():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if key not in seen:
             seen.add(key)
-            total += tensor.numel() * tensor.element_size()
+            size = float_bytes if float_bytes is not None and tensor.is_floating_point() else tensor.element_size()
+            total += tensor.numel() * size
     return total
+
+
+def float_dtype(module: nn.Module) -> str:
+    """The dtype most of a module's floating-point numbers are in ('float32', 'bfloat16', ...): its source dtype."""
+    counts: dict[str, int] = {}
+    for tensor in module.state_dict(keep_vars=True).values():
+        if tensor.is_floating_point():
+            name = str(tensor.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + tensor.numel()
+    return max(counts, key=counts.__getitem__) if counts else "float32"
 
 
 def layer_params(module: nn.Module) -> int:

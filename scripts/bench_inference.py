@@ -9,7 +9,8 @@ Every row runs in a fresh process (scripts/inference_probe.py) in its runtime's 
 (scripts/bench_peers.sh makes the peers'); ratios are to PyTorch fp32 eager measured in the same run.
 Columns: weight bytes, decode tokens/s at 1 and 2 threads (greedy, KV cache, 128 new tokens after a
 64-token prompt, the prompt's time included), prefill tokens/s (512 tokens), resident memory the model
-adds to its process once its runtime (torch and transformers, or llama_cpp) is imported, CPU seconds
+adds to its process once its runtime's code (torch, transformers' Llama modelling and generation code,
+krunch's or torchao's loader; or llama_cpp) is imported, CPU seconds
 per generated token (user + system, 2 threads), perplexity on 2048 held-out tokens (krunch rows also on the
 fp32 dequantize-then-matmul reference), the first words. `+ compile` rows decode through
 krunch.runtime.greedy_decode (one compiled step per token), the `(generate)` row through transformers'
@@ -65,7 +66,8 @@ FP32 = "PyTorch fp32 eager"
 # Rows of the same models whose decode steps run compiled: row -> (the eager row, the decode loop).
 COMPILED = {"PyTorch fp32 + compile": (FP32, "greedy_decode"), "krunch int8 + compile": ("krunch int8", "greedy_decode"),
             "krunch int8 + compile (generate)": ("krunch int8", "generate"),
-            "krunch int4 g32 + compile": ("krunch int4 g32 (embedding int8)", "greedy_decode")}  # fmt: skip
+            "krunch int4 g32 + compile": ("krunch int4 g32 (embedding int8)", "greedy_decode"),
+            "krunch bytesRatio 0.2 + compile": ("krunch bytesRatio 0.2", "greedy_decode")}  # fmt: skip
 MAX_CACHE_LEN = 256  # the compiled rows' static cache: the 64-token prompt and 128 new tokens fit
 COMPILE_NOTE = ("\n`+ compile` rows: `krunch.runtime.greedy_decode(model, ids, 128, max_cache_len=256)`, a greedy loop whose "
                 "every token is one compiled step (forward and argmax) over a static cache; the `(generate)` row: "

@@ -6,6 +6,7 @@ of work a Ray task runs, and what the in-process path runs in a loop.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -69,16 +70,23 @@ def _check_saves(plan: LayerPlan, ranks: list[int]) -> None:
 
 
 def compress_layer(plan: LayerPlan, module: nn.Module, gram: torch.Tensor | None = None, allocated: int | None = None) -> LayerResult:
+    """A bf16 or fp16 layer is decomposed and quantized as a float32 copy (one layer's worth of memory), and its
+    float factors and bias are stored back in the source's dtype."""
     start = time.perf_counter()
     if plan.calibrated and gram is None:
         raise ValueError(f"{plan.name}: {'activation-aware factors' if plan.activation_aware else 'gptq rounding'} need calibration statistics")
     with torch.no_grad():
         if not plan.factorized and plan.quantize is None:
             replacement, ranks = module, None  # matched but left dense and unquantized
+            rel_error = 0.0
         else:
-            ranks = choose_ranks(plan, module.weight, gram, allocated) if plan.factorized else None
-            replacement = plan.implementation.build(plan, module, ranks or [], gram)
-        rel_error = relative_error(replacement, module.weight)
+            dtype = module.weight.dtype
+            work = module if dtype == torch.float32 else copy.deepcopy(module).float()
+            ranks = choose_ranks(plan, work.weight, gram, allocated) if plan.factorized else None
+            replacement = plan.implementation.build(plan, work, ranks or [], gram)
+            if dtype != torch.float32:
+                replacement = replacement.store_floats_as(dtype) if isinstance(replacement, CompressedLayer) else replacement.to(dtype)
+            rel_error = relative_error(replacement, work.weight)
     rank: int | list[int] | None = ranks if ranks is None or len(ranks) > 1 else ranks[0]
     return LayerResult(plan.name, plan.method, rank, plan.params, stored_params(plan.params, replacement), rel_error,
                        time.perf_counter() - start, replacement)  # fmt: skip
@@ -88,4 +96,5 @@ def relative_error(replacement: nn.Module, weight: torch.Tensor) -> float:
     """Relative Frobenius error of the weight a replacement represents (0 for a layer left dense)."""
     with torch.no_grad():
         dense = replacement.to_dense() if isinstance(replacement, CompressedLayer) else weight
-        return float((dense - weight).norm() / weight.norm().clamp(min=1e-30))
+        weight = weight.float()
+        return float((dense.float() - weight).norm() / weight.norm().clamp(min=1e-30))

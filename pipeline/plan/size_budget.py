@@ -1,5 +1,5 @@
 """A joint size budget (`target.bytesRatio`): per layer, keep dense, factorise at one of several ranks, and
-store in fp32, int8 or int4, so that the layers fit the bytes and the summed normalised error is smallest.
+store as the source does (fp32, bf16, fp16), int8 or int4, so that the layers fit the bytes and the summed normalised error is smallest.
 
 Each layer gets a table of candidates (bytes exact, as the saved tensors will
 be; error estimated): the truncation error is the tail of the spectrum the
@@ -24,6 +24,7 @@ import torch
 from krunch.plan.budget import LayerProfile, RankOption, allocate
 from krunch.plan import LayerPlan, factorised_params, largest_saving_rank
 from krunch.plan.profile import profile
+from krunch.runtime.base import FLOAT_NAMES
 from krunch.runtime.quant import dequantize, quantize
 from krunch.sizes import quantized_bytes
 from krunch.methods import QUANTIZE_ONLY
@@ -39,14 +40,15 @@ LAYOUTS = ((8, None), (8, 64), (4, None), (4, 128), (4, 64), (4, 32))
 @dataclass(frozen=True)
 class Candidate:
     rank: int | None  # None: the dense weight
-    quantize: QuantizeConfig | None  # None: fp32
-    bytes: int  # weight storage (biases stay fp32 and are outside the budget)
+    quantize: QuantizeConfig | None  # None: floats as the source stores them
+    bytes: int  # weight storage (biases stay as they are and are outside the budget)
     error: float  # estimated squared relative error of the layer's weight
+    floats: str = "fp32"  # how the source stores floats: fp32, bf16 or fp16
 
     @property
     def storage(self) -> str:
         if self.quantize is None:
-            return "fp32"
+            return self.floats
         return f"int{self.quantize.bits}" + (f"/g{self.quantize.group_size}" if self.quantize.group_size else "")
 
     @property
@@ -95,18 +97,21 @@ def rank_grid(plan: LayerPlan) -> list[int]:
     return sorted({max(1, round(top * step / RANK_STEPS)) for step in range(1, RANK_STEPS + 1)})
 
 
-def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tensor], configs: list[QuantizeConfig]) -> LayerTable:
-    """Every candidate for one layer, then only those on the bytes/error Pareto front below dense fp32."""
+def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tensor], configs: list[QuantizeConfig],
+                floats: torch.dtype = torch.float32) -> LayerTable:  # fmt: skip
+    """Every candidate for one layer, then only those on the bytes/error Pareto front below the dense weight as
+    the source stores it (`floats`: fp32, or a bf16/fp16 source's 2 bytes a number, float factors too)."""
     numel = math.prod(plan.weight_shape)
-    dense_bytes = FP32 * numel
+    float_bytes, name = floats.itemsize, FLOAT_NAMES.get(floats, str(floats).removeprefix("torch."))
+    dense_bytes = float_bytes * numel
     quant_error = {config: quantization_error(weight, config) for config in configs}
-    candidates = [Candidate(None, None, dense_bytes, 0.0)]
+    candidates = [Candidate(None, None, dense_bytes, 0.0, name)]
     candidates += [Candidate(None, config, quantized_bytes(plan.weight_shape, config), quant_error[config]) for config in configs]
     options = {option.rank: option for option in profile(plan, spectra).options}  # ranks above the floor: params, error
     fp32 = dataclasses.replace(plan, quantize=None)  # the storage form can depend on the bits (int4: two factors)
     for rank in (rank for rank in rank_grid(plan) if rank in options):
         kept = options[rank].error
-        candidates.append(Candidate(rank, None, FP32 * factorised_params(fp32, rank) + index_bytes(fp32), kept))
+        candidates.append(Candidate(rank, None, float_bytes * factorised_params(fp32, rank) + index_bytes(fp32), kept, name))
         for config in configs:
             nearest = config.nearest()  # factors are always rounded to nearest
             stored_as = dataclasses.replace(plan, quantize=nearest)
@@ -119,7 +124,8 @@ def layer_table(plan: LayerPlan, weight: torch.Tensor, spectra: list[torch.Tenso
 
 def table_for(plan: LayerPlan, weight: torch.Tensor, configs: list[QuantizeConfig]) -> LayerTable:
     """One layer's whole table from its weight alone: the unit of work a Ray task runs."""
-    return layer_table(plan, weight, plan.implementation.spectra(plan, weight, None), configs)
+    floats, weight = weight.dtype, weight.float()  # a bf16/fp16 source's layer, computed on in float32
+    return layer_table(plan, weight, plan.implementation.spectra(plan, weight, None), configs, floats)
 
 
 def pareto_front(candidates: list[Candidate], dense_bytes: int) -> list[Candidate]:

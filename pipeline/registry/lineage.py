@@ -78,6 +78,8 @@ def version_tags(job: CompressionJob, report: dict[str, Any]) -> dict[str, str]:
         "recipe_hash": recipe_hash(job),
         "methods": method_summary(job, report),
         "compression_ratio": f"{report['compression_ratio']}",
+        "source_dtype": report.get("source_dtype", "float32"),
+        "compression_ratio_vs_fp16": f"{report.get('compression_ratio_vs_fp16', '')}",
         "bytes_after": str(report["bytes_after"]),
         "quality_metric": metric,
         "quality_before": "" if before is None else f"{before}",

@@ -288,6 +288,8 @@ def run_metrics(report: dict[str, Any]) -> dict[str, float]:
         "file_bytes_after": report["file_bytes_after"], "compression_ratio": report["compression_ratio"],
         "selected_params_before": report["selected_params_before"], "selected_params_after": report["selected_params_after"],
     }  # fmt: skip
+    if "compression_ratio_vs_fp16" in report:
+        metrics["compression_ratio_vs_fp16"] = report["compression_ratio_vs_fp16"]
     for stage in ("before", "after"):
         for key, value in report[f"metrics_{stage}"].items():
             if isinstance(value, int | float) and not isinstance(value, bool):

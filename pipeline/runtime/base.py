@@ -12,6 +12,7 @@ from .kernels import Kernel, Packed, choose_kernel, pack, quantized_linear
 from .quant import QuantFormat, QuantizedData, dequantize, packed_shape, quantize
 
 _LAYER_TYPES: dict[str, type[CompressedLayer]] = {}
+FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class QuantizedTensor(nn.Module):
@@ -127,10 +128,13 @@ class CompressedLayer(nn.Module):
                 self.bias.copy_(source.bias)
         return self.to(source.weight.device)
 
-    def factor(self, name: str) -> torch.Tensor:
-        """A factor as a float tensor: dequantized when quantized (convolutions, tensor-train cores, checks)."""
+    def factor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A factor as a float tensor (in `dtype`, default as stored; quantized ones dequantize to float32 by
+        default): for convolutions, tensor-train cores and checks."""
         value = getattr(self, name)
-        return value.dequantize() if isinstance(value, QuantizedTensor) else value
+        if isinstance(value, QuantizedTensor):
+            return value.dequantize(dtype or torch.float32)
+        return value if dtype is None else value.to(dtype)
 
     def linear(self, x: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x times factor `name` transposed, on a quantized kernel when the factor is quantized."""
@@ -139,10 +143,17 @@ class CompressedLayer(nn.Module):
             return quantized_linear(x, value, bias)
         return F.linear(x, value, bias)
 
+    def store_floats_as(self, dtype: torch.dtype) -> CompressedLayer:
+        """Float factors and bias in `dtype` (a bf16 or fp16 source's, computed on in float32); quantized codes,
+        scales and zero points stay as they are. Returns the layer."""
+        for parameter in self.parameters():
+            parameter.data = parameter.data.to(dtype)
+        return self
+
     def kernels(self) -> dict[str, str]:
-        """Which kernel each quantized factor runs on (`fp32` for float factors)."""
-        return {name: getattr(self, name).kernel()[0].value if isinstance(getattr(self, name), QuantizedTensor) else "fp32"
-                for name in self.factor_names}  # fmt: skip
+        """Which kernel each quantized factor runs on (`fp32`, `bf16` or `fp16` for float factors)."""
+        return {name: getattr(self, name).kernel()[0].value if isinstance(getattr(self, name), QuantizedTensor)
+                else FLOAT_NAMES.get(getattr(self, name).dtype, str(getattr(self, name).dtype)) for name in self.factor_names}  # fmt: skip
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments as JSON: enough to rebuild an empty layer before loading its tensors."""

@@ -53,9 +53,9 @@ class TuckerConv2d(_FactorisedConv):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
-        x = F.conv2d(x, self.factor("in_factor").T[:, :, None, None])
-        x = F.conv2d(x, self.factor("core"), stride=g["stride"], padding=g["padding"], dilation=g["dilation"])
-        return F.conv2d(x, self.factor("out_factor")[:, :, None, None], self.bias)
+        x = F.conv2d(x, self.factor("in_factor", x.dtype).T[:, :, None, None])
+        x = F.conv2d(x, self.factor("core", x.dtype), stride=g["stride"], padding=g["padding"], dilation=g["dilation"])
+        return F.conv2d(x, self.factor("out_factor", x.dtype)[:, :, None, None], self.bias)
 
     def config(self) -> dict[str, Any]:
         return {"ranks": list(self.ranks), **self.geometry, "quantize_config": quantize_config_json(self.quantize_config)}
@@ -86,10 +86,10 @@ class CPConv2d(_FactorisedConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, r = self.geometry, self.rank
         (sh, sw), (ph, pw), (dh, dw) = g["stride"], g["padding"], g["dilation"]
-        x = F.conv2d(x, self.factor("in_factor").T[:, :, None, None])
-        x = F.conv2d(x, self.factor("height_factor").T[:, None, :, None], stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=r)
-        x = F.conv2d(x, self.factor("width_factor").T[:, None, None, :], stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=r)
-        return F.conv2d(x, self.factor("out_factor")[:, :, None, None], self.bias)
+        x = F.conv2d(x, self.factor("in_factor", x.dtype).T[:, :, None, None])
+        x = F.conv2d(x, self.factor("height_factor", x.dtype).T[:, None, :, None], stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=r)
+        x = F.conv2d(x, self.factor("width_factor", x.dtype).T[:, None, None, :], stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=r)
+        return F.conv2d(x, self.factor("out_factor", x.dtype)[:, :, None, None], self.bias)
 
     def config(self) -> dict[str, Any]:
         return {"rank": self.rank, **self.geometry, "quantize_config": quantize_config_json(self.quantize_config)}

@@ -115,8 +115,8 @@ class MPOLinear(CompressedLayer):
             layer.set_factor(f"core{k}", core)
         return layer.finish_from(source)
 
-    def cores(self) -> list[torch.Tensor]:
-        return [self.factor(f"core{k}") for k in range(len(self.out_factors))]
+    def cores(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        return [self.factor(f"core{k}", dtype) for k in range(len(self.out_factors))]
 
     def contraction_flops(self) -> int:
         """Multiply-adds per input row of the core-by-core contraction (left to right)."""
@@ -154,13 +154,13 @@ class MPOLinear(CompressedLayer):
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         kernel = self.kernel(rows, training)
         if kernel == "merged":
-            return F.linear(x, self.merged_weight(), self.bias)
+            return F.linear(x, self.merged_weight().to(x.dtype), self.bias)
         if kernel == "merge":
-            return F.linear(x, self.to_dense(), self.bias)
+            return F.linear(x, self.to_dense().to(x.dtype), self.bias)
         leading = x.shape[:-1]
         # state: (batch, outputs so far, bond, remaining inputs)
         state = x.reshape(-1, 1, 1, self.in_features)
-        for core, i in zip(self.cores(), self.in_factors, strict=True):
+        for core, i in zip(self.cores(x.dtype), self.in_factors, strict=True):
             batch, produced, bond, remaining = state.shape
             state = state.reshape(batch, produced, bond, i, remaining // i)
             state = torch.einsum("bpriq,rois->bposq", state, core)

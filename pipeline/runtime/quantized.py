@@ -15,6 +15,8 @@ from torch import nn
 from .base import CompressedLayer, quantize_config_json
 from .quant import QuantFormat, QuantizedData, dequantize
 
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class QuantizedLinear(CompressedLayer):
     method = "none"
@@ -68,7 +70,7 @@ class QuantizedConv2d(CompressedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
-        return F.conv2d(x, self.factor("weight_q"), self.bias, g["stride"], g["padding"], g["dilation"], g["groups"])
+        return F.conv2d(x, self.factor("weight_q", x.dtype), self.bias, g["stride"], g["padding"], g["dilation"], g["groups"])
 
     def config(self) -> dict[str, Any]:
         return {**self.geometry, "quantize_config": quantize_config_json(self.quantize_config)}
@@ -78,13 +80,17 @@ class QuantizedConv2d(CompressedLayer):
 
 
 class QuantizedEmbedding(CompressedLayer):
-    """Rows are dequantized only for the looked-up tokens."""
+    """Rows are dequantized only for the looked-up tokens, in the dtype of the model they feed (`dtype`)."""
 
     method = "none"
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, quantize_config: dict) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, quantize_config: dict,
+                 dtype: str = "float32") -> None:  # fmt: skip
         super().__init__(quantize_config)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+        self.output_dtype = dtype
         self.add_factor("weight_q", (num_embeddings, embedding_dim))
 
     @classmethod
@@ -99,12 +105,18 @@ class QuantizedEmbedding(CompressedLayer):
         values = q.values[flat]
         scale = q.scale[flat]
         zero = q.zero_point[flat] if q.zero_point.numel() else q.zero_point
-        rows = dequantize(QuantizedData(values, scale, zero, (len(flat), self.embedding_dim), q.config.bits, q.group_size), q.config.symmetric)
+        data = QuantizedData(values, scale, zero, (len(flat), self.embedding_dim), q.config.bits, q.group_size)
+        rows = dequantize(data, q.config.symmetric, FLOAT_DTYPES[self.output_dtype])
         return rows.reshape(*ids.shape, self.embedding_dim)
 
+    def store_floats_as(self, dtype: torch.dtype) -> QuantizedEmbedding:
+        self.output_dtype = next(name for name, value in FLOAT_DTYPES.items() if value == dtype)
+        return self
+
     def config(self) -> dict[str, Any]:
+        dtype = {} if self.output_dtype == "float32" else {"dtype": self.output_dtype}  # manifests of fp32 models as before
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx,
-                "quantize_config": quantize_config_json(self.quantize_config)}  # fmt: skip
+                "quantize_config": quantize_config_json(self.quantize_config), **dtype}  # fmt: skip
 
     def to_dense(self) -> torch.Tensor:
         return self.factor("weight_q")

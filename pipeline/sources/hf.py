@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,25 @@ def read_hf_config(directory: Path, reference: str) -> dict:
         raise ModelSourceError(reference, f"config.json is not valid JSON ({err})") from None
 
 
+SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype:
+    """The float dtype most of the checkpoint's numbers are stored in, from the files' headers alone: a source
+    keeps it (a bf16 checkpoint is not inflated to fp32), whatever config.json says."""
+    from safetensors import safe_open
+
+    counts: dict[torch.dtype, int] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                dtype = SAFETENSORS_FLOATS.get(piece.get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(piece.get_shape())
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
 def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
     """Load with transformers' Auto classes; only safetensors weights, never pickles."""
     config = read_hf_config(directory, reference)
@@ -82,7 +102,8 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
             module = empty_model(auto, AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False))
         else:
             module = auto.from_pretrained(
-                directory, dtype=torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
+                directory, dtype=stored_dtype(sorted(directory.glob("*.safetensors"))), use_safetensors=True,
+                trust_remote_code=False, local_files_only=True,
             )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
