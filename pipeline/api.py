@@ -239,7 +239,7 @@ def register(compressed: Compressed, name: str, *, alias: str | None = None, met
     import uuid
     from pathlib import Path
 
-    from krunch.artifact import WEIGHTS
+    from krunch.artifact import weight_files
     from krunch.registry.tracking import callers_mlflow_kept, preflight, track
     from krunch.results import REPORT, CompressionResult
     from krunch.run import build_report, recipe_document
@@ -262,7 +262,7 @@ def register(compressed: Compressed, name: str, *, alias: str | None = None, met
         out = Path(scratch) / "model"
         save(compressed, out)
         report = build_report(job.metadata.name, compressed.model.reference, task or "", compressed, dict(metrics.get("before", {})),
-                              dict(metrics.get("after", {})), dict(compressed.timings), out / WEIGHTS)  # fmt: skip
+                              dict(metrics.get("after", {})), dict(compressed.timings), weight_files(out))  # fmt: skip
         (out / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         with callers_mlflow_kept():
             tracked = track(job, CompressionResult(report, compressed.model), out, preflight(job))

@@ -1,4 +1,5 @@
-"""A compressed model on disk: `model.safetensors` plus `manifest.json`, reloaded with no pickle at all.
+"""A compressed model on disk: `model.safetensors` (or shards of at most 2 GB and their index, as
+`save_pretrained` writes them) plus `manifest.json`, reloaded with no pickle at all.
 
 The manifest names the source model (for the architecture around the
 compressed layers), the recipe, and for each replaced layer its registered
@@ -26,6 +27,8 @@ from krunch.model import LoadedModel
 FORMAT = "krunch-compressed/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 2 * 1024**3  # save_pretrained's default max_shard_size is 5 GB; 2 GB files suit object stores
 ARCHITECTURE = "architecture"  # config.json (+ tokenizer) of a transformers model compressed in memory
 MEMORY = "memory:"
 MAX_NESTING = 4  # a compressed model whose source is a compressed model...: deeper is a loop
@@ -41,10 +44,9 @@ def layer_entries(module: torch.nn.Module, tied: dict[str, str]) -> list[dict[st
 
 
 def save_compressed(directory: Path, model: LoadedModel, source: dict[str, Any], recipe: dict[str, Any],
-                    tied: dict[str, str]) -> Path:  # fmt: skip
+                    tied: dict[str, str], max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
-    # save_model drops the duplicate names of shared tensors (a tied embedding / LM head) and load_model restores them.
-    safetensors.torch.save_model(model.module, str(directory / WEIGHTS))
+    save_weights(model.module, directory, max_shard_bytes)
     manifest = {
         "format": FORMAT,
         "source": source,
@@ -55,6 +57,62 @@ def save_compressed(directory: Path, model: LoadedModel, source: dict[str, Any],
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return directory
+
+
+def save_weights(module: torch.nn.Module, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """The module's tensors, each shared one (a tied embedding / LM head) under one name (`load_weights` gives it
+    back to every name), in one `model.safetensors` or, past `max_shard_bytes`, in shards named and indexed as
+    transformers' `save_pretrained` does; each shard is written from the module's own tensors as it comes."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    for stale in [*directory.glob("model*.safetensors"), directory / WEIGHTS_INDEX]:
+        stale.unlink(missing_ok=True)
+    state = distinct_tensors(module)
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes)
+    files = []
+    for filename, names in split.filename_to_tensors.items():
+        safetensors.torch.save_file({name: state[name] for name in names}, str(directory / filename), metadata={"format": "pt"})
+        files.append(directory / filename)
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}  # fmt: skip
+        (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return files
+
+
+def distinct_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (first name kept), every tensor contiguous and owning its bytes
+    (safetensors refuses tensors that overlap)."""
+    seen: dict[int, tuple[int, tuple[int, ...]]] = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in module.state_dict().items():
+        key, view = tensor.untyped_storage().data_ptr(), (tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() == 0:  # empty tensors (symmetric layouts' zero points) share no bytes, whatever their address
+            state[name] = tensor.contiguous()
+            continue
+        if key in seen and seen[key] == view:
+            continue  # the same tensor under another name
+        state[name] = tensor.contiguous() if key not in seen else tensor.clone()
+        seen.setdefault(key, view)
+    return state
+
+
+def weight_files(directory: Path, reference: str | None = None) -> list[Path]:
+    """The safetensors files of a compressed model directory: the index's shards, or `model.safetensors`. Shard
+    names come from the index and must be plain `.safetensors` names inside the directory."""
+    index_path = directory / WEIGHTS_INDEX
+    if not index_path.is_file():
+        return [directory / WEIGHTS]
+    where = reference or f"krunch:{directory}"
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelSourceError(where, f"{WEIGHTS_INDEX} is not a weight index ({type(err).__name__}: {str(err)[:200]})") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise ModelSourceError(where, f"{WEIGHTS_INDEX}: shard {name!r} is not a .safetensors file name in the directory")
+    return [directory / name for name in names]
 
 
 def architecture_source(model: LoadedModel, directory: Path) -> dict[str, Any]:
@@ -100,21 +158,24 @@ def _architecture(directory: Path, source: dict[str, Any], reference: str, skele
                                       "of that architecture, krunch.load(directory, model=...)")  # fmt: skip
 
 
-def load_weights(module: torch.nn.Module, path: Path) -> None:
-    """Fill the assembled model from the file, strictly. An architecture built without weights (parameters on
-    the meta device) is assigned the file's tensors; tied weights are stored once (save_model drops the
-    duplicate names), so every name that shared a tensor before gets the one loaded under any of them."""
+def load_weights(module: torch.nn.Module, paths: Path | list[Path]) -> None:
+    """Fill the assembled model from the file (or shards, one at a time), strictly. An architecture built
+    without weights (parameters on the meta device) is assigned the files' tensors; tied weights are stored
+    once, so every name that shared a tensor before gets the one loaded under any of them."""
     expected = module.state_dict(keep_vars=True)
     assign = any(t.is_meta for t in expected.values())
     shared: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         shared.setdefault(id(tensor), []).append(name)
-    with safetensors.safe_open(str(path), "pt") as handle:  # assigned tensors are own, 64-byte aligned copies
-        state = {key: handle.get_tensor(key).clone() if assign else handle.get_tensor(key) for key in handle.keys()}
-        unexpected = sorted(set(state) - set(expected))
-        if unexpected:
-            raise RuntimeError(f"unexpected keys {unexpected[:5]}")
-        module.load_state_dict(state, strict=False, assign=assign)
+    state: dict[str, torch.Tensor] = {}
+    for path in [paths] if isinstance(paths, Path) else paths:
+        with safetensors.safe_open(str(path), "pt") as handle:  # assigned tensors are own, 64-byte aligned copies
+            shard = {key: handle.get_tensor(key).clone() if assign else handle.get_tensor(key) for key in handle.keys()}
+            unexpected = sorted(set(shard) - set(expected))
+            if unexpected:
+                raise RuntimeError(f"unexpected keys {unexpected[:5]}")
+            module.load_state_dict(shard, strict=False, assign=assign)
+            state.update(shard)
     loaded = module.state_dict(keep_vars=True)
     missing = []
     for names in shared.values():
@@ -214,10 +275,11 @@ def load_compressed(directory: Path, reference: str | None = None, skeleton: tor
     except (AttributeError, KeyError, TypeError) as err:
         raise ModelSourceError(reference, f"{MANIFEST}: layers: cannot be installed ({err})") from None
     try:
-        load_weights(loaded.module, directory / WEIGHTS)
+        files = weight_files(directory, reference)
+        load_weights(loaded.module, files)
     except (RuntimeError, OSError, safetensors.SafetensorError) as err:
         detail = " ".join(str(err).split())[:300]
-        raise ModelSourceError(reference, f"{WEIGHTS} does not match the manifest: {detail}") from None
+        raise ModelSourceError(reference, f"{' + '.join(f.name for f in files)} does not match the manifest: {detail}") from None
     loaded.module.eval()
     loaded.reference = reference
     loaded.metadata["compressed_from"] = source.get("source") or f"{MEMORY}{source.get('class')}"

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ from krunch.errors import KrunchError
 
 RESULTS = Path("results")
 SPACE_MARGIN = 1.25  # free space wanted over the estimate: the file is written once, plus the staging copy's metadata
-OUTPUT_FILES = {"model.safetensors", "manifest.json", "report.json", "budget.json", "architecture"}
+OUTPUT_FILES = {"model.safetensors", "model.safetensors.index.json", "manifest.json", "report.json", "budget.json", "architecture"}
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the shards of a model past artifact.MAX_SHARD_BYTES
 
 
 class OutputError(KrunchError):
@@ -41,7 +43,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def _is_previous_output(directory: Path, job_name: str) -> bool:
     """krunch's own files of the same job, and nothing else."""
-    names = {p.name for p in directory.iterdir()}
+    names = {p.name for p in directory.iterdir() if not SHARD.fullmatch(p.name)}
     if not names <= OUTPUT_FILES or "report.json" not in names:
         return False
     try:

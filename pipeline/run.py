@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from krunch import __version__
-from krunch.artifact import WEIGHTS, save_compressed
+from krunch.artifact import save_compressed, weight_files
 from krunch.assemble import assemble
 from krunch.plan.budget import BudgetError, allocate
 from krunch.calibration.grams import calibration_batches, collect_grams
@@ -291,7 +291,7 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     timings.record("save", start)
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
     report = build_report(job.metadata.name, job.spec.model.source, task.value, result, metrics_before, metrics_after,
-                          timings.stages, out_dir / WEIGHTS, original.metadata.get("registry_version"))  # fmt: skip
+                          timings.stages, weight_files(out_dir), original.metadata.get("registry_version"))  # fmt: skip
     if result.budget is not None:
         (out_dir / BUDGET).write_text(json.dumps(result.budget, indent=1) + "\n", encoding="utf-8")
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -323,7 +323,7 @@ def _tied_replacement(plan: Plan, name: str, original: LoadedModel, owner_replac
 
 
 def build_report(job_name: str, source: str, task: str, result: Compressed, metrics_before: dict, metrics_after: dict,
-                 timings: dict[str, float], weights: Path, source_version: str | None = None) -> Report:  # fmt: skip
+                 timings: dict[str, float], weights: list[Path], source_version: str | None = None) -> Report:  # fmt: skip
     """report.json of a compressed model: sizes before and after, the metrics given, per-layer rows, and what the
     recipe's target, healing and execution did. `krunch compress` and `krunch.register` both write it."""
     results = result.results
@@ -337,7 +337,7 @@ def build_report(job_name: str, source: str, task: str, result: Compressed, metr
         "params_after": count_params(result.module),
         "bytes_before": result.source_bytes,
         "bytes_after": bytes_after,
-        "file_bytes_after": weights.stat().st_size,
+        "file_bytes_after": sum(path.stat().st_size for path in weights),
         "selected_params_before": sum(r.params_before for r in results),
         "selected_params_after": sum(r.params_after for r in results),
         "metrics_before": metrics_before,

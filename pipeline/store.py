@@ -11,14 +11,18 @@ if TYPE_CHECKING:
     from krunch.api import Compressed
 
 
-def save(compressed: Compressed, directory: str | Path) -> Path:
-    """Write model.safetensors and manifest.json (no pickle); `load` rebuilds it."""
-    from krunch.artifact import architecture_source, save_compressed
+def save(compressed: Compressed, directory: str | Path, *, max_shard_bytes: int | None = None) -> Path:
+    """Write model.safetensors (shards of at most `max_shard_bytes`, default 2 GB, and their index past that)
+    and manifest.json (no pickle); `load` rebuilds it."""
+    from krunch.artifact import MAX_SHARD_BYTES, architecture_source, save_compressed
     from krunch.run import recipe_document
 
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     directory = Path(directory)
     source = architecture_source(compressed.model, directory)
-    return save_compressed(directory, compressed.model, source, recipe_document(compressed.recipe), compressed.tied)
+    return save_compressed(directory, compressed.model, source, recipe_document(compressed.recipe), compressed.tied,
+                           max_shard_bytes or MAX_SHARD_BYTES)  # fmt: skip
 
 
 def load(directory: str | Path, *, model: nn.Module | None = None, factory: str | None = None) -> nn.Module:

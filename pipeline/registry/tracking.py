@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from krunch.artifact import MANIFEST, WEIGHTS
+from krunch.artifact import MANIFEST, WEIGHTS_INDEX, weight_files
 from krunch.results import BUDGET, REPORT, CompressionResult
 from krunch.errors import KrunchError, ServiceUnavailable, require_extra
 from krunch.registry.lineage import TAG_PREFIX, PRIMARY_METRIC, flatten, job_identity, quality, version_tags
@@ -326,8 +326,9 @@ def layers_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _model_files(out_dir: Path, result: CompressionResult, scratch: Path) -> list[str]:
-    """The krunch reload files (manifest + safetensors: no pickle) and, for text models, the tokenizer."""
-    files = [str(out_dir / MANIFEST), str(out_dir / WEIGHTS)]
+    """The krunch reload files (manifest + safetensors, sharded or not: no pickle) and, for text models, the tokenizer."""
+    index = [out_dir / WEIGHTS_INDEX] if (out_dir / WEIGHTS_INDEX).is_file() else []
+    files = [str(path) for path in (out_dir / MANIFEST, *index, *weight_files(out_dir))]
     tokenizer = result.model.tokenizer
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         saved = tokenizer.save_pretrained(str(scratch / "tokenizer"))
