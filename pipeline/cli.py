@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,11 +190,14 @@ def dry_run(job) -> int:  # noqa: ANN001 - a CompressionJob, imported lazily
     fixed ranks against break-even. The same job file `kubectl apply` takes."""
     from krunch.report import format_plan, format_stages
     from krunch.run import prepare_job
+    from krunch.execution.tasks import remote_weights_note
     from krunch.sources.stated import describe_inputs
 
     prepared = prepare_job(job)
     print(format_plan(job.metadata.name, job.spec.model.source, prepared.plan))
     print(describe_inputs(prepared.model))
+    if note := remote_weights_note(job.spec.model.source, os.environ.get("RAY_ADDRESS")):
+        print(note)
     if stages := format_stages(job.spec.recipe):
         print(stages)
     print("dry run: the job is valid; nothing was compressed, tracked or written")

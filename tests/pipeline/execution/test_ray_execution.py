@@ -81,6 +81,7 @@ def test_ray_factors_equal_in_process_bitwise_at_one_and_two_workers(minilm, min
     assert sorted(name for _, _, name in seen) == sorted(r.name for r in minilm_reference.results)
     # MiniLM came from a safetensors file: workers read their own tensors, nothing went through the object store
     assert two.info["tensors_read_by_workers"] == 72 and two.info["tensors_via_object_store"] == 0
+    assert two.info["weights_from"] == "source files" and list(two.info["source_seen_by"].values()) == [True]
     assert two.info["device"] == "cpu" and {r.threads for r in two.results} == {1}
     assert all(r.resources["CPU"] == 1.0 for r in two.results)
 
