@@ -62,22 +62,38 @@ def save_compressed(directory: Path, model: LoadedModel, source: dict[str, Any],
 def save_weights(module: torch.nn.Module, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
     """The module's tensors, each shared one (a tied embedding / LM head) under one name (`load_weights` gives it
     back to every name), in one `model.safetensors` or, past `max_shard_bytes`, in shards named and indexed as
-    transformers' `save_pretrained` does; each shard is written from the module's own tensors as it comes."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
+    transformers' `save_pretrained` names them; each shard is written from the module's own tensors."""
     for stale in [*directory.glob("model*.safetensors"), directory / WEIGHTS_INDEX]:
         stale.unlink(missing_ok=True)
     state = distinct_tensors(module)
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes)
-    files = []
-    for filename, names in split.filename_to_tensors.items():
+    shards = shard_names(state, max_shard_bytes)
+    if len(shards) == 1:
+        safetensors.torch.save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+        return [directory / WEIGHTS]
+    files, weight_map = [], {}
+    for number, names in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         safetensors.torch.save_file({name: state[name] for name in names}, str(directory / filename), metadata={"format": "pt"})
         files.append(directory / filename)
-    if split.is_sharded:
-        index = {"metadata": {**split.metadata, "total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": split.tensor_to_filename}  # fmt: skip
-        (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        weight_map |= dict.fromkeys(names, filename)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return files
+
+
+def shard_names(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names in state-dict order, cut into runs of at most `max_shard_bytes` (a bigger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
 
 
 def distinct_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
