@@ -172,7 +172,7 @@ class RayExecutor:
         with self.session() as session:
             gpus = self.usable_gpus(session)
             workers = self.worker_count(session, gpus)
-            tasks, travel = remote_tasks(model, plan, grams, ranks, self.threads)
+            tasks, travel = remote_tasks(model, plan, grams, ranks, self.threads, session.source_seen_by)
             schedule = _Schedule(self, session, workers, gpus, LayerProgress(len(tasks), progress, bar))
             try:
                 results = schedule.run(tasks)

@@ -12,7 +12,8 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from krunch.errors import KrunchError, require_extra
 
@@ -31,6 +32,8 @@ class RaySession:
     largest_node_gpus: float
     nodes: int
     largest_node_cpus: float = 0.0
+    # which nodes see which source files, asked once per session (error propagation runs a stage per block)
+    source_seen_by: dict[tuple[Path, ...], dict[str, bool]] = field(default_factory=dict, compare=False, repr=False)
 
 
 def local_object_store_bytes() -> int:

@@ -93,12 +93,16 @@ def in_process_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tens
 
 
 def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
-                 threads: int) -> tuple[list[LayerTask], dict[str, Any]]:  # fmt: skip
+                 threads: int, seen: dict[tuple[Path, ...], dict[str, bool]] | None = None) -> tuple[list[LayerTask], dict[str, Any]]:  # fmt: skip
     """Tasks whose modules are weightless shells; returns them and how tensors travel: how many each way,
-    which nodes see the source files, and so whether workers read them (`weights_from`)."""
+    which nodes see the source files, and so whether workers read them (`weights_from`). `seen`: the
+    session's earlier answers, reused instead of asking the nodes again."""
     import ray
 
-    seen_by = nodes_seeing(model.weight_files) if model.weight_files else {}
+    seen = {} if seen is None else seen
+    if model.weight_files and model.weight_files not in seen:
+        seen[model.weight_files] = nodes_seeing(model.weight_files)
+    seen_by = seen.get(model.weight_files, {})
     readable = bool(seen_by) and all(seen_by.values())
     index = SafetensorsIndex(model.weight_files if readable else ())
     tasks: list[LayerTask] = []

@@ -152,8 +152,9 @@ class CompressedLayer(nn.Module):
 
     def kernels(self) -> dict[str, str]:
         """Which kernel each quantized factor runs on (`fp32`, `bf16` or `fp16` for float factors)."""
-        return {name: getattr(self, name).kernel()[0].value if isinstance(getattr(self, name), QuantizedTensor)
-                else FLOAT_NAMES.get(getattr(self, name).dtype, str(getattr(self, name).dtype)) for name in self.factor_names}  # fmt: skip
+        factors = {name: getattr(self, name) for name in self.factor_names}
+        return {name: f.kernel()[0].value if isinstance(f, QuantizedTensor) else FLOAT_NAMES.get(f.dtype, str(f.dtype))
+                for name, f in factors.items()}  # fmt: skip
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments as JSON: enough to rebuild an empty layer before loading its tensors."""
