@@ -179,9 +179,9 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
     plan = make_plan(original.module, recipe)  # a recipe that does not fit the model fails before any work
     for why, names in plan.skipped_reasons().items():
         log.warning("krunch: %d module(s) left as they are (e.g. %s): %s", len(names), names[0], why)
-    needs_data = recipe.needs_calibration or recipe.heal is not None
+    needs_data = recipe.uses_calibration or recipe.heal is not None
     if needs_data and original.kind is None and original.calibration_inputs is None:
-        raise KrunchError("calibration", "this recipe fits layers to calibration data (activationAware, gptq, heal); "
+        raise KrunchError("calibration", "this recipe fits layers to calibration data (activationAware, gptq, a fitted grid, heal); "
                           "pass calibration= inputs for this model")  # fmt: skip
     executor = executor or default_executor()
     timings: dict[str, float] = {}

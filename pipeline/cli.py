@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model on real data and print its metrics")
     evaluate.add_argument("model", help="zoo:NAME, hf:DIR, file:PATH (with --factory), krunch:DIR or models:/NAME@ALIAS")
     evaluate.add_argument("--task", help="perplexity, embedding, ocr or image-agreement (default: the model's own)")
-    evaluate.add_argument("--data", help="text for perplexity: 'wikipedia' (default) or a path to a UTF-8 text file")
+    evaluate.add_argument("--data", help="text for perplexity: 'wikipedia' (default), 'news' (held-out news articles) or a path to a UTF-8 text file")
     evaluate.add_argument("--tokens", type=int, default=4096, help="perplexity tokens from the evaluation split (default 4096)")
     evaluate.add_argument("--items", type=int, help="cap on words (ocr) or images (image-agreement), for quick runs")
     evaluate.add_argument("--reference", help="reference model for fidelity / agreement (default: the model itself)")

@@ -98,6 +98,8 @@ def format_plan(job_name: str, source: str, plan: Any) -> str:
             rank += f" (floor {first.floor:g} of its parameters)" if first.floor is not None else ""
         quantize = f"int{first.quantize.bits}" if first.quantize else "no quantization"
         quantize += ", gptq rounding" if first.gptq else ""
+        quantize += ", fitted grid" if first.quantize and first.quantize.grid.value == "fitted" else ""
+        quantize += " (to calibration inputs)" if first.grid_fitted_to_inputs else ""
         aware = ", activation-aware" if first.activation_aware else ""
         aware += first.implementation.describe(first)
         tied = sum(1 for layer in layers if layer.tied_to)

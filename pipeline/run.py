@@ -86,7 +86,7 @@ def check_text_data(job: CompressionJob, model: LoadedModel, task: Task) -> None
 
     recipe = job.spec.recipe
     needs = []
-    if model.kind in (ModelKind.CAUSAL_LM, ModelKind.SENTENCE_EMBEDDING) and (recipe.needs_calibration or recipe.heal):
+    if model.kind in (ModelKind.CAUSAL_LM, ModelKind.SENTENCE_EMBEDDING) and (recipe.uses_calibration or recipe.heal):
         calibration = recipe.calibration or Calibration()
         needs.append(("spec.recipe.calibration", calibration.data, Split.CALIBRATION, calibration.tokens))
         if recipe.heal is not None:

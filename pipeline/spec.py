@@ -65,6 +65,11 @@ class Rounding(str, enum.Enum):
     GPTQ = "gptq"  # Frantar et al. 2023: rounding errors compensated through the inputs' Gram matrix
 
 
+class Grid(str, enum.Enum):
+    RANGE = "range"  # each group's scale (and zero point) from its min and max
+    FITTED = "fitted"  # scale and zero point fitted to minimise the group's rounding error (runtime.quant.fitted_scales)
+
+
 class QuantizeConfig(_Model):
     bits: Literal[4, 8] = Field(8, description="integer width: 8 or 4 (two values packed per byte)")
     group_size: int | None = Field(None, ge=8, le=1_000_000, description="values per scale along the input dimension; omit for one scale per output channel")
@@ -73,6 +78,12 @@ class QuantizeConfig(_Model):
         Rounding.NEAREST, description="nearest: each value to its nearest level, no data needed. gptq: column by column, "
         "each column's rounding error compensated in the columns not yet rounded, for the calibration activations "
         "(recipe.calibration); dense Linear weights only (in recipe.quantize it leaves factors and convolutions at nearest)",
+    )
+    grid: Grid = Field(
+        Grid.RANGE, description="range: each group's levels span its min and max. fitted: the scale (and zero point) that "
+        "minimise the group's rounding error, clipping outliers where that pays; for dense Linear weights weighted by how "
+        "large each input is on the calibration data when recipe.calibration is set (never a higher output error there "
+        "than range), data-free otherwise; with gptq the fitted grid is fixed first and columns go in activation order",
     )
 
     def nearest(self) -> QuantizeConfig:
@@ -232,8 +243,9 @@ class Recipe(_Model):
                 if rule.implementation.factorizing and rule.rank is None and rule.quantize is not None:
                     raise ValueError(f"rules[{index}].quantize: under target.bytesRatio the budget chooses each layer's "
                                      "storage; set symmetric and rounding in recipe.quantize")  # fmt: skip
-        if self.calibration is not None and self.calibration.propagate and not self.needs_calibration:
-            raise ValueError("calibration.propagate: needs a rule with activationAware: true or gptq rounding (it refits those layers)")
+        if self.calibration is not None and self.calibration.propagate and not self.uses_calibration:
+            raise ValueError("calibration.propagate: needs a rule with activationAware: true, gptq rounding or a fitted grid "
+                             "(it refits those layers)")  # fmt: skip
         if self.target is not None and not any(rule.implementation.factorizing and rule.rank is None for rule in self.rules):
             raise ValueError("target needs at least one factorizing rule without its own rank to allocate")
         return self
@@ -243,9 +255,20 @@ class Recipe(_Model):
         """Some layer is fitted to calibration activations: activation-aware factors or gptq rounding."""
         return any(rule.activation_aware or _gptq(rule.quantize_config(self.quantize)) for rule in self.rules)
 
+    @property
+    def uses_calibration(self) -> bool:
+        """Calibration data will be read: some layer needs it, or a fitted grid is weighted by it (with a
+        calibration section; data-free without one)."""
+        fitted = any(_fitted(rule.quantize_config(self.quantize)) for rule in self.rules)
+        return self.needs_calibration or self.calibration is not None and fitted
+
 
 def _gptq(config: QuantizeConfig | None) -> bool:
     return config is not None and config.rounding is Rounding.GPTQ
+
+
+def _fitted(config: QuantizeConfig | None) -> bool:
+    return config is not None and config.grid is Grid.FITTED
 
 
 class Preprocessing(_Model):
@@ -308,7 +331,7 @@ class Evaluation(_Model):
     task: str | None = Field(None, description="perplexity | embedding | ocr | image-agreement; default: the model's own")
     reference: ModelSource | None = Field(None, description="image-agreement, embedding: the model the compressed one is "
                                           "compared with (default: the source model itself)")
-    data: str | None = Field(None, description="text for perplexity: wikipedia or file:PATH")
+    data: str | None = Field(None, description="text for perplexity: wikipedia, news (300 news articles, another domain) or file:PATH")
     tokens: int = Field(4096, ge=64, le=MAX_TOKENS)
     items: int | None = Field(None, ge=1, le=MAX_ITEMS, description="cap on words or images")
 

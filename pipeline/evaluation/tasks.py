@@ -17,7 +17,7 @@ Metrics = dict[str, float | int | str]
 class EvalOptions:
     """Knobs shared by the tasks; each task reads the ones it understands."""
 
-    data: str | None = None  # text corpus for perplexity: `wikipedia` or `file:PATH`
+    data: str | None = None  # text corpus for perplexity: `wikipedia`, `news` or `file:PATH`
     tokens: int = 4096  # perplexity token budget (evaluation split)
     window: int = 512  # perplexity window, non-overlapping
     items: int | None = None  # cap on words / crops / documents, for quick runs

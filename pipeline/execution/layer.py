@@ -74,7 +74,8 @@ def compress_layer(plan: LayerPlan, module: nn.Module, gram: torch.Tensor | None
     float factors and bias are stored back in the source's dtype."""
     start = time.perf_counter()
     if plan.calibrated and gram is None:
-        raise ValueError(f"{plan.name}: {'activation-aware factors' if plan.activation_aware else 'gptq rounding'} need calibration statistics")
+        what = "activation-aware factors" if plan.activation_aware else "gptq rounding" if plan.gptq else "a grid fitted to its inputs"
+        raise ValueError(f"{plan.name}: {what} needs calibration statistics")
     with torch.no_grad():
         if not plan.factorized and plan.quantize is None:
             replacement, ranks = module, None  # matched but left dense and unquantized

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 @register
 class QuantizeOnly(CompressionMethod):
     name = "none"
-    description = "keep the weight dense; quantized when quantize is set (int8/int4, nearest or gptq rounding)"
+    description = "keep the weight dense; quantized when quantize is set (int8/int4, nearest or gptq rounding, range or fitted grid)"
     kinds = (LayerKind.LINEAR, LayerKind.CONV2D, LayerKind.EMBEDDING)
     factorizing = False
     spectral = False
@@ -47,12 +47,17 @@ class QuantizeOnly(CompressionMethod):
         assert quantize is not None, "a layer left dense and unquantized is not rebuilt"
         if plan.kind is LayerKind.LINEAR:
             codes = None
-            if quantize.rounding is Rounding.GPTQ:
+            if quantize.rounding is Rounding.GPTQ or plan.grid_fitted_to_inputs:
                 if gram is None:
-                    raise ValueError("gptq rounding needs the calibration Gram matrix of the layer's inputs")
+                    raise ValueError(f"{'gptq rounding' if plan.gptq else 'a fitted grid'} needs the calibration Gram matrix of the layer's inputs")
+            if quantize.rounding is Rounding.GPTQ:
                 from krunch.decompose.gptq import gptq_quantize
 
                 codes = gptq_quantize(module.weight, gram, quantize)
+            elif plan.grid_fitted_to_inputs:
+                from krunch.decompose.grid import fitted_to_inputs
+
+                codes = fitted_to_inputs(module.weight, gram, quantize)
             return QuantizedLinear.from_dense(module, quantize, codes)
         if plan.kind is LayerKind.CONV2D:
             return QuantizedConv2d.from_dense(module, quantize)

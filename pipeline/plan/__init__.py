@@ -20,7 +20,7 @@ from torch import nn
 from krunch import methods
 from krunch.methods import LayerKind
 from krunch.sizes import layer_params
-from krunch.spec import LowRankForm, QuantizeConfig, RankRule, Recipe, Rounding, Rule, SpecError, Target
+from krunch.spec import Grid, LowRankForm, QuantizeConfig, RankRule, Recipe, Rounding, Rule, SpecError, Target
 
 _KINDS = {nn.Linear: LayerKind.LINEAR, nn.Conv2d: LayerKind.CONV2D, nn.Embedding: LayerKind.EMBEDDING}
 
@@ -41,6 +41,7 @@ class LayerPlan:
     max_error: float | None = None  # with a target: the largest relative truncation error allowed (None: the default)
     form: LowRankForm | None = None  # svd: pivoted (the default) or factors
     options: Any = None  # the rule's method options, validated by the method's model
+    calibration_set: bool = False  # the recipe has a calibration section (a fitted grid is then weighted by it)
 
     @property
     def implementation(self) -> methods.CompressionMethod:
@@ -75,9 +76,17 @@ class LayerPlan:
         return dense_linear and self.quantize is not None and self.quantize.rounding is Rounding.GPTQ
 
     @property
+    def grid_fitted_to_inputs(self) -> bool:
+        """A dense Linear weight rounded to nearest on a grid fitted for its calibration inputs."""
+        dense_linear = not self.factorized and self.kind is LayerKind.LINEAR
+        fitted = self.quantize is not None and self.quantize.grid is Grid.FITTED
+        return dense_linear and fitted and self.calibration_set and not self.gptq
+
+    @property
     def calibrated(self) -> bool:
-        """Needs the Gram matrix of its calibration inputs: activation-aware factors, or gptq rounding."""
-        return self.activation_aware or self.gptq
+        """Needs the Gram matrix of its calibration inputs: activation-aware factors, gptq rounding, or a grid
+        fitted to the inputs."""
+        return self.activation_aware or self.gptq or self.grid_fitted_to_inputs
 
 @dataclass(frozen=True)
 class Plan:
@@ -136,7 +145,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> Plan:
         options = rule.method_options()  # once per rule, not per module
         for name, module in fresh:
             claimed.add(name)
-            layers.append(_layer_plan(name, module, index, rule, options, recipe.quantize, recipe.target))
+            layers.append(_layer_plan(name, module, index, rule, options, recipe.quantize, recipe.target, recipe.calibration is not None))
     order = {name: index for index, (name, _) in enumerate(candidates)}
     layers.sort(key=lambda layer: order[layer.name])  # module order, whichever rule claimed them
     return Plan(_resolve_ties(model, layers), skipped)
@@ -167,7 +176,7 @@ def _rounding_for(name: str, kind: LayerKind, index: int, rule: Rule, default: Q
 
 
 def _layer_plan(name: str, module: nn.Module, index: int, rule: Rule, options: Any, default_quantize: QuantizeConfig | None,
-                target: Target | None = None) -> LayerPlan:  # fmt: skip
+                target: Target | None = None, calibration_set: bool = False) -> LayerPlan:  # fmt: skip
     kind = module_kind(module)
     assert kind is not None
     method = rule.implementation
@@ -190,6 +199,7 @@ def _layer_plan(name: str, module: nn.Module, index: int, rule: Rule, options: A
         max_error=rule.max_error,
         form=rule.form,
         options=options,
+        calibration_set=calibration_set,
     )
     if rule.rank is not None and rule.rank.fixed is not None:
         check_fixed_rank(plan, rule.rank.fixed)

@@ -20,30 +20,35 @@ class QuantFormat:
     """How a tensor's integer codes are laid out: what the runtime needs to run them, as a plain dataclass.
 
     The recipe's `QuantizeConfig` (pydantic, build time) has the same attributes, so either can be passed
-    to the functions here; `rounding` records how the codes were chosen and never changes how they run.
+    to the functions here; `rounding` and `grid` record how the codes and scales were chosen and never change
+    how they run.
     """
 
     bits: int = 8
     group_size: int | None = None
     symmetric: bool = True
     rounding: str = "nearest"
+    grid: str = "range"  # range: each group's scale from its min/max; fitted: `fitted_scales`
 
     @classmethod
     def of(cls, config: QuantFormat | object) -> QuantFormat:
-        """From anything with the four attributes (the spec's QuantizeConfig)."""
-        rounding = getattr(config, "rounding", "nearest")
-        return cls(int(config.bits), config.group_size, bool(config.symmetric), str(getattr(rounding, "value", rounding)))
+        """From anything with these attributes (the spec's QuantizeConfig)."""
+        rounding, grid = getattr(config, "rounding", "nearest"), getattr(config, "grid", "range")
+        return cls(int(config.bits), config.group_size, bool(config.symmetric), str(getattr(rounding, "value", rounding)),
+                   str(getattr(grid, "value", grid)))  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> QuantFormat:
         """The manifest's form (the recipe's camelCase keys), as written by `to_json` and by earlier versions."""
-        unknown = set(data) - {"bits", "groupSize", "symmetric", "rounding"}
+        unknown = set(data) - {"bits", "groupSize", "symmetric", "rounding", "grid"}
         if unknown or data.get("bits") not in (4, 8):
-            raise ValueError(f"invalid quantize_config {data!r}: expected bits 4 or 8, groupSize, symmetric, rounding")
-        return cls(data["bits"], data.get("groupSize"), bool(data.get("symmetric", True)), data.get("rounding", "nearest"))
+            raise ValueError(f"invalid quantize_config {data!r}: expected bits 4 or 8, groupSize, symmetric, rounding, grid")
+        return cls(data["bits"], data.get("groupSize"), bool(data.get("symmetric", True)), data.get("rounding", "nearest"),
+                   data.get("grid", "range"))  # fmt: skip
 
     def to_json(self) -> dict:
-        return {"bits": self.bits, "groupSize": self.group_size, "symmetric": self.symmetric, "rounding": self.rounding}
+        grid = {"grid": self.grid} if self.grid != "range" else {}  # manifests of range grids as before
+        return {"bits": self.bits, "groupSize": self.group_size, "symmetric": self.symmetric, "rounding": self.rounding, **grid}
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,72 @@ def group_scales(grouped: torch.Tensor, config: QuantFormat) -> tuple[torch.Tens
     return scale, torch.round(-low / scale.float()).clamp(0, qmax)
 
 
+FIT_SHRINKS = 20  # candidate ranges tried per group by `fitted_scales`, from the full range down to half of it
+
+
+def fitted_scales(grouped: torch.Tensor, config: QuantFormat, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each group chosen to minimise its weighted squared rounding error, not to
+    cover its range: the outermost values are often worth clipping so that the many small ones get finer
+    levels (llama.cpp's k-quants search the same way; HQQ fits the same two numbers by another route).
+
+    Each candidate range (the group's own, shrunk step by step) rounds the group once; the scale (and the
+    integer zero point) are then refitted to those codes by weighted least squares, the group rounded again
+    on the refitted grid, and the candidate with the least error kept: never worse than the range grid,
+    which is the first candidate. `importance` weighs each column (the diagonal of the calibration inputs'
+    Gram matrix: an input that is large in use costs more when its weight is off); None weighs all alike.
+    """
+    weights = torch.ones_like(grouped) if importance is None else importance.expand_as(grouped)
+    best_scale, best_zero = group_scales(grouped, config)
+    best_error = _weighted_error(grouped, best_scale, best_zero, weights, config)
+    low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    for step in range(1, FIT_SHRINKS):
+        shrink = 1 - step / (2 * FIT_SHRINKS)
+        if config.symmetric:
+            scale = ((grouped.abs().amax(-1) * shrink) / (2 ** (config.bits - 1) - 1)).clamp(min=1e-8)
+            zero = torch.empty(0, device=grouped.device)
+        else:
+            scale = ((high - low) * shrink / (2**config.bits - 1)).clamp(min=1e-8)
+            zero = torch.round(-low * shrink / scale).clamp(0, 2**config.bits - 1)
+        scale, zero = _refitted(grouped, weights, integer_codes(grouped, scale[..., None], _at(zero), config), scale, zero, config)
+        error = _weighted_error(grouped, scale, zero, weights, config)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        if not config.symmetric:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _at(zero: torch.Tensor) -> torch.Tensor:
+    """A per-group zero point broadcast over the group's values (empty stays empty: symmetric)."""
+    return zero[..., None] if zero.numel() else zero
+
+
+def _weighted_error(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weights: torch.Tensor,
+                    config: QuantFormat) -> torch.Tensor:  # fmt: skip
+    codes = integer_codes(grouped, scale[..., None], _at(zero), config)
+    return (weights * (grouped - restored(codes, scale[..., None], _at(zero), config)) ** 2).sum(-1)
+
+
+def _refitted(grouped: torch.Tensor, weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              config: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The least-squares scale (fp16, as stored) and integer zero point for fixed codes; a group the fit cannot
+    improve (no weight, or a non-positive slope) keeps the candidate's."""
+    if config.symmetric:
+        slope = (weights * grouped * codes).sum(-1) / (weights * codes * codes).sum(-1).clamp(min=1e-30)
+        return torch.where(slope > 1e-8, slope, scale).half(), zero
+    # w ~ a q + b over the group, then the zero point -b/a rounded to an integer and a refitted for it
+    total, q, w = weights.sum(-1), (weights * codes).sum(-1), (weights * grouped).sum(-1)
+    qq, qw = (weights * codes * codes).sum(-1), (weights * codes * grouped).sum(-1)
+    slope = (total * qw - q * w) / (total * qq - q * q).clamp(min=1e-30)
+    fit = slope > 1e-8
+    fitted_zero = torch.round(-(w - slope * q) / total.clamp(min=1e-30) / slope.clamp(min=1e-8)).clamp(0, 2**config.bits - 1)
+    zero = torch.where(fit, fitted_zero, zero)
+    shifted = codes - zero[..., None]
+    slope = (weights * grouped * shifted).sum(-1) / (weights * shifted * shifted).sum(-1).clamp(min=1e-30)
+    return torch.where(slope > 1e-8, slope, scale).half(), zero
+
+
 def integer_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantFormat) -> torch.Tensor:
     """Round values to the integer grid their scales (and zero points) define: signed when symmetric, else 0..2^bits-1.
     `scale` and `zero` broadcast against `values` (a group's, or one column's per row)."""
@@ -116,10 +187,15 @@ def restored(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, confi
     return (codes if config.symmetric else codes - zero) * scale.float()
 
 
-def quantize(tensor: torch.Tensor, config: QuantFormat) -> QuantizedData:
-    """Round to nearest, each group on the grid its own range sets."""
+def quantize(tensor: torch.Tensor, config: QuantFormat, importance: torch.Tensor | None = None) -> QuantizedData:
+    """Round to nearest, each group on the grid its own range sets, or (grid fitted) the grid `fitted_scales`
+    fits, weighing each column by `importance` (one number per column of the flattened tensor) when given."""
     grouped = grouped_view(tensor, config)
-    scale, zero = group_scales(grouped, config)
+    if QuantFormat.of(config).grid == "fitted":
+        weights = None if importance is None else grouped_view(importance.reshape(1, -1), config)
+        scale, zero = fitted_scales(grouped, config, weights)
+    else:
+        scale, zero = group_scales(grouped, config)
     codes = integer_codes(grouped, scale[..., None], zero[..., None] if zero.numel() else zero, config)
     return pack(codes, scale, zero, tuple(tensor.shape), config)
 

@@ -1,4 +1,4 @@
-"""Text corpora: the cleaned Wikipedia sample and user files, split into disjoint halves."""
+"""Text corpora: the cleaned Wikipedia sample, the held-out news articles and user files, split into disjoint halves."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def test_wikipedia_is_cleaned_articles_without_redirects_or_markup():
     assert sum("[[" in a or "{{" in a for a in articles) < len(articles) // 10
     assert articles[0].startswith("Anarchism is a political philosophy")
     assert wikipedia_articles() == articles  # second call reads the cache
+
+
+def test_news_is_a_second_domain_with_its_own_halves():
+    articles = corpus_documents("news")
+    assert len(articles) == 300
+    assert articles[0].startswith("Hundreds of people have been forced to vacate their homes")
+    evaluation, calibration = split_documents(articles, Split.EVALUATION), split_documents(articles, Split.CALIBRATION)
+    assert evaluation + calibration == articles and 100 < len(evaluation) < 200
+    wikipedia = "\n".join(wikipedia_articles())
+    assert not any(article[:200] in wikipedia for article in articles)
+    ids = token_slice(CharacterTokenizer(), "news", Split.EVALUATION, 5000)
+    assert "".join(map(chr, ids)).startswith("Hundreds of people")
 
 
 def test_evaluation_and_calibration_halves_are_disjoint_and_cover_the_corpus():
