@@ -80,7 +80,8 @@ class QuantizedTensor(nn.Module):
     def extra_repr(self) -> str:
         group = f"group={self.config.group_size}" if self.config.group_size else "per-channel"
         kind = "sym" if self.config.symmetric else "asym"
-        return f"shape={self.shape}, int{self.config.bits}, {group}, {kind}, {self.config.rounding}, kernel={self.kernel()[0].value}"
+        grid = ", fitted grid" if self.config.grid == "fitted" else ""
+        return f"shape={self.shape}, int{self.config.bits}, {group}, {kind}, {self.config.rounding}{grid}, kernel={self.kernel()[0].value}"
 
 
 def quantize_config_json(config: QuantFormat | Any | None) -> dict[str, Any] | None:
