@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The peers of scripts/bench_inference.py, each in a virtual environment of its own, so krunch's pins are
-# untouched: torchao (weight-only int8/int4 on the same torch) and llama.cpp (llama-cpp-python, built from
-# source with this machine's cmake and gcc: about 40-75 minutes on 2 cores, once; later runs reuse it).
-#   scripts/bench_peers.sh [torchao|llama|all]     # default all; prints each venv's python
+# The peers of scripts/bench_inference.py and scripts/bench_quality.py, each in a virtual environment of its
+# own, so krunch's pins are untouched: torchao (weight-only int8/int4 on the same torch), llama.cpp
+# (llama-cpp-python, built from source with this machine's cmake and gcc: about 40-75 minutes on 2 cores,
+# once; later runs reuse it), HQQ and NNCF (4-bit weight quantizers, for the quality table).
+#   scripts/bench_peers.sh [torchao|llama|hqq|nncf|all]     # default all; prints each venv's python
 set -euo pipefail
 root="${KRUNCH_BENCH_PEERS:-${XDG_CACHE_HOME:-$HOME/.cache}/krunch/bench-peers}"
 python="${PYTHON:-python3}"
@@ -24,6 +25,12 @@ make_venv() {  # name, then pip arguments; a stamp (of the arguments and CMAKE_A
 
 if [[ "$which" == torchao || "$which" == all ]]; then
   make_venv torchao torch==2.13.0 torchao==0.18.0 transformers==5.23.0 safetensors psutil
+fi
+if [[ "$which" == hqq || "$which" == all ]]; then
+  make_venv hqq torch==2.13.0 hqq==0.2.8 transformers==5.23.0 safetensors psutil
+fi
+if [[ "$which" == nncf || "$which" == all ]]; then
+  make_venv nncf torch==2.13.0 nncf==3.4.0 transformers==5.23.0 safetensors psutil
 fi
 if [[ "$which" == llama || "$which" == all ]]; then
   # The sdist vendors llama.cpp, whose convert_hf_to_gguf.py turns the fp32 checkpoint into a GGUF.

@@ -24,6 +24,8 @@ import argparse
 import copy
 import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +48,7 @@ from krunch.spec import Task, parse_job  # noqa: E402
 # model -> (layers the recipes select, evaluation section, speed key); the metric is the task's primary one
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"match": "model.layers.*", "evaluation": {"task": "perplexity", "data": "wikipedia", "tokens": 4096},
-                     "speed": "tokens_per_s", "note": "weights come from a 4-bit GGUF"},
+                     "speed": "tokens_per_s", "note": "weights come from a 4-bit GGUF", "held_out": "news"},
     "minilm-l6": {"match": "encoder.layer.*", "evaluation": {"task": "embedding"}, "speed": "documents_per_s", "note": "", "secondary": "fidelity_mean_cosine"},
     # convolutional models get their own rows only (EXTRA_ROWS): the generic rows factorise Linears
     "easyocr-g2": {"match": None, "evaluation": {"task": "ocr", "items": 1000},
@@ -60,6 +62,10 @@ CALIBRATION = {"data": "wikipedia", "tokens": 8192}
 PROPAGATED = {**CALIBRATION, "propagate": True}
 GPTQ = {"rounding": "gptq"}  # fed by error propagation: with the original model's Grams SmolLM2 int4 g64 got worse (36.1 vs 33.2)
 INT4_GPTQ = {"bits": 4, **GPTQ}
+INT4_FITTED = {"bits": 4, "groupSize": 64, "symmetric": False, "grid": "fitted"}
+# SmolLM2's tied embedding / LM head (21% of its parameters) quantized too: the whole model at 4-5 bits
+EMBEDDING_INT8 = [{"match": name, "method": "none", "quantize": {"bits": 8, "grid": "fitted"}} for name in ("model.embed_tokens", "lm_head")]
+EMBEDDING_INT4 = [{"match": name, "method": "none", "quantize": INT4_FITTED} for name in ("model.embed_tokens", "lm_head")]
 HEAL = {"steps": 100, "tokens": 16384, "lr": 2e-5}  # about 5 s a step for SmolLM2 on 2 CPU cores
 # EasyOCR's first conv (1 input channel) and last (2x2) stay dense, as in examples/easyocr-tucker.yaml
 OCR_CONVS = [{"match": "FeatureExtraction.ConvNet.0", "method": "none"}, {"match": "FeatureExtraction.ConvNet.18", "method": "none"}]
@@ -72,6 +78,17 @@ OCR_HEAL = {"steps": 400, "items": 2048, "lr": 1e-4}
 MINILM_FFN = [{"match": f"encoder.layer.{layer}", "method": "svd", "activationAware": True}
               for layer in ("*.intermediate.dense", "?.output.dense")]  # fmt: skip
 EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
+    "smollm2-135m": {
+        "int4 g64 fitted (data-free)": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": INT4_FITTED},
+        "int4 g64 fitted to inputs": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": INT4_FITTED,
+                                      "calibration": CALIBRATION},
+        "int4 g64 gptq, fitted grid": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": {**INT4_FITTED, **GPTQ},
+                                       "calibration": PROPAGATED},
+        "int4 g64 gptq fitted + int8 emb/head": {"rules": EMBEDDING_INT8 + [{"match": "model.layers.*", "method": "none"}],
+                                                 "quantize": {**INT4_FITTED, **GPTQ}, "calibration": PROPAGATED},
+        "int4 g64 fitted everywhere": {"rules": EMBEDDING_INT4 + [{"match": "model.layers.*", "method": "none"}],
+                                       "quantize": INT4_FITTED, "calibration": CALIBRATION},
+    },
     "minilm-l6": {
         "FFN whitened SVD, params 0.5": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": CALIBRATION},
         "FFN propagated SVD, params 0.5": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED},
@@ -95,6 +112,17 @@ EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
 
 # Healing rows of the model-specific recipes, under --full (with the generic ones, about 34 minutes on 2 cores)
 FULL_EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
+    "smollm2-135m": {
+        "int4 g64 fitted (data-free)": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": INT4_FITTED},
+        "int4 g64 fitted to inputs": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": INT4_FITTED,
+                                      "calibration": CALIBRATION},
+        "int4 g64 gptq, fitted grid": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": {**INT4_FITTED, **GPTQ},
+                                       "calibration": PROPAGATED},
+        "int4 g64 gptq fitted + int8 emb/head": {"rules": EMBEDDING_INT8 + [{"match": "model.layers.*", "method": "none"}],
+                                                 "quantize": {**INT4_FITTED, **GPTQ}, "calibration": PROPAGATED},
+        "int4 g64 fitted everywhere": {"rules": EMBEDDING_INT4 + [{"match": "model.layers.*", "method": "none"}],
+                                       "quantize": INT4_FITTED, "calibration": CALIBRATION},
+    },
     "minilm-l6": {
         "FFN propagated SVD 0.5 + heal": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED, "heal": HEAL},
     },
@@ -104,6 +132,20 @@ FULL_EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
                                                           "calibration": OCR_PROPAGATED, "heal": OCR_HEAL},
     },
 }  # fmt: skip
+
+
+# Peer quantizers of SmolLM2, each run by scripts/quality_probe.py in its own venv (scripts/bench_peers.sh hqq|nncf):
+# all 210 decoder linears at 4 bits in groups of 64, on the same evaluation windows; data-aware peers calibrated on
+# 16,384 tokens of the calibration half (krunch's rows use 8,192)
+PEERS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "smollm2-135m": {
+        "HQQ 0.2.8 int4 g64 (data-free)": ("hqq", {"bits": 4, "group_size": 64}),
+        "NNCF 3.4 INT4_SYM g64 (data-free)": ("nncf", {"mode": "INT4_SYM", "group_size": 64}),
+        "NNCF 3.4 INT4_SYM g64, AWQ + scale est.": ("nncf", {"mode": "INT4_SYM", "group_size": 64, "awq": True}),
+    },
+}
+PEER_CALIBRATION_TOKENS = 16384
+PROBE = ROOT / "scripts" / "quality_probe.py"
 
 
 def rows_for(match: str, full: bool) -> dict[str, dict[str, Any]]:
@@ -141,12 +183,22 @@ def job_for(model: str, name: str, recipe: dict[str, Any]) -> Any:
                       "spec": {"model": {"source": f"zoo:{model}"}, "recipe": recipe, "evaluation": MODELS[model]["evaluation"]}})  # fmt: skip
 
 
+def held_out_metric(model: str, loaded: LoadedModel) -> float | None:
+    """The primary metric on the model's second corpus, which no row calibrates on (None: the model has none)."""
+    info = MODELS[model]
+    if "held_out" not in info:
+        return None
+    options = EvalOptions(data=info["held_out"], tokens=info["evaluation"]["tokens"])
+    return evaluate(loaded, Task(info["evaluation"]["task"]), options)[info["metric"]]
+
+
 def krunch_row(model: str, name: str, recipe: dict[str, Any], scratch: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    report = run_compression(job_for(model, "bench", recipe), scratch / name.replace(" ", "_"), executor=InProcessExecutor()).report
+    result = run_compression(job_for(model, "bench", recipe), scratch / name.replace(" ", "_").replace("/", "-"), executor=InProcessExecutor())
+    report = result.report
     info = MODELS[model]
     before, after = report["metrics_before"], report["metrics_after"]
-    return {
+    return {"held_out_after": held_out_metric(model, result.model), "bits_per_weight": 32 * report["bytes_after"] / report["bytes_before"],
         "row": name, "params_after": report["selected_params_after"], "params_before": report["selected_params_before"],
         "bytes_vs_fp32": report["bytes_after"] / report["bytes_before"], "bytes_vs_fp16": report["bytes_after"] / (report["bytes_before"] / 2),
         "metric_before": before[info["metric"]], "metric_after": after[info["metric"]],
@@ -188,24 +240,76 @@ def torch_dynamic_row(model: str) -> dict[str, Any]:
                                  original.charset, dict(original.metadata)), task, options, reference=original)  # fmt: skip
     info = MODELS[model]
     size = dynamic_int8_bytes(quantized) / weight_bytes(original.module)
-    return {"row": "torch quantize_dynamic int8", "params_after": None, "params_before": None, "bytes_vs_fp32": size,
+    held_out = {"held_out_before": held_out_metric(model, original), "bits_per_weight": 32 * size,
+                "held_out_after": held_out_metric(model, LoadedModel("torch-dynamic-int8", quantized, original.kind, original.tokenizer))}
+    return {**held_out, "row": "torch quantize_dynamic int8", "params_after": None, "params_before": None, "bytes_vs_fp32": size,
             "bytes_vs_fp16": 2 * size, "metric_before": before[info["metric"]], "metric_after": after[info["metric"]],
             "speedup": after[info["speed"]] / before[info["speed"]], "secondary": after.get(info.get("secondary", "")),
             "compression_s": seconds, "wall_s": None, "target": None}  # fmt: skip
 
 
+def peer_python(peer: str) -> str | None:
+    """The peer's python from scripts/bench_peers.sh, if it has been set up (nothing is installed here)."""
+    root = Path(os.environ.get("KRUNCH_BENCH_PEERS", Path.home() / ".cache" / "krunch" / "bench-peers"))
+    python = root / peer / "bin" / "python"
+    return str(python) if python.exists() and any((root / peer).glob(".installed-*")) else None
+
+
+def peer_row(model: str, name: str, peer: str, recipe: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any] | None:
+    """A peer quantizer's row, scored on the very windows krunch's evaluation cuts (None: the peer is not set up)."""
+    from krunch.data.text import Split, token_slice
+    from krunch.evaluation.perplexity import token_windows
+    from krunch.zoo import load_zoo_model
+    from krunch.zoo.smollm2 import cached_directory
+
+    python = peer_python(peer)
+    if python is None:
+        print(f"  {model}: {name}: skipped ({peer} not set up: scripts/bench_peers.sh {peer})", flush=True)
+        return None
+    info = MODELS[model]
+    tokenizer = load_zoo_model(model).tokenizer
+    corpora = {"main": info["evaluation"]["data"], "held_out": info["held_out"]}
+    windows = {key: token_windows(tokenizer, token_slice(tokenizer, data, Split.EVALUATION, info["evaluation"]["tokens"]), 512)
+               for key, data in corpora.items()}  # fmt: skip
+    calibration = token_windows(tokenizer, token_slice(tokenizer, CALIBRATION["data"], Split.CALIBRATION, PEER_CALIBRATION_TOKENS), 512)
+    job = {"peer": peer, "recipe": recipe, "model_dir": str(cached_directory()), "windows": windows, "calibration": calibration,
+           "threads": torch.get_num_threads()}  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(job, handle)
+    try:
+        done = subprocess.run([python, str(PROBE), handle.name], capture_output=True, text=True, timeout=3600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})  # fmt: skip
+    finally:
+        os.unlink(handle.name)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name}: {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    size = result["bytes"] / result["fp32_bytes"]
+    return {"row": name, "peer": peer, "params_after": None, "params_before": None, "bytes_vs_fp32": size, "bytes_vs_fp16": 2 * size,
+            "bits_per_weight": 32 * size, "metric_before": baseline["metric_before"], "metric_after": result["perplexity"]["main"],
+            "held_out_before": baseline.get("held_out_before"), "held_out_after": result["perplexity"]["held_out"], "speedup": None,
+            "secondary": None, "compression_s": result["seconds"], "wall_s": None, "target": None}  # fmt: skip
+
+
 def print_table(model: str, rows: list[dict[str, Any]]) -> None:
     info = MODELS[model]
     base = rows[0]["metric_before"]
-    print(f"\n{model}: {info['metric']} (fp32 {base:.4g}){'; ' + info['note'] if info['note'] else ''}")
+    held_out = info.get("held_out")
+    print(f"\n{model}: {info['metric']} (fp32 {base:.4g}"
+          + (f"; on {held_out} {rows[0]['held_out_before']:.4g}" if held_out else "") + f"){'; ' + info['note'] if info['note'] else ''}")
     secondary = info.get("secondary")
-    print(f"{'row':<30} {'params':>12} {'bytes/fp32':>10} {'bytes/fp16':>10} {info['metric']:>14} {'change':>9} {'speedup':>8} "
-          f"{'compress s':>10}" + (f" {secondary:>22}" if secondary else ""))  # fmt: skip
+    print(f"{'row':<38} {'params':>12} {'bytes/fp32':>10} {'bits/w':>6} {info['metric']:>12} {'change':>8}"
+          + (f" {held_out:>8} {'change':>8}" if held_out else "") + f" {'speedup':>8} {'compress s':>10}"
+          + (f" {secondary:>22}" if secondary else ""))  # fmt: skip
     for row in rows:
         change = (row["metric_after"] - row["metric_before"]) / row["metric_before"] * 100
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        print(f"{row['row']:<30} {fmt(row['params_after'], ',d'):>12} {fmt(row['bytes_vs_fp32'], '.3f'):>10} "
-              f"{fmt(row['bytes_vs_fp16'], '.3f'):>10} {row['metric_after']:>14.4g} {change:>+8.1f}% {row['speedup']:>7.2f}x "
+        other = ""
+        if held_out:
+            moved = (row["held_out_after"] - rows[0]["held_out_before"]) / rows[0]["held_out_before"] * 100
+            other = f" {row['held_out_after']:>8.4g} {moved:>+7.1f}%"
+        print(f"{row['row']:<38} {fmt(row['params_after'], ',d'):>12} {fmt(row['bytes_vs_fp32'], '.3f'):>10} "
+              f"{fmt(row.get('bits_per_weight'), '.2f'):>6} {row['metric_after']:>12.4g} {change:>+7.1f}%{other} {fmt(row['speedup'], '.2f'):>7}x "
               f"{row['compression_s']:>10.1f}" + (f" {fmt(row['secondary'], '.4f'):>22}" if secondary else ""))  # fmt: skip
 
 
@@ -222,10 +326,14 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     for axes, (model, rows) in zip(panels, results.items(), strict=False):
         info = MODELS[model]
         torch_row = rows[0]
-        sized = [row for row in rows[1:] if row["bytes_vs_fp32"] is not None]
+        sized = [row for row in rows[1:] if row["bytes_vs_fp32"] is not None and not row.get("peer")]
+        peers = [row for row in rows[1:] if row.get("peer")]
         axes.scatter([1.0], [rows[0]["metric_before"]], marker="*", s=180, color="#4c72b0", label="fp32", zorder=3)
         axes.scatter([r["bytes_vs_fp32"] for r in sized], [r["metric_after"] for r in sized], color="#c44e52", label="krunch", zorder=3)
-        for row in sized:
+        if peers:
+            axes.scatter([r["bytes_vs_fp32"] for r in peers], [r["metric_after"] for r in peers], marker="s", color="#55a868",
+                         label="peer quantizers (same windows)", zorder=3)  # fmt: skip
+        for row in sized + peers:
             axes.annotate(row["row"], (row["bytes_vs_fp32"], row["metric_after"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
         axes.axhline(torch_row["metric_after"], color="#8c8c8c", linestyle="--", linewidth=0.8)
         if torch_row["bytes_vs_fp32"] is not None:  # tables measured before its size was
@@ -261,6 +369,7 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="also draw quality against size (PNG) here")
     parser.add_argument("--rows", help="only rows whose names contain one of these comma-separated parts (fp32 and torch's "
                                        "int8 always run); --json then replaces just those rows in the file's tables")  # fmt: skip
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer quantizers' rows (HQQ, NNCF)")
     args = parser.parse_args()
     torch.manual_seed(0)
     results: dict[str, list[dict[str, Any]]] = {}
@@ -274,6 +383,12 @@ def main() -> int:
                     continue
                 print(f"  {model}: {name} ...", flush=True)
                 rows.append(krunch_row(model, name, recipe, Path(scratch)))
+            for name, (peer, recipe) in ({} if args.no_peers else PEERS.get(model, {})).items():
+                if args.rows and not any(part in name for part in args.rows.split(",")):
+                    continue
+                print(f"  {model}: {name} ...", flush=True)
+                if (row := peer_row(model, name, peer, recipe, rows[0])) is not None:
+                    rows.append(row)
             results[model] = rows
             print_table(model, rows)
     machine = f"{torch.get_num_threads()} torch threads, CPU"

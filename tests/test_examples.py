@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from krunch.methods.registry import BUILTIN
-from krunch.spec import Rounding, parse_job
+from krunch.spec import Grid, Rounding, parse_job
 from krunch.zoo.registry import zoo_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,7 @@ def test_examples_cover_every_method_family_and_zoo_model():
     assert used == set(BUILTIN)
     assert {job.spec.recipe.quantize.bits for job in jobs if job.spec.recipe.quantize} == {4, 8}
     assert {job.spec.recipe.quantize.rounding for job in jobs if job.spec.recipe.quantize} == set(Rounding)
+    assert {job.spec.recipe.quantize.grid for job in jobs if job.spec.recipe.quantize} == set(Grid)
     assert any(job.spec.recipe.heal for job in jobs) and any(job.spec.recipe.calibration and job.spec.recipe.calibration.propagate for job in jobs)
     assert any(rule.floor for job in jobs for rule in job.spec.recipe.rules)
     assert {job.spec.model.source.removeprefix("zoo:") for job in jobs} >= set(zoo_names())
@@ -41,4 +42,5 @@ def test_krunch_compress_dry_run_plans_the_example(example: Path, tmp_path: Path
     name = yaml.safe_load(example.read_text())["metadata"]["name"]
     assert f"{name}: zoo:" in result.stdout and "dry run: the job is valid" in result.stdout
     assert ("gptq rounding" in result.stdout) == ("rounding: gptq" in example.read_text())
+    assert ("fitted grid" in result.stdout) == ("grid: fitted" in example.read_text())
     assert not (tmp_path / "out").exists()

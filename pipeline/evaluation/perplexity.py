@@ -17,6 +17,15 @@ from krunch.model import LoadedModel, ModelKind
 DEFAULT_DATA = "wikipedia"
 
 
+def token_windows(tokenizer, ids: list[int], window: int) -> list[list[int]]:
+    """`ids` cut into non-overlapping windows of `window` tokens, each led by the tokenizer's own leading special
+    tokens (a BOS model reads its BOS first, as in use); a partial last window is dropped. Peers in the
+    benchmarks are scored on these very windows."""
+    first, _ = special_tokens(tokenizer)
+    text = window - len(first)
+    return [first + ids[start : start + text] for start in range(0, len(ids) // text * text, text)]
+
+
 @evaluator(Task.PERPLEXITY, ModelKind.CAUSAL_LM)
 def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel | None = None) -> Metrics:
     if model.tokenizer is None:
@@ -25,10 +34,9 @@ def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel 
         raise KrunchError("--tokens", f"must be at least the window size {options.window}, got {options.tokens}")
     data = options.data or DEFAULT_DATA
     ids = token_slice(model.tokenizer, data, Split.EVALUATION, options.tokens)
-    first, _ = special_tokens(model.tokenizer)  # a BOS model reads its BOS first, as in use
-    text = options.window - len(first)
-    usable = len(ids) // text * text
-    windows = torch.tensor([first + ids[start : start + text] for start in range(0, usable, text)])
+    first, _ = special_tokens(model.tokenizer)
+    windows = torch.tensor(token_windows(model.tokenizer, ids, options.window))
+    usable = windows.shape[0] * (options.window - len(first))
     batches = [windows[i : i + 1] for i in range(len(windows))]
 
     def negative_log_likelihood(batch: torch.Tensor) -> tuple[float, int]:
