@@ -71,7 +71,8 @@ class Grid(str, enum.Enum):
 
 
 class QuantizeConfig(_Model):
-    bits: Literal[4, 8] = Field(8, description="integer width: 8 or 4 (two values packed per byte)")
+    bits: Literal[2, 3, 4, 8] = Field(8, description="integer width: 8, 4 (two values packed per byte), 3 (eight per three bytes) "
+                                      "or 2 (four per byte); int3 and int2 have no packed kernel and dequantize each forward")
     group_size: int | None = Field(None, ge=8, le=1_000_000, description="values per scale along the input dimension; omit for one scale per output channel")
     symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric (scale and zero point)")
     rounding: Rounding = Field(
@@ -231,6 +232,9 @@ class Recipe(_Model):
                 if rule.implementation.factorizing and rule.rank is None:
                     raise ValueError(f"rules[{index}].rank: required for method {rule.method} unless a target is set")
         for index, rule in enumerate(self.rules):
+            if rule.implementation.needs_quantize and rule.quantize_config(self.quantize) is None:
+                raise ValueError(f"rules[{index}].quantize: method {rule.method} stores a quantized weight; set recipe.quantize "
+                                 "or the rule's own quantize")  # fmt: skip
             for name, value in (("floor", rule.floor), ("maxError", rule.max_error)):
                 if value is not None and (self.target is None or rule.rank is not None or not rule.implementation.factorizing):
                     raise ValueError(f"rules[{index}].{name}: only for factorising rules without a rank, whose ranks come from recipe.target")

@@ -65,6 +65,10 @@ INT4_GPTQ = {"bits": 4, **GPTQ}
 INT4_FITTED = {"bits": 4, "groupSize": 64, "symmetric": False, "grid": "fitted"}
 # SmolLM2's tied embedding / LM head (21% of its parameters) quantized too: the whole model at 4-5 bits
 EMBEDDING_INT8 = [{"match": name, "method": "none", "quantize": {"bits": 8, "grid": "fitted"}} for name in ("model.embed_tokens", "lm_head")]
+def LQER(rank: int) -> dict[str, Any]:  # noqa: N802  (a rule, read as a constant)
+    return {"match": "model.layers.*", "method": "lqer", "rank": {"fixed": rank}, "activationAware": True}
+
+
 EMBEDDING_INT4 = [{"match": name, "method": "none", "quantize": INT4_FITTED} for name in ("model.embed_tokens", "lm_head")]
 HEAL = {"steps": 100, "tokens": 16384, "lr": 2e-5}  # about 5 s a step for SmolLM2 on 2 CPU cores
 # EasyOCR's first conv (1 input channel) and last (2x2) stay dense, as in examples/easyocr-tucker.yaml
@@ -88,6 +92,10 @@ EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
                                                  "quantize": {**INT4_FITTED, **GPTQ}, "calibration": PROPAGATED},
         "int4 g64 fitted everywhere": {"rules": EMBEDDING_INT4 + [{"match": "model.layers.*", "method": "none"}],
                                        "quantize": INT4_FITTED, "calibration": CALIBRATION},
+        "int3 g64 fitted to inputs": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": {**INT4_FITTED, "bits": 3},
+                                      "calibration": CALIBRATION},
+        "int3 g64 + rank-16 int8 branch (lqer)": {"rules": [LQER(16)], "quantize": {**INT4_FITTED, "bits": 3}, "calibration": CALIBRATION},
+        "int2 g64 + rank-32 int8 branch (lqer)": {"rules": [LQER(32)], "quantize": {**INT4_FITTED, "bits": 2}, "calibration": CALIBRATION},
     },
     "minilm-l6": {
         "FFN whitened SVD, params 0.5": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": CALIBRATION},
@@ -122,6 +130,10 @@ FULL_EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
                                                  "quantize": {**INT4_FITTED, **GPTQ}, "calibration": PROPAGATED},
         "int4 g64 fitted everywhere": {"rules": EMBEDDING_INT4 + [{"match": "model.layers.*", "method": "none"}],
                                        "quantize": INT4_FITTED, "calibration": CALIBRATION},
+        "int3 g64 fitted to inputs": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": {**INT4_FITTED, "bits": 3},
+                                      "calibration": CALIBRATION},
+        "int3 g64 + rank-16 int8 branch (lqer)": {"rules": [LQER(16)], "quantize": {**INT4_FITTED, "bits": 3}, "calibration": CALIBRATION},
+        "int2 g64 + rank-32 int8 branch (lqer)": {"rules": [LQER(32)], "quantize": {**INT4_FITTED, "bits": 2}, "calibration": CALIBRATION},
     },
     "minilm-l6": {
         "FFN propagated SVD 0.5 + heal": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED, "heal": HEAL},

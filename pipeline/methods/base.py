@@ -39,6 +39,7 @@ class CompressionMethod:
     factorizing: ClassVar[bool] = True  # keeps a rank; False: the dense weight, quantized or not
     spectral: ClassVar[bool] = True  # its rank can be read from spectra (rank.energy, rank.maxError, recipe.target)
     activation_aware: ClassVar[bool] = False  # accepts rule.activationAware (fits the outputs on calibration data)
+    needs_quantize: ClassVar[bool] = False  # only meaningful with a quantize config (the rule's or the recipe's)
     rule_fields: ClassVar[frozenset[str]] = frozenset()  # method-specific Rule fields it accepts, e.g. {"form"}
     options: ClassVar[Any] = None  # a pydantic model for rule.options, or None: the rule takes no options
 

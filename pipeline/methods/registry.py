@@ -11,7 +11,7 @@ import re
 from krunch.methods.base import CompressionMethod
 
 BUILTIN = {"none": "krunch.methods.quantize_only", "svd": "krunch.methods.svd", "tt": "krunch.methods.tt",
-           "tucker": "krunch.methods.tucker", "cp": "krunch.methods.cp"}  # fmt: skip
+           "tucker": "krunch.methods.tucker", "cp": "krunch.methods.cp", "lqer": "krunch.methods.lqer"}  # fmt: skip
 ENTRY_POINT_GROUP = "krunch.methods"
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 QUANTIZE_ONLY = "none"  # the dense weight, quantized or kept as it is

@@ -28,7 +28,7 @@ class QuantizedTensor(nn.Module):
         self.config = QuantFormat.of(config)
         layout = packed_shape(self.shape, self.config)
         self.group_size = layout["group_size"][0]
-        dtype = torch.uint8 if self.config.bits == 4 else torch.int8
+        dtype = torch.uint8 if self.config.bits < 8 else torch.int8
         self.register_buffer("values", torch.zeros(layout["values"], dtype=dtype))
         self.register_buffer("scale", torch.zeros(layout["scale"], dtype=torch.float16))
         self.register_buffer("zero_point", torch.zeros(layout["zero_point"], dtype=torch.uint8))

@@ -51,6 +51,8 @@ def choose_kernel(shape: tuple[int, ...], fmt: QuantFormat, device: torch.device
     if device.type != "cpu":
         return Kernel.DEQUANTIZE, f"no packed kernel for {device.type} yet"
     group = packed_shape(tuple(shape), fmt)["group_size"][0]
+    if fmt.bits < 4:
+        return Kernel.DEQUANTIZE, f"int{fmt.bits} (no packed int{fmt.bits} kernel: dequantized each forward)"
     if fmt.bits == 8:
         if fmt.group_size is not None and group != columns:
             return Kernel.DEQUANTIZE, "int8 in groups (the int8 kernel takes one scale per output channel)"

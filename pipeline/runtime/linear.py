@@ -1,4 +1,5 @@
-"""Factorised replacements for nn.Linear: low-rank (two thin matmuls, or pivot rows plus coefficients) and MPO."""
+"""Factorised replacements for nn.Linear: low-rank (two thin matmuls, or pivot rows plus coefficients), MPO, and a
+quantized weight with a low-rank compensation branch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CompressedLayer, quantize_config_json
+from .base import CompressedLayer, QuantizedTensor, quantize_config_json
 from .quant import QuantFormat
 
 if TYPE_CHECKING:  # the factors' types are built at compression time; the runtime only reads their fields
@@ -196,3 +197,42 @@ def mpo_to_dense(cores: list[torch.Tensor], out_factors: tuple[int, ...], in_fac
         result = result.reshape(a, o * p, i * j, s)
     # Each step merged (o, p) and (i, j) row-major, so rows index (o1 o2 ..) and columns (i1 i2 ..).
     return result.reshape(math.prod(out_factors), math.prod(in_factors))
+
+
+BRANCH_FORMAT = QuantFormat(8)  # the compensation branch's factors: int8 per output channel
+
+
+class CompensatedLinear(CompressedLayer):
+    """y = Q x + left (right x) + b: a quantized weight (down to 2 bits) plus a low-rank branch, itself int8,
+    that holds what the quantization lost (LQER, Zhang et al. 2024): the branch costs r (in + out) int8
+    numbers and recovers the largest directions of the quantization error."""
+
+    method = "lqer"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, quantize_config: dict) -> None:
+        super().__init__(quantize_config)
+        self.in_features, self.out_features, self.rank, self.has_bias = in_features, out_features, rank, bias
+        self.add_factor("weight_q", (out_features, in_features))
+        for name, shape in (("right", (rank, in_features)), ("left", (out_features, rank))):
+            self.factor_names.append(name)
+            self.add_module(name, QuantizedTensor(shape, BRANCH_FORMAT))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_parts(cls, source: nn.Linear, quantize: QuantFormat, codes: Any, branch: LowRank) -> CompensatedLinear:
+        """`codes` (QuantizedData) of the quantized weight and the low-rank `branch` of what they lost."""
+        layer = cls(source.in_features, source.out_features, branch.rank, source.bias is not None, quantize_config_json(quantize))
+        layer.set_factor("weight_q", codes)
+        layer.set_factor("right", branch.right)
+        layer.set_factor("left", branch.left)
+        return layer.finish_from(source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, "weight_q", self.bias) + self.linear(self.linear(x, "right"), "left")
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bias": self.has_bias, "quantize_config": quantize_config_json(self.quantize_config)}  # fmt: skip
+
+    def to_dense(self) -> torch.Tensor:
+        return self.factor("weight_q") + self.factor("left") @ self.factor("right")

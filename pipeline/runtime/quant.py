@@ -2,8 +2,9 @@
 
 Rows are output channels (dim 0); the rest of the tensor is flattened into
 columns and split into groups of `group_size` (one group per row when None).
-Scales are stored as float16 and zero points as uint8; int4 values are packed
-two per byte. Pure functions: tensor in, `QuantizedData` out, and back.
+Scales are stored as float16 and zero points as uint8; narrower codes are
+packed along each row: int4 two per byte, int2 four per byte, int3 eight per
+three bytes. Pure functions: tensor in, `QuantizedData` out, and back.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class QuantFormat:
     def from_json(cls, data: dict) -> QuantFormat:
         """The manifest's form (the recipe's camelCase keys), as written by `to_json` and by earlier versions."""
         unknown = set(data) - {"bits", "groupSize", "symmetric", "rounding", "grid"}
-        if unknown or data.get("bits") not in (4, 8):
-            raise ValueError(f"invalid quantize_config {data!r}: expected bits 4 or 8, groupSize, symmetric, rounding, grid")
+        if unknown or data.get("bits") not in BITS:
+            raise ValueError(f"invalid quantize_config {data!r}: expected bits {', '.join(map(str, BITS))}, groupSize, symmetric, rounding, grid")
         return cls(data["bits"], data.get("groupSize"), bool(data.get("symmetric", True)), data.get("rounding", "nearest"),
                    data.get("grid", "range"))  # fmt: skip
 
@@ -53,7 +55,7 @@ class QuantFormat:
 
 @dataclass(frozen=True)
 class QuantizedData:
-    values: torch.Tensor  # int8 (rows, padded) for 8 bits; uint8 (rows, padded / 2) packed for 4 bits
+    values: torch.Tensor  # int8 (rows, padded) for 8 bits; uint8 (rows, padded * bits / 8) packed for 2-4 bits
     scale: torch.Tensor  # float16 (rows, groups)
     zero_point: torch.Tensor  # uint8 (rows, groups); empty when symmetric
     shape: tuple[int, ...]
@@ -69,10 +71,43 @@ def _layout(shape: tuple[int, ...], config: QuantFormat) -> tuple[int, int, int]
     rows, columns = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
     group = config.group_size or columns
     group = min(group, columns) if config.group_size else columns
-    if config.bits == 4 and group % 2:
-        group += 1
+    unit = packing(config.bits)[0]
+    if group % unit:  # a group holds whole packed words
+        group += unit - group % unit
     padded = math.ceil(columns / group) * group
     return rows, padded, group
+
+
+def packing(bits: int) -> tuple[int, int]:
+    """(codes, bytes) per packed word: int4 2 in 1 byte, int2 4 in 1, int3 8 in 3; int8 is not packed."""
+    if bits == 8:
+        return 1, 1
+    word = bits * 8 // math.gcd(bits, 8)
+    return word // bits, word // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (rows, n) below 2^bits, n a whole number of words, as uint8 (rows, n * bits / 8): the
+    first code of a word in its lowest bits (int4: low nibble first, as the int4 kernel's pack reads it)."""
+    per_word, word_bytes = packing(bits)
+    rows = codes.shape[0]
+    words = codes.to(torch.int32).reshape(rows, -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int32, device=codes.device) * bits
+    packed = (words << shifts).sum(-1, dtype=torch.int32)
+    parts = [(packed >> (8 * b)) & 0xFF for b in range(word_bytes)]
+    return torch.stack(parts, dim=-1).reshape(rows, -1).to(torch.uint8)
+
+
+def unpack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The unsigned codes `pack_codes` packed, as uint8 (rows, n)."""
+    if bits == 4:  # the hot path (prefill, embedding rows): two nibbles per byte without int32 words
+        return torch.stack([values & 0x0F, values >> 4], dim=-1).reshape(values.shape[0], -1)
+    per_word, word_bytes = packing(bits)
+    rows = values.shape[0]
+    parts = values.to(torch.int32).reshape(rows, -1, word_bytes)
+    words = sum(parts[..., b] << (8 * b) for b in range(word_bytes))
+    shifts = torch.arange(per_word, dtype=torch.int32, device=values.device) * bits
+    return ((words[..., None] >> shifts) & (2**bits - 1)).reshape(rows, -1).to(torch.uint8)
 
 
 def packed_shape(shape: tuple[int, ...], config: QuantFormat) -> dict[str, tuple[int, ...]]:
@@ -80,7 +115,7 @@ def packed_shape(shape: tuple[int, ...], config: QuantFormat) -> dict[str, tuple
     rows, padded, group = _layout(shape, config)
     groups = padded // group
     return {
-        "values": (rows, padded // 2 if config.bits == 4 else padded),
+        "values": (rows, padded * config.bits // 8),
         "scale": (rows, groups),
         "zero_point": (0,) if config.symmetric else (rows, groups),
         "group_size": (group,),
@@ -205,11 +240,10 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tu
     """Integer codes (rows, groups, group size) and their group scales as the stored tensors."""
     rows, padded, group = _layout(shape, config)
     stored = codes.reshape(rows, padded)
-    if config.symmetric and config.bits == 4:
-        stored = stored + 2 ** (config.bits - 1)  # int4 kept as 1..15 for packing
-    if config.bits == 4:
-        nibbles = stored.to(torch.uint8)
-        values = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    if config.symmetric and config.bits < 8:
+        stored = stored + 2 ** (config.bits - 1)  # e.g. int4 kept as 1..15 for packing
+    if config.bits < 8:
+        values = pack_codes(stored, config.bits)
     else:
         values = stored.to(torch.int8) if config.symmetric else (stored - 128).to(torch.int8)
     zero_point = zero.to(torch.uint8) if not config.symmetric else torch.empty(0, dtype=torch.uint8, device=codes.device)
@@ -220,10 +254,10 @@ def dequantize(data: QuantizedData, symmetric: bool, dtype: torch.dtype = torch.
     """The float values the codes stand for, computed in `dtype` (codes and zero points are integers below
     256, exact in bf16 too, so a bf16 result is rounded once, as a cast of the fp32 one would be)."""
     rows = data.shape[0]
-    if data.bits == 4:
-        q = torch.stack([data.values & 0x0F, data.values >> 4], dim=-1).reshape(rows, -1).to(dtype)
+    if data.bits < 8:
+        q = unpack_codes(data.values, data.bits).to(dtype)
         if symmetric:
-            q = q - 8
+            q = q - 2 ** (data.bits - 1)
     else:
         q = data.values.to(dtype) if symmetric else data.values.to(dtype) + 128
     grouped = q.reshape(rows, -1, data.group_size)

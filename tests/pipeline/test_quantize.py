@@ -79,3 +79,33 @@ def test_odd_shapes_are_padded_and_restored():
     restored = dequantize(quantize(kernel, config), config.symmetric)
     assert restored.shape == kernel.shape
     assert float((restored - kernel).norm() / kernel.norm()) < 0.15
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_narrow_codes_pack_and_unpack_exactly(bits):
+    from krunch.runtime.quant import pack_codes, packing, unpack_codes
+
+    per_word, word_bytes = packing(bits)
+    codes = torch.randint(0, 2**bits, (5, 8 * per_word), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 8 * word_bytes)  # bits / 8 bytes a code
+    assert torch.equal(unpack_codes(packed, bits), codes)
+    if bits == 4:  # the layout the int4 kernel's pack reads: low nibble first
+        assert torch.equal(packed, codes[:, 0::2] | (codes[:, 1::2] << 4))
+
+
+@pytest.mark.parametrize("config", [QuantizeConfig(bits=bits, group_size=64, symmetric=symmetric) for bits in (2, 3)
+                                    for symmetric in (True, False)], ids=lambda c: f"int{c.bits}-{'sym' if c.symmetric else 'asym'}")  # fmt: skip
+def test_int3_and_int2_store_their_bits_and_dequantize_to_their_grid(weight, config):
+    from krunch.runtime.quant import group_scales, grouped_view, integer_codes, restored
+
+    data = quantize(weight, config)
+    assert data.values.numel() == weight.shape[0] * (-(-weight.shape[1] // 64) * 64) * config.bits // 8
+    grouped = grouped_view(weight, config)
+    scale, zero = group_scales(grouped, config)
+    z = zero[..., None] if zero.numel() else zero
+    expected = restored(integer_codes(grouped, scale[..., None], z, config), scale[..., None], z, config)
+    got = dequantize(data, config.symmetric).reshape(weight.shape[0], -1)
+    assert torch.equal(got, expected.reshape(weight.shape[0], -1)[:, : weight.shape[1]])
+    levels = {2: 3 if config.symmetric else 4, 3: 7 if config.symmetric else 8}[config.bits]
+    assert len(torch.unique(got[0, :64] / scale[0, 0].float())) <= levels

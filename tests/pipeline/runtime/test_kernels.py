@@ -17,6 +17,8 @@ FORMATS = {
     "int8-asym": (QuantFormat(8, symmetric=False), Kernel.INT8_CPU),
     "int4-g32": (QuantFormat(4, 32), Kernel.INT4_CPU),
     "int4-g64-asym": (QuantFormat(4, 64, symmetric=False), Kernel.INT4_CPU),
+    "int3-g64": (QuantFormat(3, 64), Kernel.DEQUANTIZE),  # no packed int3 / int2 kernel: the fallback runs them
+    "int2-g64-asym": (QuantFormat(2, 64, symmetric=False), Kernel.DEQUANTIZE),
 }
 BF16_TOLERANCE = 0.01  # bf16 activations: about 3 significant digits per product, summed over hundreds
 
@@ -48,6 +50,16 @@ def test_kernels_match_the_reference_on_real_layers(smollm2, minilm, name, rows)
         set_exact(layer)
         with torch.no_grad():
             assert torch.allclose(layer(x), reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_narrow_embeddings_look_up_the_rows_they_store(smollm2, bits):
+    source = smollm2.module.model.embed_tokens
+    layer = QuantizedEmbedding.from_dense(source, QuantFormat(bits, 64, symmetric=False))
+    ids = torch.tensor([[0, 5, 49151, 1234]])
+    assert layer.weight_q.values.numel() == source.weight.numel() * bits // 8
+    assert torch.equal(layer(ids)[0], layer.to_dense()[ids[0]])
+    assert "dequantize" in layer.weight_q.kernel()[0].value
 
 
 def test_packing_leaves_the_stored_tensors_and_config_unchanged():
