@@ -9,6 +9,12 @@ fp16, the quality metric and its change, throughput speedup, compression time.
 
     .venv/bin/python scripts/bench_quality.py [--models smollm2-135m,minilm-l6] [--json F] [--plot PNG]  # default: all four
     python scripts/bench_quality.py --full        # every row (healing, TT, more ratios): hours on 2 CPUs
+    scripts/bench_peers.sh hqq && scripts/bench_peers.sh nncf   # once: SmolLM2's peer rows (skipped until set up)
+
+SmolLM2's rows also give perplexity on held-out news articles (`news`, which no row
+calibrates on) and bits per weight of the whole model (scales and zero points
+included); its peer quantizers (HQQ, NNCF) run in their own venvs through
+scripts/quality_probe.py on the very token windows krunch is scored on.
 
 Measured on a 2-core machine (summed row times): all four models about 32 minutes
 (SmolLM2-135M 17.5, MiniLM 5.5, EasyOCR 8); the healing rows --full adds take 34 more
@@ -120,21 +126,6 @@ EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
 
 # Healing rows of the model-specific recipes, under --full (with the generic ones, about 34 minutes on 2 cores)
 FULL_EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
-    "smollm2-135m": {
-        "int4 g64 fitted (data-free)": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": INT4_FITTED},
-        "int4 g64 fitted to inputs": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": INT4_FITTED,
-                                      "calibration": CALIBRATION},
-        "int4 g64 gptq, fitted grid": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": {**INT4_FITTED, **GPTQ},
-                                       "calibration": PROPAGATED},
-        "int4 g64 gptq fitted + int8 emb/head": {"rules": EMBEDDING_INT8 + [{"match": "model.layers.*", "method": "none"}],
-                                                 "quantize": {**INT4_FITTED, **GPTQ}, "calibration": PROPAGATED},
-        "int4 g64 fitted everywhere": {"rules": EMBEDDING_INT4 + [{"match": "model.layers.*", "method": "none"}],
-                                       "quantize": INT4_FITTED, "calibration": CALIBRATION},
-        "int3 g64 fitted to inputs": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": {**INT4_FITTED, "bits": 3},
-                                      "calibration": CALIBRATION},
-        "int3 g64 + rank-16 int8 branch (lqer)": {"rules": [LQER(16)], "quantize": {**INT4_FITTED, "bits": 3}, "calibration": CALIBRATION},
-        "int2 g64 + rank-32 int8 branch (lqer)": {"rules": [LQER(32)], "quantize": {**INT4_FITTED, "bits": 2}, "calibration": CALIBRATION},
-    },
     "minilm-l6": {
         "FFN propagated SVD 0.5 + heal": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED, "heal": HEAL},
     },

@@ -25,7 +25,7 @@ def test_examples_cover_every_method_family_and_zoo_model():
     jobs = [parse_job(yaml.safe_load(path.read_text())) for path in EXAMPLES]
     used = {rule.method for job in jobs for rule in job.spec.recipe.rules}
     assert used == set(BUILTIN)
-    assert {job.spec.recipe.quantize.bits for job in jobs if job.spec.recipe.quantize} == {4, 8}
+    assert {job.spec.recipe.quantize.bits for job in jobs if job.spec.recipe.quantize} == {3, 4, 8}
     assert {job.spec.recipe.quantize.rounding for job in jobs if job.spec.recipe.quantize} == set(Rounding)
     assert {job.spec.recipe.quantize.grid for job in jobs if job.spec.recipe.quantize} == set(Grid)
     assert any(job.spec.recipe.heal for job in jobs) and any(job.spec.recipe.calibration and job.spec.recipe.calibration.propagate for job in jobs)
