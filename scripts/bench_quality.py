@@ -139,7 +139,7 @@ FULL_EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
 
 # Peer quantizers of SmolLM2, each run by scripts/quality_probe.py in its own venv (scripts/bench_peers.sh hqq|nncf):
 # all 210 decoder linears at 4 bits in groups of 64, on the same evaluation windows; data-aware peers calibrated on
-# 16,384 tokens of the calibration half (krunch's rows use 8,192)
+# 8,192 tokens of the calibration half, as krunch's rows are
 PEERS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     "smollm2-135m": {
         "HQQ 0.2.8 int4 g64 (data-free)": ("hqq", {"bits": 4, "group_size": 64}),
@@ -147,7 +147,7 @@ PEERS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "NNCF 3.4 INT4_SYM g64, AWQ + scale est.": ("nncf", {"mode": "INT4_SYM", "group_size": 64, "awq": True}),
     },
 }
-PEER_CALIBRATION_TOKENS = 16384
+PEER_CALIBRATION_TOKENS = 8192
 PROBE = ROOT / "scripts" / "quality_probe.py"
 
 
