@@ -77,8 +77,9 @@ class LayerPlan:
 
     @property
     def grid_fitted_to_inputs(self) -> bool:
-        """A dense Linear weight rounded to nearest on a grid fitted for its calibration inputs."""
-        dense_linear = not self.factorized and self.kind is LayerKind.LINEAR
+        """A dense Linear weight rounded to nearest on a grid fitted for its calibration inputs (a tied one reads
+        its owner's weight, however that was fitted)."""
+        dense_linear = not self.factorized and self.kind is LayerKind.LINEAR and self.tied_to is None
         fitted = self.quantize is not None and self.quantize.grid is Grid.FITTED
         return dense_linear and fitted and self.calibration_set and not self.gptq
 

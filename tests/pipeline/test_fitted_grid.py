@@ -109,5 +109,10 @@ def test_the_recipe_says_where_calibration_data_weighs_in(smollm2):
     assert all(calibrated[name] for name in calibrated if name.startswith("model.layers.0."))
     assert not any(calibrated[name] for name in calibrated if name.startswith("model.layers.1."))  # factors: data-free fit
     assert job({"rules": linears, "quantize": quantize, "calibration": {"propagate": True}}).spec.recipe.calibration.propagate
+    # SmolLM2's LM head shares the embedding's weight: stored once, as the embedding's data-free fit rounds it
+    tied = job({"rules": [{"match": "model.embed_tokens", "method": "none"}, {"match": "lm_head", "method": "none"}],
+                "quantize": {"bits": 8, "grid": "fitted"}, "calibration": {"tokens": 1024}}).spec.recipe  # fmt: skip
+    head = next(layer for layer in make_plan(smollm2.module, tied).layers if layer.name == "lm_head")
+    assert head.tied_to == "model.embed_tokens" and not head.grid_fitted_to_inputs and not head.calibrated
     with pytest.raises(SpecError, match=r"spec\.recipe\.quantize\.grid"):
         job({"rules": linears, "quantize": {**quantize, "grid": "best"}})
