@@ -102,7 +102,7 @@ spec:
         ("zoo:mobilenet-v2", '{match: "encoder.*", method: none}', 8, ["spec.recipe.rules[1].match", "selects no"]),
         ("zoo:mobilenet-v2", '{match: "features.18.0", method: tucker, rank: {fixed: 999}}', 8,
          ["spec.recipe.rules[1].rank.fixed", "break-even rank"]),
-        ("zoo:mobilenet-v2", '{match: "features.*", method: none}', 3, ["spec.recipe.quantize.bits", "4 or 8"]),
+        ("zoo:mobilenet-v2", '{match: "features.*", method: none}', 5, ["spec.recipe.quantize.bits", "2, 3, 4 or 8"]),
         ("file:/nonexistent/net.safetensors", '{match: "features.*", method: none}', 8, ["spec.model.source", "file not found"]),
     ],
 )  # fmt: skip
