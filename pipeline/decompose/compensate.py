@@ -9,11 +9,9 @@ the branch to the new error (LoftQ's alternation), kept only when it lowers the 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from krunch.decompose.grid import fitted_to_inputs
+from krunch.decompose.grid import fitted_to_inputs, output_errors
 from krunch.decompose.svd import LowRank, activation_aware_svd, truncated_svd
 from krunch.runtime.quant import QuantFormat, QuantizedData, dequantize, quantize
 
@@ -30,12 +28,6 @@ def _branch(error: torch.Tensor, rank: int, gram: torch.Tensor | None, seed: int
     return activation_aware_svd(error, gram, rank) if gram is not None else truncated_svd(error, rank, seed=seed)
 
 
-def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor | None) -> float:
-    """Squared error of the outputs on the calibration inputs (tr E H E'), or of the weights without them."""
-    error = (approximation - weight).double()
-    return float(((error @ gram.double()) * error).sum()) if gram is not None else float((error**2).sum())
-
-
 def compensated_quantize(weight: torch.Tensor, config: QuantFormat | object, rank: int, gram: torch.Tensor | None = None,
                          seed: int = 0) -> tuple[QuantizedData, LowRank]:  # fmt: skip
     """The codes of W's quantized part and the rank-`rank` branch; float32 weight (out x in)."""
@@ -47,9 +39,10 @@ def compensated_quantize(weight: torch.Tensor, config: QuantFormat | object, ran
         codes = _quantized(target, fmt, gram)
         quantized = dequantize(codes, fmt.symmetric)
         branch = _branch(weight - quantized, rank, gram, seed)
-        error = output_error(weight, quantized + branch.left.float() @ branch.right.float(), gram)
+        low_rank = branch.left.float() @ branch.right.float()
+        error = float(output_errors(weight, quantized + low_rank, gram).sum())
         if best is None or error < best[0]:
             best = (error, codes, branch)
-        target = weight - branch.left.float() @ branch.right.float()
+        target = weight - low_rank
     assert best is not None
-    return dataclasses.replace(best[1]), best[2]
+    return best[1], best[2]

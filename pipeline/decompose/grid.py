@@ -17,10 +17,11 @@ import torch
 from krunch.runtime.quant import QuantFormat, QuantizedData, dequantize, quantize
 
 
-def output_errors(weight: torch.Tensor, data: QuantizedData, symmetric: bool, gram: torch.Tensor) -> torch.Tensor:
-    """Each output row's squared error on the calibration inputs: e H e' for its weight error e."""
-    error = (dequantize(data, symmetric) - weight.float()).double()
-    return ((error @ gram.double()) * error).sum(-1)
+def output_errors(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """Each output row's squared error on the calibration inputs: e H e' for its weight error e (e e' without
+    a Gram matrix)."""
+    error = (approximation.float() - weight.float()).double()
+    return ((error @ gram.double() if gram is not None else error) * error).sum(-1)
 
 
 def fitted_to_inputs(weight: torch.Tensor, gram: torch.Tensor, config: QuantFormat | object) -> QuantizedData:
@@ -31,7 +32,7 @@ def fitted_to_inputs(weight: torch.Tensor, gram: torch.Tensor, config: QuantForm
         raise ValueError(f"a fitted grid needs a 2-D weight and its inputs' Gram matrix; got {tuple(weight.shape)} and {tuple(gram.shape)}")
     fitted = quantize(weight, fmt, importance=gram.diagonal().float())
     plain = quantize(weight, dataclasses.replace(fmt, grid="range"))
-    worse = output_errors(weight, fitted, fmt.symmetric, gram) > output_errors(weight, plain, fmt.symmetric, gram)
+    worse = output_errors(weight, dequantize(fitted, fmt.symmetric), gram) > output_errors(weight, dequantize(plain, fmt.symmetric), gram)
     if not worse.any():
         return fitted
 

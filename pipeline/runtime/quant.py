@@ -232,7 +232,7 @@ def quantize(tensor: torch.Tensor, config: QuantFormat, importance: torch.Tensor
         scale, zero = fitted_scales(grouped, config, weights)
     else:
         scale, zero = group_scales(grouped, config)
-    codes = integer_codes(grouped, scale[..., None], zero[..., None] if zero.numel() else zero, config)
+    codes = integer_codes(grouped, scale[..., None], _at(zero), config)
     return pack(codes, scale, zero, tuple(tensor.shape), config)
 
 

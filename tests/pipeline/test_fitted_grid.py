@@ -14,7 +14,7 @@ from krunch.decompose.grid import fitted_to_inputs, output_errors
 from krunch.decompose.gptq import gptq_quantize
 from krunch.plan import make_plan
 from krunch.runtime.kernels import Kernel
-from krunch.runtime.quant import QuantFormat, dequantize, fitted_scales, group_scales, grouped_view, quantize, restored
+from krunch.runtime.quant import QuantFormat, dequantize, fitted_scales, group_scales, grouped_view, integer_codes, quantize, restored
 from krunch.runtime.quantized import QuantizedLinear
 from krunch.spec import Calibration, CompressionJob, SpecError, parse_job
 from tests.pipeline.test_quantize import CONFIGS
@@ -37,8 +37,6 @@ def block_grams(smollm2) -> dict[str, torch.Tensor]:
 def group_errors(weight: torch.Tensor, config: QuantFormat, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     grouped = grouped_view(weight, config)
     z = zero[..., None] if zero.numel() else zero
-    from krunch.runtime.quant import integer_codes
-
     return ((grouped - restored(integer_codes(grouped, scale[..., None], z, config), scale[..., None], z, config)) ** 2).sum(-1)
 
 
@@ -61,8 +59,8 @@ def test_a_grid_fitted_to_the_inputs_never_raises_a_rows_output_error(smollm2, b
     range grid gives; over a layer the error falls by at least a tenth."""
     for name in BLOCK:
         weight, gram = smollm2.module.get_submodule(name).weight.detach(), block_grams[name]
-        fitted = output_errors(weight, fitted_to_inputs(weight, gram, config), config.symmetric, gram)
-        plain = output_errors(weight, quantize(weight, dataclasses.replace(config, grid="range")), config.symmetric, gram)
+        fitted = output_errors(weight, dequantize(fitted_to_inputs(weight, gram, config), config.symmetric), gram)
+        plain = output_errors(weight, dequantize(quantize(weight, dataclasses.replace(config, grid="range")), config.symmetric), gram)
         assert (fitted <= plain).all(), name
         assert fitted.sum() < 0.9 * plain.sum(), (name, float(fitted.sum() / plain.sum()))
 
@@ -75,8 +73,8 @@ def test_gptq_on_the_fitted_grid_keeps_its_scales_and_lowers_the_output_error(sm
         rounded = gptq_quantize(weight, gram, config)
         scale, zero = fitted_scales(grouped_view(weight, config), config, grouped_view(gram.diagonal().float().reshape(1, -1), config))
         assert torch.equal(rounded.scale, scale) and torch.equal(rounded.zero_point, zero.to(torch.uint8))  # fixed before compensation
-        gptq_error = output_errors(weight, rounded, config.symmetric, gram).sum()
-        assert gptq_error < 0.9 * output_errors(weight, nearest, config.symmetric, gram).sum(), name
+        gptq_error = output_errors(weight, dequantize(rounded, config.symmetric), gram).sum()
+        assert gptq_error < 0.9 * output_errors(weight, dequantize(nearest, config.symmetric), gram).sum(), name
 
 
 def test_fitted_layers_run_on_the_int4_kernel_and_equal_their_reference(smollm2, block_grams):

@@ -10,8 +10,8 @@ import torch
 
 import krunch
 from krunch.calibration.grams import collect_grams
-from krunch.decompose.compensate import compensated_quantize, output_error
-from krunch.decompose.grid import fitted_to_inputs
+from krunch.decompose.compensate import compensated_quantize
+from krunch.decompose.grid import fitted_to_inputs, output_errors
 from krunch.execution.executors import InProcessExecutor
 from krunch.runtime.linear import CompensatedLinear
 from krunch.runtime.quant import QuantFormat, dequantize
@@ -40,9 +40,9 @@ def test_the_branch_lowers_the_output_error_for_fewer_bytes_than_a_wider_code(sm
     for name in LAYERS:
         source, gram = smollm2.module.get_submodule(name), grams[name]
         weight = source.weight.detach()
-        alone = output_error(weight, dequantize(fitted_to_inputs(weight, gram, fmt(bits)), False), gram)
+        alone = output_errors(weight, dequantize(fitted_to_inputs(weight, gram, fmt(bits)), False), gram).sum()
         codes, branch = compensated_quantize(weight, fmt(bits), 16, gram)
-        compensated = output_error(weight, dequantize(codes, False) + branch.left @ branch.right, gram)
+        compensated = output_errors(weight, dequantize(codes, False) + branch.left @ branch.right, gram).sum()
         assert compensated < 0.8 * alone, name
         layer = CompensatedLinear.from_parts(source, fmt(bits), codes, branch)
         plain = krunch.runtime.quantized.QuantizedLinear.from_dense(source, fmt(bits + 1))
