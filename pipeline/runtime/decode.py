@@ -9,6 +9,9 @@ compiled step, without `generate`'s per-token logits processing and stopping che
 
 from __future__ import annotations
 
+import types
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,7 +62,6 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     from transformers import StaticCache
 
     use_decode_attention(model)
-    step = _compiled_step() if compile else _next_tokens
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else input_ids.device
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
@@ -69,6 +71,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
     with torch.inference_mode():
         token = _next_tokens(model, cache, tokens[0], torch.arange(length, device=device))
+        step = _compiled_step(model) if compile else _next_tokens  # after prefill has packed the kernels
         for position in range(length, needed):
             if stop is not None:
                 token = token.masked_fill(finished, pad)
@@ -124,14 +127,45 @@ def _next_tokens(model: nn.Module, cache: Any, tokens: torch.Tensor, positions: 
     return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-_COMPILED: list[Any] = []
+# model -> (its structure when its step was compiled, the step): one compiled step per model, see _compiled_step
+_STEPS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Callable[..., torch.Tensor]]] = weakref.WeakKeyDictionary()
 
 
-def _compiled_step() -> Any:
-    """One compiled `_next_tokens` per process: dynamo keys its graphs on the model and the cache shape."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_next_tokens, dynamic=False, fullgraph=False))
-    return _COMPILED[0]
+def _compiled_step(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """`_next_tokens` compiled for this model as it is now. Dynamo's guards on the model's modules and
+    their ~800 weights, scales and norms cost about a tenth of a SmolLM2 int8 step at batch 1
+    (docs/kernels.md), so the step skips them (guards on the tokens, positions and cache stay) and is
+    instead checked here once per call: a step of its own for each model (its own code object, so no
+    other model's graph can match it), compiled again when a module, parameter or buffer was swapped."""
+    structure = (_structure(model), getattr(getattr(model, "config", None), "_attn_implementation", None))
+    entry = _STEPS.get(model)
+    if entry is None or entry[0] != structure:
+        code = _next_tokens.__code__.replace()  # a copy: dynamo keeps its graphs on the code object
+        function = types.FunctionType(code, _next_tokens.__globals__, _next_tokens.__name__)
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        entry = (structure, torch.compile(function, dynamic=False, fullgraph=False, options=options))
+        _STEPS[model] = entry
+    return entry[1]
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What a compiled step assumes of the model beyond its tensors' values: each module's attributes
+    (flags by value, tensors by identity, shape and dtype, other objects such as a kernel pack by identity),
+    its parameters and buffers, and its hooks."""
+    return tuple((name, type(module), _attributes(vars(module))) for name, module in model.named_modules())
+
+
+def _attributes(attributes: dict[str, Any]) -> tuple:
+    described = []
+    for key, value in attributes.items():
+        if isinstance(value, dict):  # _parameters, _buffers, hooks, ...: entries, not the dict object
+            value = (len(value), _attributes({str(k): v for k, v in value.items()})) if key != "_modules" else len(value)
+        elif isinstance(value, torch.Tensor):
+            value = (id(value), value.shape, value.dtype, value.device)
+        elif not isinstance(value, (bool, int, float, str, type(None))):
+            value = id(value)
+        described.append((key, value))
+    return tuple(described)
 
 
 def _generation_config(model: nn.Module, caller: str) -> Any:

@@ -13,13 +13,17 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import krunch
-from krunch.runtime import Kernel, compile_decode, greedy_decode
+from krunch.runtime import Kernel, compile_decode, greedy_decode, set_exact
 from krunch.runtime.decode import DECODE_ATTENTION, decode_attention
 
 
 @pytest.fixture(scope="module")
 def quantized_llama():
-    torch.manual_seed(0)
+    return tiny_quantized_llama(seed=0)
+
+
+def tiny_quantized_llama(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
     model = LlamaForCausalLM(config).eval()
@@ -122,3 +126,26 @@ def test_greedy_decode_refuses_what_it_cannot_run(quantized_llama):
         greedy_decode(quantized_llama, prompt, 0)
     with pytest.raises(ValueError, match="max_cache_len 16 is shorter"):
         greedy_decode(quantized_llama, prompt, 8, max_cache_len=16)
+
+
+def test_a_compiled_step_never_runs_another_model_or_a_changed_one():
+    """The step skips dynamo's guards on the model's modules, so it must be compiled again for another model
+    of the same shapes, after a kernel switch and after a layer swap: each gives its own eager tokens."""
+    first, second = tiny_quantized_llama(seed=1), tiny_quantized_llama(seed=2)
+    prompt = torch.randint(1, 256, (1, 12))
+    try:
+        tokens = {name: greedy_decode(model, prompt, 10) for name, model in [("first", first), ("second", second)]}
+        assert torch.equal(tokens["first"], greedy_decode(first, prompt, 10, compile=False))
+        assert torch.equal(tokens["second"], greedy_decode(second, prompt, 10, compile=False))
+        assert not torch.equal(tokens["first"], tokens["second"])  # two models, two answers
+
+        assert set_exact(first) > 0  # every weight now on the fp32 reference path
+        assert torch.equal(greedy_decode(first, prompt, 10), greedy_decode(first, prompt, 10, compile=False))
+        torch.manual_seed(3)
+        first.model.layers[1].mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+        swapped = greedy_decode(first, prompt, 10)
+        assert torch.equal(swapped, greedy_decode(first, prompt, 10, compile=False))
+        assert not torch.equal(swapped, tokens["first"])
+    finally:
+        first.set_attn_implementation("sdpa")
+        second.set_attn_implementation("sdpa")
