@@ -147,12 +147,12 @@ def allocate_target(recipe: Recipe, model: LoadedModel, plan: Plan, executor: Ex
 
 
 def allocate_bytes(recipe: Recipe, model: LoadedModel, plan: Plan, executor: Executor) -> Allocation:
-    """target.bytesRatio: per layer, dense / factorised at a rank, in fp32 / int8 / int4, within the bytes.
+    """target.bytesRatio: per layer, dense / factorised at a rank, as floats or at the widths target.bits offers, within the bytes.
     Each layer's candidate table (an SVD and a quantization per layout) is a task on the executor."""
     from krunch.plan.size_budget import applied, choose, quantize_configs, table_for
 
     target = recipe.target
-    configs = quantize_configs(recipe.quantize)
+    configs = quantize_configs(recipe.quantize, tuple(target.bits))
     tables = executor.map_layers(partial(table_for, configs=configs), model, plan.allocated, "size budget")
     dense = sum(table.dense_bytes for table in tables)
     budget = round(target.bytes_ratio * dense)

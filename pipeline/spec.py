@@ -184,13 +184,22 @@ class Target(_Model):
 
     param_ratio: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the selected layers' parameters")
     bytes_ratio: float | None = Field(
-        None, gt=0, lt=1, description="keep this fraction of their fp32 weight bytes: each layer dense, factorised or int8/int4"
+        None, gt=0, lt=1, description="keep this fraction of their weight bytes (as the source stores them): each layer dense or "
+        "factorised, as floats or quantized at one of `bits`",
+    )
+    bits: list[Literal[2, 3, 4, 8]] = Field(
+        [8, 4], min_length=1, max_length=4, description="quantized widths the bytesRatio budget may choose per layer (each in "
+        "several group sizes); 3 and 2 bits have no packed kernel and run dequantized",
     )
 
     @model_validator(mode="after")
     def _one(self) -> Target:
         if (self.param_ratio is None) == (self.bytes_ratio is None):
             raise ValueError("give exactly one of paramRatio and bytesRatio")
+        if "bits" in self.model_fields_set and self.bytes_ratio is None:
+            raise ValueError("bits: the widths a bytesRatio budget chooses among; paramRatio keeps floats")
+        if len(set(self.bits)) != len(self.bits):
+            raise ValueError(f"bits: each width once, got {self.bits}")
         return self
 
     @property

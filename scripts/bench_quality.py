@@ -75,6 +75,7 @@ def LQER(rank: int) -> dict[str, Any]:  # noqa: N802  (a rule, read as a constan
     return {"match": "model.layers.*", "method": "lqer", "rank": {"fixed": rank}, "activationAware": True}
 
 
+SVD_DECODER = {"match": "model.layers.*", "method": "svd"}  # under a bytes budget: each layer dense or factorised, at any width
 EMBEDDING_INT4 = [{"match": name, "method": "none", "quantize": INT4_FITTED} for name in ("model.embed_tokens", "lm_head")]
 HEAL = {"steps": 100, "tokens": 16384, "lr": 2e-5}  # about 5 s a step for SmolLM2 on 2 CPU cores
 # EasyOCR's first conv (1 input channel) and last (2x2) stay dense, as in examples/easyocr-tucker.yaml
@@ -100,10 +101,20 @@ EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
                                        "quantize": INT4_FITTED, "calibration": CALIBRATION},
         "int3 g64 fitted to inputs": {"rules": [{"match": "model.layers.*", "method": "none"}], "quantize": {**INT4_FITTED, "bits": 3},
                                       "calibration": CALIBRATION},
+        "int3 g128 gptq, fitted grid": {"rules": [{"match": "model.layers.*", "method": "none"}],
+                                        "quantize": {**INT4_FITTED, **GPTQ, "bits": 3, "groupSize": 128}, "calibration": PROPAGATED},
+        "joint budget int8-int2, bytes 0.1, gptq fitted": {"target": {"bytesRatio": 0.1, "bits": [8, 4, 3, 2]}, "rules": [SVD_DECODER],
+                                                           "quantize": {**INT4_FITTED, **GPTQ}, "calibration": PROPAGATED},
+        "joint budget int8-int2, bytes 0.078, gptq fitted": {"target": {"bytesRatio": 0.078, "bits": [8, 4, 3, 2]}, "rules": [SVD_DECODER],
+                                                             "quantize": {**INT4_FITTED, **GPTQ}, "calibration": PROPAGATED},
         "int3 g64 + rank-16 int8 branch (lqer)": {"rules": [LQER(16)], "quantize": {**INT4_FITTED, "bits": 3}, "calibration": CALIBRATION},
         "int2 g64 + rank-32 int8 branch (lqer)": {"rules": [LQER(32)], "quantize": {**INT4_FITTED, "bits": 2}, "calibration": CALIBRATION},
     },
     "minilm-l6": {
+        "int4 g64 fitted to inputs": {"rules": [{"match": "encoder.layer.*", "method": "none"}], "quantize": INT4_FITTED,
+                                      "calibration": CALIBRATION},
+        "int4 g64 gptq, fitted grid": {"rules": [{"match": "encoder.layer.*", "method": "none"}], "quantize": {**INT4_FITTED, **GPTQ},
+                                       "calibration": PROPAGATED},
         "FFN whitened SVD, params 0.5": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": CALIBRATION},
         "FFN propagated SVD, params 0.5": {"target": {"paramRatio": 0.5}, "rules": MINILM_FFN, "calibration": PROPAGATED},
     },

@@ -1,5 +1,5 @@
 """A joint size budget (`target.bytesRatio`): per layer, keep dense, factorise at one of several ranks, and
-store as the source does (fp32, bf16, fp16), int8 or int4, so that the layers fit the bytes and the summed normalised error is smallest.
+store as the source does (fp32, bf16, fp16), int8 or int4 (and int3 / int2 where `target.bits` offers them), so that the layers fit the bytes and the summed normalised error is smallest.
 
 Each layer gets a table of candidates (bytes exact, as the saved tensors will
 be; error estimated): the truncation error is the tail of the spectrum the
@@ -32,9 +32,10 @@ from krunch.spec import QuantizeConfig
 
 FP32 = 4
 RANK_STEPS = 16  # ranks offered per factorised layer, spread up to the break-even rank
-# Storage layouts on offer, coarse to fine: (bits, group size; None = one scale per output channel). Several
-# group sizes make a fine ladder of sizes, so the budget is met closely rather than in int8-or-int4 jumps.
-LAYOUTS = ((8, None), (8, 64), (4, None), (4, 128), (4, 64), (4, 32))
+# Storage layouts on offer per width, coarse to fine: (bits, group size; None = one scale per output channel).
+# Several group sizes make a fine ladder of sizes, so the budget is met closely rather than in jumps of a bit.
+LAYOUTS = {8: ((8, None), (8, 64)), 4: ((4, None), (4, 128), (4, 64), (4, 32)), 3: ((3, 128), (3, 64), (3, 32)), 2: ((2, 64), (2, 32))}
+DEFAULT_WIDTHS = (8, 4)  # the widths a packed kernel runs; 3 and 2 bits are offered only when target.bits asks
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,12 @@ class LayerTable:
     candidates: list[Candidate]  # Pareto front: bytes increasing, error decreasing
 
 
-def quantize_configs(recipe_quantize: QuantizeConfig | None) -> list[QuantizeConfig]:
-    """The int8 and int4 layouts on offer; symmetric and rounded to nearest unless recipe.quantize says otherwise
-    (gptq reaches the layers kept dense; factors are rounded to nearest)."""
+def quantize_configs(recipe_quantize: QuantizeConfig | None, widths: tuple[int, ...] = DEFAULT_WIDTHS) -> list[QuantizeConfig]:
+    """The layouts on offer at these widths; symmetric and rounded to nearest unless recipe.quantize says otherwise
+    (gptq and a fitted grid reach the layers kept dense; factors are rounded to nearest)."""
     base = recipe_quantize or QuantizeConfig()
-    return [base.model_copy(update={"bits": bits, "group_size": group}) for bits, group in LAYOUTS]
+    return [base.model_copy(update={"bits": bits, "group_size": group}) for width in sorted(set(widths), reverse=True)
+            for bits, group in LAYOUTS[width]]  # fmt: skip
 
 
 def factor_shapes(plan: LayerPlan, rank: int) -> list[tuple[int, ...]] | None:

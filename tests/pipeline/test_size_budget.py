@@ -84,3 +84,35 @@ def test_candidate_tables_computed_as_ray_tasks_equal_the_in_process_ones(minilm
     local = allocate_target(job({"bytesRatio": 0.2}).spec.recipe, minilm, plan).budget
     remote = allocate_target(job({"bytesRatio": 0.2}).spec.recipe, minilm, plan, RayExecutor()).budget
     assert remote["tables"] == local["tables"] and remote["choices"] == local["choices"]
+
+
+def test_widths_are_only_for_a_bytes_budget_and_each_given_once():
+    with pytest.raises(SpecError, match="spec.recipe.target.*bits: the widths a bytesRatio budget"):
+        job({"paramRatio": 0.5, "bits": [8, 4]})
+    with pytest.raises(SpecError, match="spec.recipe.target.*bits: each width once"):
+        job({"bytesRatio": 0.2, "bits": [4, 4]})
+    with pytest.raises(SpecError, match="spec.recipe.target.bits"):
+        job({"bytesRatio": 0.2, "bits": [5]})
+    assert job({"bytesRatio": 0.2}).spec.recipe.target.bits == [8, 4]
+
+
+@pytest.mark.slow
+def test_narrower_widths_on_offer_lower_the_error_at_three_bits_a_weight_and_build_to_the_planned_bytes(minilm):
+    """At 0.09 of the fp32 bytes (about 2.9 bits a weight) int8/int4 alone must factorise layers; with int3 and
+    int2 on offer the budget stores some layers narrower instead, at a lower summed error, and the built
+    int3/int2 layers store exactly the bytes it counted."""
+    plan = _plan(minilm)
+    default = allocate_target(job({"bytesRatio": 0.09}).spec.recipe, minilm, plan).budget
+    narrow_allocation = allocate_target(job({"bytesRatio": 0.09, "bits": [8, 4, 3, 2]}).spec.recipe, minilm, plan)
+    narrow = narrow_allocation.budget
+    storages = {choice["choice"].split(" ")[-1].split("/")[0] for choice in narrow["choices"].values()}
+    assert storages & {"int3", "int2"}, storages
+    assert not any("int3" in c["choice"] or "int2" in c["choice"] for c in default["choices"].values())
+    error = {name: sum(choice["error"] for choice in b["choices"].values()) for name, b in (("default", default), ("narrow", narrow))}
+    assert error["narrow"] < error["default"], error
+    assert narrow["planned_bytes"] <= narrow["budget_bytes"]
+    built = 0
+    for layer in narrow_allocation.plan.layers:
+        result = compress_layer(layer, minilm.module.get_submodule(layer.name), None, narrow_allocation.ranks.get(layer.name))
+        built += bytes_without_bias(result.module)
+    assert built == narrow["planned_bytes"]
