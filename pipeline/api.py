@@ -160,17 +160,22 @@ def default_executor() -> Executor:
 def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, calibration: Iterable[Any] | str | None = None,
              tokenizer: Any = None, kind: str | None = None, preprocess: Callable[[Any], torch.Tensor] | None = None,
              executor: Executor | None = None, progress: bool = True, on_layer: ProgressCallback | None = None,
-             on_heal_step: StepCallback | None = None) -> Compressed:  # fmt: skip
-    """Compress `model` by `recipe`; the original is left as it was.
+             on_heal_step: StepCallback | None = None, inplace: bool = False) -> Compressed:  # fmt: skip
+    """Compress `model` by `recipe`; the original is left as it was unless `inplace`.
 
     calibration: inputs for activation-aware layers, gptq rounding, propagation and healing (texts with
     `tokenizer`, dicts of keyword arguments, tuples or tensors), or the name of a corpus krunch knows
     (`wikipedia`); default: the recipe's own calibration section, for the model kinds krunch knows.
     kind, preprocess: what a plain module is and how pictures become its inputs (`as_loaded`).
     executor: where the layer tasks run (default: here, or on Ray when RAY_ADDRESS is set).
+    inplace: install the compressed layers in `model` itself rather than in a copy, so memory never holds the
+    model twice; the original layers are gone afterwards (refused with `recipe.heal`, whose teacher they are).
     """
     started = time.perf_counter()
     recipe = as_recipe(recipe)
+    if inplace and recipe.heal is not None:
+        raise KrunchError("inplace", "recipe.heal distils towards the original model, which compressing in place replaces; "
+                          "compress a copy (inplace=False)")  # fmt: skip
     original = as_loaded(model, tokenizer, kind, preprocess)
     if isinstance(calibration, str):
         recipe = recipe.model_copy(update={"calibration": (recipe.calibration or Calibration()).model_copy(update={"data": calibration})})
@@ -185,12 +190,14 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
                           "pass calibration= inputs for this model")  # fmt: skip
     executor = executor or default_executor()
     timings: dict[str, float] = {}
+    source = (count_params(original.module), weight_bytes(original.module), float_dtype(original.module),
+              weight_bytes(original.module, float_bytes=2))  # fmt: skip
     with executor.session():
         allocation = allocate_target(recipe, original, plan, executor)
         timings["plan_s"] = round(time.perf_counter() - started, 3)
         execution = compress_layers(recipe, executor, original, allocation.plan, allocation.ranks, on_layer, progress)
         warn_destroyed(execution.results)
-        compressed, tied = assembled(original, allocation.plan, execution.results)
+        compressed, tied = assembled(original, allocation.plan, execution.results, inplace=inplace)
         timings["decompose_s"] = round(time.perf_counter() - started - timings["plan_s"], 3)
         healed = None
         if recipe.heal is not None:
@@ -199,8 +206,7 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
             timings["heal_s"] = round(time.perf_counter() - healing, 3)
     timings["compress_s"] = round(time.perf_counter() - started, 3)
     return Compressed(compressed, recipe, allocation.plan, execution.results, tied, execution.info, allocation.budget, healed,
-                      timings, count_params(original.module), weight_bytes(original.module), float_dtype(original.module),
-                      weight_bytes(original.module, float_bytes=2))  # fmt: skip
+                      timings, *source)
 
 
 def warn_destroyed(results: list[LayerResult]) -> None:

@@ -249,10 +249,12 @@ def compress_layers(recipe: Recipe, executor: Executor, original: LoadedModel, p
     return executor.run(original, plan, calibration_grams(recipe, original, plan), ranks, progress, bar=show)
 
 
-def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult]) -> tuple[LoadedModel, dict[str, str]]:
-    """A copy of the original with the layers' replacements installed; and which layers are tied to which."""
-    compressed = LoadedModel(original.reference, copy.deepcopy(original.module), original.kind, original.tokenizer,
-                             original.preprocess, original.charset, dict(original.metadata))  # fmt: skip
+def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult], inplace: bool = False) -> tuple[LoadedModel, dict[str, str]]:
+    """A copy of the original (or, `inplace`, the original itself) with the layers' replacements installed; and
+    which layers are tied to which."""
+    module = original.module if inplace else copy.deepcopy(original.module)
+    compressed = LoadedModel(original.reference, module, original.kind, original.tokenizer, original.preprocess,
+                             original.charset, dict(original.metadata))  # fmt: skip
     by_name = {r.name: r for r in results}
     replacements = {layer.name: by_name[layer.name].module for layer in plan.layers if layer.tied_to is None}
     tied = {layer.name: layer.tied_to for layer in plan.layers if layer.tied_to}
@@ -264,8 +266,9 @@ def assembled(original: LoadedModel, plan: Plan, results: list[LayerResult]) -> 
 
 def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallback | None = None,
                     executor: Executor | None = None, heal_progress: StepCallback | None = None) -> CompressionResult:  # fmt: skip
-    """The whole job: load, `krunch.compress`, evaluate before and after, save. Layer tasks run on Ray
-    (`RAY_ADDRESS`, or a local instance) unless given another executor."""
+    """The whole job: load, evaluate the source, `krunch.compress`, evaluate the result, save. Layer tasks run on Ray
+    (`RAY_ADDRESS`, or a local instance) unless given another executor. The layers are swapped into the source
+    model itself (no second copy of it in memory) unless healing or the evaluation's reference needs it after."""
     from krunch.api import compress
 
     executor = executor or RayExecutor.from_resources(job.spec.resources)
@@ -273,14 +276,15 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     prepared = prepare_job(job)
     original, task, reference = prepared.model, prepared.task, prepared.reference
     start = timings.record("load", timings.started)
+    options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
+    metrics_before = evaluate(original, task, options, reference=reference)  # default reference: the source itself
+    timings.record("evaluate", start)
 
-    result = compress(original, job.spec.recipe, executor=executor, on_layer=progress, on_heal_step=heal_progress)
+    inplace = job.spec.recipe.heal is None and not (task_spec(task).needs_reference and reference is original)
+    result = compress(original, job.spec.recipe, executor=executor, on_layer=progress, on_heal_step=heal_progress, inplace=inplace)
     timings.stages.update({key: value for key, value in result.timings.items() if key != "compress_s"})
     start = time.perf_counter()
     compressed = result.model
-
-    options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
-    metrics_before = evaluate(original, task, options, reference=reference)  # default reference: the source itself
     metrics_after = evaluate(compressed, task, options, reference=reference)
     start = timings.record("evaluate", start)
 

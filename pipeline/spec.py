@@ -196,7 +196,7 @@ class Target(_Model):
     def _one(self) -> Target:
         if (self.param_ratio is None) == (self.bytes_ratio is None):
             raise ValueError("give exactly one of paramRatio and bytesRatio")
-        if "bits" in self.model_fields_set and self.bytes_ratio is None:
+        if self.bits != [8, 4] and self.bytes_ratio is None:  # (a saved recipe document writes the default)
             raise ValueError("bits: the widths a bytesRatio budget chooses among; paramRatio keeps floats")
         if len(set(self.bits)) != len(self.bits):
             raise ValueError(f"bits: each width once, got {self.bits}")

@@ -56,6 +56,23 @@ def test_int8_on_an_in_memory_encoder_leaves_the_original_alone(minilm, texts):
     assert {row["name"] for row in result.layers()} >= {"encoder.layer.0.attention.self.query"}
 
 
+def test_inplace_swaps_the_layers_into_the_model_itself_and_gives_the_copy_s_outputs(minilm, texts):
+    """No second copy of the model: the given module is the result, its Linears replaced, its outputs those
+    of compressing a copy; the source's sizes are the original's; healing (the original is its teacher) is refused."""
+    import copy
+
+    own = copy.deepcopy(minilm.module)
+    copied = krunch.compress(minilm.module, INT8, progress=False)
+    result = krunch.compress(own, INT8, progress=False, inplace=True)
+    assert result.module is own
+    assert sum(isinstance(m, QuantizedLinear) for m in own.modules()) == 36
+    assert (result.source_params, result.source_bytes) == (copied.source_params, copied.source_bytes)
+    assert result.source_bytes > tensor_bytes(own)  # counted before the fp32 layers went
+    assert torch.equal(embeddings(own, minilm.tokenizer, texts[1]), embeddings(copied.module, minilm.tokenizer, texts[1]))
+    with pytest.raises(KrunchError, match="inplace.*heal"):
+        krunch.compress(minilm.module, {**INT8, "heal": {"steps": 1}}, calibration=texts[0], progress=False, inplace=True)
+
+
 def test_activation_aware_svd_fits_the_sentences_it_is_given(minilm, texts):
     module, tokenizer = minilm.module, minilm.tokenizer
     calibration, held_out = texts

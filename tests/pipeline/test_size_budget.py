@@ -88,7 +88,7 @@ def test_candidate_tables_computed_as_ray_tasks_equal_the_in_process_ones(minilm
 
 def test_widths_are_only_for_a_bytes_budget_and_each_given_once():
     with pytest.raises(SpecError, match="spec.recipe.target.*bits: the widths a bytesRatio budget"):
-        job({"paramRatio": 0.5, "bits": [8, 4]})
+        job({"paramRatio": 0.5, "bits": [8, 4, 3]})
     with pytest.raises(SpecError, match="spec.recipe.target.*bits: each width once"):
         job({"bytesRatio": 0.2, "bits": [4, 4]})
     with pytest.raises(SpecError, match="spec.recipe.target.bits"):
