@@ -327,6 +327,9 @@ def print_table(model: str, rows: list[dict[str, Any]]) -> None:
               f"{row['compression_s']:>10.1f}" + (f" {fmt(row['secondary'], '.4f'):>22}" if secondary else ""))  # fmt: skip
 
 
+OFF_SCALE = 2.5  # perplexity panels show up to this multiple of fp32's
+
+
 def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Quality against weight bytes, one panel per model: every krunch row a point, fp32 a star."""
     from matplotlib.figure import Figure
@@ -342,21 +345,33 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         torch_row = rows[0]
         sized = [row for row in rows[1:] if row["bytes_vs_fp32"] is not None and not row.get("peer")]
         peers = [row for row in rows[1:] if row.get("peer")]
+        # lower-is-better metrics (perplexity): rows past OFF_SCALE x fp32 sit on the top edge, their value in the label
+        ceiling = None if info["higher_better"] else OFF_SCALE * rows[0]["metric_before"]
+
+        def shown(value: float) -> float:
+            return value if ceiling is None else min(value, ceiling)
+
         axes.scatter([1.0], [rows[0]["metric_before"]], marker="*", s=180, color="#4c72b0", label="fp32", zorder=3)
-        axes.scatter([r["bytes_vs_fp32"] for r in sized], [r["metric_after"] for r in sized], color="#c44e52", label="krunch", zorder=3)
+        axes.scatter([r["bytes_vs_fp32"] for r in sized], [shown(r["metric_after"]) for r in sized], color="#c44e52", label="krunch", zorder=3)
         if peers:
-            axes.scatter([r["bytes_vs_fp32"] for r in peers], [r["metric_after"] for r in peers], marker="s", color="#55a868",
+            axes.scatter([r["bytes_vs_fp32"] for r in peers], [shown(r["metric_after"]) for r in peers], marker="s", color="#55a868",
                          label="peer quantizers (same windows)", zorder=3)  # fmt: skip
         for row in sized + peers:
-            axes.annotate(row["row"], (row["bytes_vs_fp32"], row["metric_after"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        axes.axhline(torch_row["metric_after"], color="#8c8c8c", linestyle="--", linewidth=0.8)
+            off = ceiling is not None and row["metric_after"] > ceiling
+            label = f"{row['row']} ({row['metric_after']:,.0f}, off scale)" if off else row["row"]
+            axes.annotate(label, (row["bytes_vs_fp32"], shown(row["metric_after"])), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if ceiling is None or torch_row["metric_after"] <= ceiling:
+            axes.axhline(torch_row["metric_after"], color="#8c8c8c", linestyle="--", linewidth=0.8)
         if torch_row["bytes_vs_fp32"] is not None:  # tables measured before its size was
-            axes.scatter([torch_row["bytes_vs_fp32"]], [torch_row["metric_after"]], marker="X", s=90, color="#8c8c8c",
+            axes.scatter([torch_row["bytes_vs_fp32"]], [shown(torch_row["metric_after"])], marker="X", s=90, color="#8c8c8c",
                          label="torch quantize_dynamic int8", zorder=3)
+            if ceiling is not None and torch_row["metric_after"] > ceiling:
+                axes.annotate(f"{torch_row['metric_after']:,.1f}, off scale", (torch_row["bytes_vs_fp32"], ceiling), fontsize=7,
+                              xytext=(6, -10), textcoords="offset points")  # fmt: skip
         axes.set_xlabel("weight bytes / fp32 (whole model)")
         axes.set_ylabel(info["metric"])
-        if not info["higher_better"]:
-            axes.set_yscale("log")
+        if ceiling is not None:
+            axes.set_ylim(0.95 * rows[0]["metric_before"], 1.05 * ceiling)
         axes.set_title(f"{model}: {info['metric']} vs size")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
