@@ -190,8 +190,8 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
                           "pass calibration= inputs for this model")  # fmt: skip
     executor = executor or default_executor()
     timings: dict[str, float] = {}
-    source = (count_params(original.module), weight_bytes(original.module), float_dtype(original.module),
-              weight_bytes(original.module, float_bytes=2))  # fmt: skip
+    source = {"source_params": count_params(original.module), "source_bytes": weight_bytes(original.module),  # before any swap
+              "source_dtype": float_dtype(original.module), "source_fp16_bytes": weight_bytes(original.module, float_bytes=2)}  # fmt: skip
     with executor.session():
         allocation = allocate_target(recipe, original, plan, executor)
         timings["plan_s"] = round(time.perf_counter() - started, 3)
@@ -206,7 +206,7 @@ def compress(model: nn.Module | LoadedModel, recipe: Recipe | dict | str, *, cal
             timings["heal_s"] = round(time.perf_counter() - healing, 3)
     timings["compress_s"] = round(time.perf_counter() - started, 3)
     return Compressed(compressed, recipe, allocation.plan, execution.results, tied, execution.info, allocation.budget, healed,
-                      timings, *source)
+                      timings, **source)
 
 
 def warn_destroyed(results: list[LayerResult]) -> None:

@@ -152,7 +152,7 @@ def allocate_bytes(recipe: Recipe, model: LoadedModel, plan: Plan, executor: Exe
     from krunch.plan.size_budget import applied, choose, quantize_configs, table_for
 
     target = recipe.target
-    configs = quantize_configs(recipe.quantize, tuple(target.bits))
+    configs = quantize_configs(recipe.quantize, target.bits)
     tables = executor.map_layers(partial(table_for, configs=configs), model, plan.allocated, "size budget")
     dense = sum(table.dense_bytes for table in tables)
     budget = round(target.bytes_ratio * dense)

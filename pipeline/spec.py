@@ -179,6 +179,9 @@ class Rule(_Model):
         return self.quantize if isinstance(self.quantize, QuantizeConfig) else default
 
 
+BUDGET_BITS = [8, 4]  # the widths a packed kernel runs; 3 and 2 bits only when target.bits asks for them
+
+
 class Target(_Model):
     """A global size budget over the layers whose rules give no rank; exactly one of the two."""
 
@@ -188,7 +191,7 @@ class Target(_Model):
         "factorised, as floats or quantized at one of `bits`",
     )
     bits: list[Literal[2, 3, 4, 8]] = Field(
-        [8, 4], min_length=1, max_length=4, description="quantized widths the bytesRatio budget may choose per layer (each in "
+        BUDGET_BITS, min_length=1, max_length=4, description="quantized widths the bytesRatio budget may choose per layer (each in "
         "several group sizes); 3 and 2 bits have no packed kernel and run dequantized",
     )
 
@@ -196,7 +199,7 @@ class Target(_Model):
     def _one(self) -> Target:
         if (self.param_ratio is None) == (self.bytes_ratio is None):
             raise ValueError("give exactly one of paramRatio and bytesRatio")
-        if self.bits != [8, 4] and self.bytes_ratio is None:  # (a saved recipe document writes the default)
+        if self.bits != BUDGET_BITS and self.bytes_ratio is None:  # (a saved recipe document writes the default)
             raise ValueError("bits: the widths a bytesRatio budget chooses among; paramRatio keeps floats")
         if len(set(self.bits)) != len(self.bits):
             raise ValueError(f"bits: each width once, got {self.bits}")

@@ -35,7 +35,6 @@ RANK_STEPS = 16  # ranks offered per factorised layer, spread up to the break-ev
 # Storage layouts on offer per width, coarse to fine: (bits, group size; None = one scale per output channel).
 # Several group sizes make a fine ladder of sizes, so the budget is met closely rather than in jumps of a bit.
 LAYOUTS = {8: ((8, None), (8, 64)), 4: ((4, None), (4, 128), (4, 64), (4, 32)), 3: ((3, 128), (3, 64), (3, 32)), 2: ((2, 64), (2, 32))}
-DEFAULT_WIDTHS = (8, 4)  # the widths a packed kernel runs; 3 and 2 bits are offered only when target.bits asks
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,8 @@ class LayerTable:
     candidates: list[Candidate]  # Pareto front: bytes increasing, error decreasing
 
 
-def quantize_configs(recipe_quantize: QuantizeConfig | None, widths: tuple[int, ...] = DEFAULT_WIDTHS) -> list[QuantizeConfig]:
-    """The layouts on offer at these widths; symmetric and rounded to nearest unless recipe.quantize says otherwise
+def quantize_configs(recipe_quantize: QuantizeConfig | None, widths: list[int]) -> list[QuantizeConfig]:
+    """The layouts on offer at these widths (`target.bits`); symmetric and rounded to nearest unless recipe.quantize says otherwise
     (gptq and a fitted grid reach the layers kept dense; factors are rounded to nearest)."""
     base = recipe_quantize or QuantizeConfig()
     return [base.model_copy(update={"bits": bits, "group_size": group}) for width in sorted(set(widths), reverse=True)
