@@ -52,6 +52,29 @@ def test_kernels_match_the_reference_on_real_layers(smollm2, minilm, name, rows)
             assert torch.allclose(layer(x), reference, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["int8", "int8-asym"])
+def test_a_compiled_int8_row_reads_the_codes_in_fp32(smollm2, minilm, name):
+    """In a compiled graph one row runs as inductor's fused int8 reduction: fp32 activations, so it matches the
+    fp32 reference far closer than the bf16 kernel can (which proves the kernel did not run); two rows keep it."""
+    fmt, _ = FORMATS[name]
+    for label, source in real_linears(smollm2, minilm).items():
+        layer = QuantizedLinear.from_dense(source, fmt)
+        with torch.no_grad():
+            layer(torch.randn(1, source.in_features))  # packs the codes eagerly, as a decode's prefill does
+        torch._dynamo.reset()  # each layer's graphs on their own (dynamo's recompile limit counts per code object)
+        compiled = torch.compile(layer, fullgraph=True)
+        for rows in (1, 2):
+            x = torch.randn(rows, source.in_features) * 2
+            with torch.no_grad():
+                reference = F.linear(x, layer.to_dense(), source.bias)
+                error = relative(compiled(x), reference)
+            if rows == 1:
+                assert error < 1e-5, (label, error)
+            else:  # the bf16 kernel's rounding, as in eager
+                assert 1e-4 < error < BF16_TOLERANCE, (label, error)
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_narrow_embeddings_look_up_the_rows_they_store(smollm2, bits):
     source = smollm2.module.model.embed_tokens
