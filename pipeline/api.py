@@ -220,14 +220,15 @@ def warn_destroyed(results: list[LayerResult]) -> None:
 
 def evaluate(model: nn.Module | LoadedModel, task: str, *, tokenizer: Any = None, reference: nn.Module | LoadedModel | None = None,
              data: str | None = None, tokens: int | None = None, items: int | None = None, kind: str | None = None,
-             preprocess: Callable[[Any], torch.Tensor] | None = None) -> dict[str, Any]:  # fmt: skip
+             preprocess: Callable[[Any], torch.Tensor] | None = None, compiled_decode: bool = False) -> dict[str, Any]:  # fmt: skip
     """Quality and speed on one of krunch's tasks (perplexity, embedding, ocr, image-agreement); a plain
-    `reference` module is fed as the model is."""
+    `reference` module is fed as the model is. compiled_decode: a causal LM also decodes through
+    `krunch.runtime.greedy_decode` (one compiled step per token; compiling takes tens of seconds)."""
     from krunch.evaluation import EvalOptions
     from krunch.evaluation import evaluate as run_task
     from krunch.evaluation import parse_task
 
-    options = EvalOptions(data=data, items=items, **({"tokens": tokens} if tokens else {}))
+    options = EvalOptions(data=data, items=items, compiled_decode=compiled_decode, **({"tokens": tokens} if tokens else {}))
     loaded = as_loaded(model, tokenizer, kind, preprocess)
     same_kind = kind or (loaded.kind.value if loaded.kind else None)
     against = as_loaded(reference, tokenizer, same_kind, preprocess or loaded.preprocess) if reference is not None else None

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="text for perplexity: 'wikipedia' (default), 'news' (held-out news articles) or a path to a UTF-8 text file")
     evaluate.add_argument("--tokens", type=int, default=4096, help="perplexity tokens from the evaluation split (default 4096)")
     evaluate.add_argument("--items", type=int, help="cap on words (ocr) or images (image-agreement), for quick runs")
+    evaluate.add_argument("--compiled-decode", action="store_true", help="perplexity: also decode through krunch.runtime."
+                          "greedy_decode, one compiled step per token (compiling takes tens of seconds)")
     evaluate.add_argument("--reference", help="reference model for fidelity / agreement (default: the model itself)")
     evaluate.add_argument("--factory", help="module:callable building the architecture of a file: model (or of the file: "
                           "source a krunch: or models:/ model was compressed from; never read from its manifest)")
@@ -96,7 +98,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.factory)
     task = task or default_task(model)
     reference = load_model(args.reference, args.reference_factory) if args.reference else None
-    options = EvalOptions(data=text_data_reference(args.data), tokens=args.tokens, items=args.items)
+    options = EvalOptions(data=text_data_reference(args.data), tokens=args.tokens, items=args.items, compiled_decode=args.compiled_decode)
     metrics = evaluate(model, task, options, reference)
 
     report = {

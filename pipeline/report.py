@@ -7,6 +7,7 @@ from typing import Any
 QUALITY_KEYS = ("perplexity", "lee50_pearson", "wordsim353_spearman", "fidelity_mean_cosine", "word_accuracy",
                 "character_error_rate", "top1_agreement", "mean_kl")  # fmt: skip
 SPEED_KEYS = ("tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "cpu_s_per_token", "memory_bytes",
+              "compiled_decode_tokens_per_s", "compiled_cpu_s_per_token", "compiled_tokens_as_eager",
               "documents_per_s", "words_per_s", "images_per_s")
 
 

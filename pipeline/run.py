@@ -276,7 +276,8 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     prepared = prepare_job(job)
     original, task, reference = prepared.model, prepared.task, prepared.reference
     start = timings.record("load", timings.started)
-    options = EvalOptions(data=job.spec.evaluation.data, tokens=job.spec.evaluation.tokens, items=job.spec.evaluation.items)
+    evaluation = job.spec.evaluation
+    options = EvalOptions(data=evaluation.data, tokens=evaluation.tokens, items=evaluation.items, compiled_decode=evaluation.compiled_decode)
     metrics_before = evaluate(original, task, options, reference=reference)  # default reference: the source itself
     timings.record("evaluate", start)
 

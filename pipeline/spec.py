@@ -350,6 +350,8 @@ class Evaluation(_Model):
     data: str | None = Field(None, description="text for perplexity: wikipedia, news (300 news articles, another domain) or file:PATH")
     tokens: int = Field(4096, ge=64, le=MAX_TOKENS)
     items: int | None = Field(None, ge=1, le=MAX_ITEMS, description="cap on words or images")
+    compiled_decode: bool = Field(False, description="perplexity: also decode through krunch.runtime.greedy_decode, one compiled "
+                                  "step per token, before and after (compiling takes tens of seconds per model on a small CPU)")
 
     @field_validator("task")
     @classmethod

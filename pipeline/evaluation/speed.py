@@ -44,3 +44,38 @@ def causal_lm_speed(module: nn.Module, ids: list[int]) -> dict[str, float | int]
         "cpu_s_per_token": round(decode_cpu / DECODE_TOKENS, 5),
         "memory_bytes": tensor_bytes(module),
     }
+
+
+def compiled_decode_speed(module: nn.Module, ids: list[int]) -> dict[str, float | int]:
+    """The same greedy decode through `krunch.runtime.greedy_decode`, one compiled step per token: what a user
+    who serves the model that way gets. Compiling (tens of seconds on a small CPU) is timed apart; the new
+    tokens are compared with eager `generate`'s (how many lead alike: a compiled int8 step computes in fp32,
+    eager in bf16, so a near tie may go the other way); the model's attention implementation is restored."""
+    from krunch.runtime import greedy_decode
+
+    prompt = torch.tensor([ids[:DECODE_PROMPT]])
+    attention = getattr(module.config, "_attn_implementation", None)
+    try:
+        with torch.inference_mode():
+            eager = generate(module, prompt, DECODE_TOKENS)
+        start = time.perf_counter()
+        greedy_decode(module, prompt, 4)
+        warm_up_s = time.perf_counter() - start
+        cpu, start = cpu_seconds(), time.perf_counter()
+        compiled = greedy_decode(module, prompt, DECODE_TOKENS)
+        decode_s, decode_cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    finally:
+        if attention is not None and module.config._attn_implementation != attention:
+            module.set_attn_implementation(attention)
+    return {
+        "compiled_decode_tokens_per_s": round(DECODE_TOKENS / decode_s, 3),
+        "compiled_cpu_s_per_token": round(decode_cpu / DECODE_TOKENS, 5),
+        "compiled_warm_up_s": round(warm_up_s, 2),
+        "compiled_tokens_as_eager": leading_agreement(compiled[0, prompt.shape[1]:], eager[0, prompt.shape[1]:]),
+    }
+
+
+def leading_agreement(tokens: torch.Tensor, expected: torch.Tensor) -> int:
+    """How many tokens lead alike in two generations (all of them when equal)."""
+    differ = (tokens != expected).nonzero()
+    return int(differ[0, 0]) if len(differ) else len(tokens)

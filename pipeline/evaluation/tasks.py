@@ -22,6 +22,7 @@ class EvalOptions:
     window: int = 512  # perplexity window, non-overlapping
     items: int | None = None  # cap on words / crops / documents, for quick runs
     batch_size: int = 16
+    compiled_decode: bool = False  # causal LMs: also decode through greedy_decode's compiled step (compiles per model)
 
 
 Evaluator = Callable[[LoadedModel, EvalOptions, LoadedModel | None], Metrics]

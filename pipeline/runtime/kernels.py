@@ -113,10 +113,11 @@ def packed_matmul(x: torch.Tensor, packed: Packed) -> torch.Tensor:
 
 
 def int8_row_reduction(x: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """One row of fp32 activations times int8 codes, written as a reduction for inductor to compile: in a
-    compiled decode step it becomes one loop that converts each code as it reads it and accumulates in fp32,
-    which streams the codes about 1.5x faster than `_weight_int8pack_mm` (and without its bf16 rounding of
-    the activations); eager or at more rows, the aten kernel is faster (docs/kernels.md)."""
+    """One row of activations times int8 codes, written as a reduction for inductor to compile: in a compiled
+    decode step it becomes one loop that converts each code as it reads it and accumulates in fp32, which
+    streams the codes about 1.5x faster than `_weight_int8pack_mm` (docs/kernels.md); eager or at more rows
+    the aten kernel is faster. The activations stay fp32 (rounding them to bf16 as the kernel does halves the
+    loop's speed), so a compiled step is the fp32 reference's to fp32 rounding, not the eager kernel's."""
     xf = x.float()
     if xf.shape[-1] < packed.columns:
         xf = F.pad(xf, (0, packed.columns - xf.shape[-1]))

@@ -1,7 +1,9 @@
 """compile_decode and greedy_decode: decode steps on a compiled graph over the quantized kernels give the
 tokens eager `generate` gives, and single-token attention as matmuls gives SDPA's output. A small
 random-weight Llama keeps the compile short: this checks the plumbing; the speed is measured by
-scripts/bench_inference.py on SmolLM2."""
+scripts/bench_inference.py on SmolLM2. Its weights are int4, whose kernel runs in compiled steps as in eager:
+a compiled one-row int8 matmul is an fp32 reduction (test_kernels.py), more exact than the eager kernel, and
+a random model's near-tied logits would then pick other tokens."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def tiny_quantized_llama(seed: int) -> nn.Module:
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
     model = LlamaForCausalLM(config).eval()
-    result = krunch.compress(model, {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8}}, progress=False)
+    recipe = {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 4, "groupSize": 32}}
+    result = krunch.compress(model, recipe, progress=False)
     return result.module
 
 
@@ -40,7 +43,7 @@ def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
 def test_compiled_decode_gives_the_eager_tokens_on_the_quantized_kernels(quantized_llama):
     prompt = torch.randint(1, 256, (1, 12))
     eager = greedy(quantized_llama, prompt, 6)
-    assert quantized_llama.model.layers[0].mlp.up_proj.weight_q.kernel()[0] is Kernel.INT8_CPU
+    assert quantized_llama.model.layers[0].mlp.up_proj.weight_q.kernel()[0] is Kernel.INT4_CPU
     assert quantized_llama.generation_config.compile_config is None
 
     torch._dynamo.reset()
@@ -149,3 +152,15 @@ def test_a_compiled_step_never_runs_another_model_or_a_changed_one():
     finally:
         first.set_attn_implementation("sdpa")
         second.set_attn_implementation("sdpa")
+
+
+def test_the_compiled_decode_figures_of_a_report_check_the_tokens_and_leave_attention_as_it_was():
+    from krunch.evaluation.speed import DECODE_PROMPT, DECODE_TOKENS, compiled_decode_speed
+
+    model = tiny_quantized_llama(seed=3)
+    before = model.config._attn_implementation
+    torch._dynamo.reset()
+    figures = compiled_decode_speed(model, torch.randint(1, 256, (DECODE_PROMPT,)).tolist())
+    assert figures["compiled_tokens_as_eager"] == DECODE_TOKENS  # the same kernels compiled: every token as eager's
+    assert figures["compiled_decode_tokens_per_s"] > 0 and figures["compiled_cpu_s_per_token"] > 0
+    assert model.config._attn_implementation == before != DECODE_ATTENTION  # a saved model needs no krunch attention

@@ -52,27 +52,41 @@ def test_kernels_match_the_reference_on_real_layers(smollm2, minilm, name, rows)
             assert torch.allclose(layer(x), reference, atol=1e-5, rtol=1e-4)
 
 
+def aten_ops(layer: torch.nn.Module, x: torch.Tensor) -> set[str]:
+    """The aten ops in the graph dynamo captures for layer(x)."""
+    graphs = []
+
+    def capture(graph_module, example_inputs):  # noqa: ANN001, ANN202
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(layer, backend=capture, fullgraph=True)(x)
+    return {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["int8", "int8-asym"])
-def test_a_compiled_int8_row_reads_the_codes_in_fp32(smollm2, minilm, name):
-    """In a compiled graph one row runs as inductor's fused int8 reduction: fp32 activations, so it matches the
-    fp32 reference far closer than the bf16 kernel can (which proves the kernel did not run); two rows keep it."""
+def test_a_compiled_int8_row_is_an_fp32_reduction_over_the_codes(smollm2, minilm, name):
+    """In a compiled graph one row multiplies as a reduction inductor fuses with the codes' conversion (the
+    aten kernel is not in the graph), in fp32: the reference's output to fp32 rounding; two rows keep the
+    kernel, and its bf16 rounding."""
     fmt, _ = FORMATS[name]
     for label, source in real_linears(smollm2, minilm).items():
         layer = QuantizedLinear.from_dense(source, fmt)
         with torch.no_grad():
             layer(torch.randn(1, source.in_features))  # packs the codes eagerly, as a decode's prefill does
-        torch._dynamo.reset()  # each layer's graphs on their own (dynamo's recompile limit counts per code object)
-        compiled = torch.compile(layer, fullgraph=True)
         for rows in (1, 2):
             x = torch.randn(rows, source.in_features) * 2
+            kernel_in_graph = any("_weight_int8pack_mm" in op for op in aten_ops(layer, x))
+            assert kernel_in_graph == (rows > 1), (label, rows)
+            torch._dynamo.reset()
             with torch.no_grad():
+                compiled = torch.compile(layer, fullgraph=True)(x)
                 reference = F.linear(x, layer.to_dense(), source.bias)
-                error = relative(compiled(x), reference)
-            if rows == 1:
-                assert error < 1e-5, (label, error)
-            else:  # the bf16 kernel's rounding, as in eager
-                assert 1e-4 < error < BF16_TOLERANCE, (label, error)
+            error = relative(compiled, reference)
+            assert error < 1e-5 if rows == 1 else 1e-4 < error < BF16_TOLERANCE, (label, rows, error)
 
 
 @pytest.mark.parametrize("bits", [2, 3])
