@@ -9,11 +9,12 @@ fp16, the quality metric and its change, throughput speedup, compression time.
 
     .venv/bin/python scripts/bench_quality.py [--models smollm2-135m,minilm-l6] [--json F] [--plot PNG]  # default: all four
     python scripts/bench_quality.py --full        # every row (healing, TT, more ratios): hours on 2 CPUs
-    scripts/bench_peers.sh hqq && scripts/bench_peers.sh nncf   # once: SmolLM2's peer rows (skipped until set up)
+    scripts/bench_peers.sh    # once: SmolLM2's peer rows (HQQ, NNCF, torchao, llama.cpp; each skipped until set up)
 
 SmolLM2's rows also give perplexity on held-out news articles (`news`, which no row
 calibrates on) and bits per weight of the whole model (scales and zero points
-included); its peer quantizers (HQQ, NNCF) run in their own venvs through
+included); its peer quantizers (HQQ, NNCF, torchao, and llama.cpp's own GGUF
+types of the same weights through llama-cpp-python) run in their own venvs through
 scripts/quality_probe.py on the very token windows krunch is scored on.
 
 Measured on a 2-core machine (summed row times): all four models about 32 minutes
@@ -148,14 +149,19 @@ FULL_EXTRA_ROWS: dict[str, dict[str, dict[str, Any]]] = {
 }  # fmt: skip
 
 
-# Peer quantizers of SmolLM2, each run by scripts/quality_probe.py in its own venv (scripts/bench_peers.sh hqq|nncf):
-# all 210 decoder linears at 4 bits in groups of 64, on the same evaluation windows; data-aware peers calibrated on
+# Peer quantizers of SmolLM2, each run by scripts/quality_probe.py in its own venv (scripts/bench_peers.sh NAME):
+# all 210 decoder linears at 4 bits in groups of 64 (llama.cpp: its whole-model types, the embedding and head
+# included, Q4_K_M and Q3_K_M mixing in wider types where its rules say), on the same evaluation windows; data-aware peers calibrated on
 # 8,192 tokens of the calibration half, as krunch's rows are
 PEERS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     "smollm2-135m": {
         "HQQ 0.2.8 int4 g64 (data-free)": ("hqq", {"bits": 4, "group_size": 64}),
         "NNCF 3.4 INT4_SYM g64 (data-free)": ("nncf", {"mode": "INT4_SYM", "group_size": 64}),
         "NNCF 3.4 INT4_SYM g64, AWQ + scale est.": ("nncf", {"mode": "INT4_SYM", "group_size": 64, "awq": True}),
+        "torchao 0.18 int4 weight-only g64 (bf16)": ("torchao", {"group_size": 64}),
+        "llama.cpp Q4_0 (whole model)": ("llama", {"type": "Q4_0"}),
+        "llama.cpp Q4_K_M (whole model)": ("llama", {"type": "Q4_K_M"}),
+        "llama.cpp Q3_K_M (whole model)": ("llama", {"type": "Q3_K_M"}),
     },
 }
 PEER_CALIBRATION_TOKENS = 8192
@@ -288,6 +294,10 @@ def peer_row(model: str, name: str, peer: str, recipe: dict[str, Any], baseline:
     calibration = token_windows(tokenizer, token_slice(tokenizer, CALIBRATION["data"], Split.CALIBRATION, PEER_CALIBRATION_TOKENS), 512)
     job = {"peer": peer, "recipe": recipe, "model_dir": str(cached_directory()), "windows": windows, "calibration": calibration,
            "threads": torch.get_num_threads()}  # fmt: skip
+    if peer == "llama":  # the same weights converted by llama.cpp's own tools (the inference bench's GGUFs)
+        from bench_inference import gguf_model
+
+        job["gguf"] = str(gguf_model(recipe["type"], cached_directory(), python))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(job, handle)
     try:
@@ -398,7 +408,7 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="also draw quality against size (PNG) here")
     parser.add_argument("--rows", help="only rows whose names contain one of these comma-separated parts (fp32 and torch's "
                                        "int8 always run); --json then replaces just those rows in the file's tables")  # fmt: skip
-    parser.add_argument("--no-peers", action="store_true", help="skip the peer quantizers' rows (HQQ, NNCF)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer quantizers' rows (HQQ, NNCF, torchao, llama.cpp)")
     args = parser.parse_args()
     torch.manual_seed(0)
     results: dict[str, list[dict[str, Any]]] = {}

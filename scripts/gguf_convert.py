@@ -3,7 +3,7 @@
 convert_hf_to_gguf.py vendored in llama-cpp-python's sdist (to f32), then llama_model_quantize.
 Runs in the llama.cpp peer environment (scripts/bench_peers.sh llama).
 
-    python scripts/gguf_convert.py HF_DIR Q8_0|Q4_0 OUT.gguf
+    python scripts/gguf_convert.py HF_DIR Q8_0|Q4_0|Q4_K_M|Q3_K_M|... OUT.gguf   # a llama_cpp LLAMA_FTYPE_MOSTLY_ name
 """
 
 from __future__ import annotations

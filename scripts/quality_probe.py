@@ -3,9 +3,10 @@
 
     <peer venv>/bin/python scripts/quality_probe.py ROW.json     # prints one JSON line
 
-ROW.json gives the peer (`hqq` or `nncf`), its recipe, the fp32 SmolLM2 directory, and the token-id windows
-of every corpus (and of calibration) exactly as krunch's perplexity evaluation cuts them, so each peer is
-scored on the same tokens. Imports nothing of krunch: the peer's environment does not have it.
+ROW.json gives the peer (`hqq`, `nncf`, `torchao` or `llama`), its recipe, the fp32 SmolLM2 directory (and,
+for llama.cpp, the GGUF of the same weights), and the token-id windows of every corpus (and of calibration)
+exactly as krunch's perplexity evaluation cuts them, so each peer is scored on the same tokens. Imports
+nothing of krunch: the peer's environment does not have it.
 """
 
 from __future__ import annotations
@@ -76,9 +77,54 @@ def nncf_model(model: torch.nn.Module, recipe: dict[str, Any], calibration: list
     return compressed, distinct_bytes([t for t in compressed.state_dict().values() if isinstance(t, torch.Tensor)])
 
 
+def torchao_model(model: torch.nn.Module, recipe: dict[str, Any]) -> tuple[torch.nn.Module, int]:
+    """torchao's int4 weight-only CPU layout on the decoder linears of the bf16 model, as torchao runs on CPU;
+    the weight bytes: int4 codes plus a bf16 scale and zero per group, the rest in bf16."""
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    model = model.to(torch.bfloat16)
+    group = recipe["group_size"]
+    decoder = {name for name, module in model.named_modules() if name.startswith(DECODER) and isinstance(module, torch.nn.Linear)}
+    quantized = sum(model.get_submodule(name).weight.numel() for name in decoder)
+    others = [t for key, t in model.state_dict().items() if key.rpartition(".")[0] not in decoder]
+    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False),
+              filter_fn=lambda module, name: name in decoder)  # fmt: skip
+    return model, quantized // 2 + quantized // group * 4 + distinct_bytes(others)
+
+
+def llama_perplexity(gguf: str, windows: list[list[int]], threads: int) -> float:
+    """Perplexity through llama-cpp-python on the given token ids: each window evaluated from an empty cache,
+    every position's logits kept."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=max(len(w) for w in windows), n_batch=512, n_threads=threads, n_threads_batch=threads,
+                logits_all=True, verbose=False)  # fmt: skip
+    total, count = 0.0, 0
+    for window in windows:
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        total += float((log_norm - logits[np.arange(len(window) - 1), window[1:]]).sum())
+        count += len(window) - 1
+    return math.exp(total / count)
+
+
 def main() -> int:
     row = json.loads(open(sys.argv[1], encoding="utf-8").read())
     torch.set_num_threads(row.get("threads", torch.get_num_threads()))
+    if row["peer"] == "llama":  # the GGUF file is the model: its bytes are the weights'
+        from pathlib import Path
+
+        fp32_bytes = sum(path.stat().st_size for path in Path(row["model_dir"]).glob("*.safetensors"))
+        started = time.perf_counter()
+        scores = {corpus: llama_perplexity(row["gguf"], windows, row["threads"]) for corpus, windows in row["windows"].items()}
+        print(json.dumps({"perplexity": scores, "bytes": Path(row["gguf"]).stat().st_size, "fp32_bytes": fp32_bytes,
+                          "seconds": time.perf_counter() - started}))  # fmt: skip
+        return 0
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(row["model_dir"], dtype=torch.float32).eval()
@@ -88,6 +134,8 @@ def main() -> int:
         size = hqq_model(model, row["recipe"])
     elif row["peer"] == "nncf":
         model, size = nncf_model(model, row["recipe"], row["calibration"])
+    elif row["peer"] == "torchao":
+        model, size = torchao_model(model, row["recipe"])
     else:
         raise SystemExit(f"unknown peer {row['peer']!r}")
     seconds = time.perf_counter() - started
