@@ -360,6 +360,12 @@ class Evaluation(_Model):
             raise ValueError(f"unknown task {value!r}; choose one of {', '.join(t.value for t in Task)}")
         return value
 
+    @model_validator(mode="after")
+    def _compiled_decode_needs_text(self) -> Evaluation:
+        if self.compiled_decode and self.task not in (None, Task.PERPLEXITY.value):
+            raise ValueError(f"compiledDecode measures a causal LM's decode (task perplexity), not task {self.task}")
+        return self
+
 
 class Resources(_Model):
     workers: int | None = Field(

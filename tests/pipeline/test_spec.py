@@ -73,6 +73,7 @@ def test_every_example_file_in_the_repository_parses():
         (lambda d: d["spec"]["recipe"]["rules"][0].update(form="diagonal"), "spec.recipe.rules[0].form", "'pivoted' or 'factors'"),
         (lambda d: d["spec"]["recipe"]["target"].update(paramRatio=1.5), "spec.recipe.target.paramRatio", "less than 1"),
         (lambda d: d["spec"]["evaluation"].update(task="bleu"), "spec.evaluation.task", "unknown task 'bleu'"),
+        (lambda d: d["spec"]["evaluation"].update(task="embedding", compiledDecode=True), "spec.evaluation", "compiledDecode measures"),
         (lambda d: d.update(kind="Pod"), "kind", "not a CompressionJob"),
         (lambda d: d["spec"]["recipe"].update(rules=[]), "spec.recipe.rules", "at least 1 item"),
     ],
