@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import Kernel, Packed, choose_kernel, pack, quantized_linear
-from .quant import QuantFormat, QuantizedData, dequantize, packed_shape, quantize
+from .kernels import PACK_BLOCK, Kernel, Packed, choose_kernel, codes_from_int4_pack, int4_pack_is_permutation, pack, quantized_linear
+from .quant import QuantFormat, QuantizedData, dequantize, pack_codes, packed_shape, quantize
 
 _LAYER_TYPES: dict[str, type[CompressedLayer]] = {}
 FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -19,7 +19,9 @@ class QuantizedTensor(nn.Module):
     """A quantized tensor as buffers (values, scale, zero point); `dequantize()` gives float32 back.
 
     Matmuls go through `quantized_linear`, which packs the codes once per device for the best kernel
-    (`packed`); the pack is a cache, never part of the state dict or of a pickle.
+    (`packed`); the pack is a cache, never part of the state dict or of a pickle. The CPU int4 pack only
+    rearranges the stored nibbles, so once it exists the stored codes are not kept beside it (half the codes'
+    memory): the state dict, a pickle, `.to()` and dequantizing read them back from the pack.
     """
 
     def __init__(self, shape: tuple[int, ...], config: QuantFormat | Any) -> None:
@@ -34,6 +36,7 @@ class QuantizedTensor(nn.Module):
         self.register_buffer("zero_point", torch.zeros(layout["zero_point"], dtype=torch.uint8))
         self.exact = False  # True: dequantize and run in fp32 (the reference), whatever kernel exists
         self._packed: Packed | None = None
+        self._codes_in_pack = False  # the values buffer is emptied: the int4 pack holds the codes
 
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor, config: QuantFormat | Any) -> QuantizedTensor:
@@ -49,10 +52,37 @@ class QuantizedTensor(nn.Module):
         return module
 
     def data(self) -> QuantizedData:
-        return QuantizedData(self.values, self.scale, self.zero_point, self.shape, self.config.bits, self.group_size)
+        return QuantizedData(self.stored_values(), self.scale, self.zero_point, self.shape, self.config.bits, self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self._codes_in_pack:  # the nibbles straight from the pack, not packed again first
+            data = QuantizedData(self.values, self.scale, self.zero_point, self.shape, self.config.bits, self.group_size)
+            return dequantize(data, self.config.symmetric, dtype, codes=self._pack_codes())
         return dequantize(self.data(), self.config.symmetric, dtype)
+
+    def stored_values(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored codes (of output channels `rows` only, if given), as saved: read back from the int4 pack
+        when it holds them."""
+        if not self._codes_in_pack:
+            return self.values if rows is None else self.values[rows]
+        return pack_codes(self._pack_codes(rows), self.config.bits)
+
+    def _pack_codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        assert self._packed is not None
+        return codes_from_int4_pack(self._packed.weight, self.shape[0], self._packed.columns, rows)
+
+    def _release_codes(self) -> None:
+        """Empty the values buffer when the int4 pack holds the same nibbles (not while tracing a graph)."""
+        packed = self._packed
+        if (packed is not None and packed.kernel is Kernel.INT4_CPU and self.shape[0] % PACK_BLOCK == 0
+                and not torch.compiler.is_compiling() and int4_pack_is_permutation()):  # fmt: skip
+            self._buffers["values"] = torch.empty(0, dtype=self.values.dtype, device=self.values.device)
+            self._codes_in_pack = True
+
+    def _restore_codes(self) -> None:
+        if self._codes_in_pack:
+            self._buffers["values"] = self.stored_values()
+            self._codes_in_pack = False
 
     def kernel(self, device: torch.device | str | None = None) -> tuple[Kernel, str]:
         """Which kernel a matmul with this weight runs on `device` (default: where the codes are), and why."""
@@ -62,20 +92,31 @@ class QuantizedTensor(nn.Module):
 
     def packed(self, device: torch.device) -> Packed:
         if self._packed is None or self._packed.device != device:
+            self._restore_codes()
             self._packed = pack(self.data(), self.config, device)
+            self._release_codes()
         return self._packed
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedTensor:  # .to(), .cuda(), .half(): pack again
+        self._restore_codes()
         self._packed = None
         return super()._apply(fn, recurse)
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._codes_in_pack:
+            destination[prefix + "values"] = self.stored_values()
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._restore_codes()
         self._packed = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        return {**state, "_packed": None}
+        state = dict(super().__getstate__())
+        if self._codes_in_pack:
+            state["_buffers"] = {**state["_buffers"], "values": self.stored_values()}
+        return {**state, "_packed": None, "_codes_in_pack": False}
 
     def extra_repr(self) -> str:
         group = f"group={self.config.group_size}" if self.config.group_size else "per-channel"

@@ -9,6 +9,7 @@ instead, where a transient bf16 weight and one bf16 GEMM win; `exact` layers kee
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -95,6 +96,30 @@ def pack(data: QuantizedData, fmt: QuantFormat, device: torch.device) -> Packed:
         scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         return Packed(kernel, device, weight, scale_zero, group_size=data.group_size, columns=nibbles.shape[1])
     return Packed(kernel, device)
+
+
+PACK_BLOCK = 64  # output channels per block of the CPU int4 pack: a byte holds channel b*64+d (low) and b*64+32+d
+
+
+@functools.cache
+def int4_pack_is_permutation() -> bool:
+    """Whether this torch's CPU int4 pack only rearranges the nibbles (blocks of PACK_BLOCK output channels, each
+    byte two channels 32 apart at one input), checked once on a random weight: then the stored codes can be
+    read back from the pack, and need not be kept beside it."""
+    codes = torch.randint(0, 16, (2 * PACK_BLOCK, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return weight.shape == (2 * PACK_BLOCK, 32) and torch.equal(codes_from_int4_pack(weight, 2 * PACK_BLOCK, 64), codes.to(torch.uint8))
+
+
+def codes_from_int4_pack(weight: torch.Tensor, rows: int, columns: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """The unsigned nibbles (rows, columns) the CPU int4 pack holds, or only the output channels `index`."""
+    blocks = weight.view(rows // PACK_BLOCK, columns, PACK_BLOCK // 2)
+    if index is not None:
+        half = PACK_BLOCK // 2
+        picked = blocks[index // PACK_BLOCK, :, index % half]  # (len(index), columns)
+        return torch.where((index % PACK_BLOCK < half)[:, None], picked & 0x0F, picked >> 4)
+    low, high = (blocks & 0x0F).transpose(1, 2), (blocks >> 4).transpose(1, 2)
+    return torch.cat([low, high], dim=1).reshape(rows, columns)
 
 
 def packed_matmul(x: torch.Tensor, packed: Packed) -> torch.Tensor:

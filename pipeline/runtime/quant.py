@@ -250,12 +250,13 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tu
     return QuantizedData(values.contiguous(), scale.contiguous(), zero_point.contiguous(), shape, config.bits, group)
 
 
-def dequantize(data: QuantizedData, symmetric: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(data: QuantizedData, symmetric: bool, dtype: torch.dtype = torch.float32, codes: torch.Tensor | None = None) -> torch.Tensor:
     """The float values the codes stand for, computed in `dtype` (codes and zero points are integers below
-    256, exact in bf16 too, so a bf16 result is rounded once, as a cast of the fp32 one would be)."""
+    256, exact in bf16 too, so a bf16 result is rounded once, as a cast of the fp32 one would be). `codes`:
+    the unsigned codes (rows, padded columns) of a packed width, already unpacked (from a kernel's pack)."""
     rows = data.shape[0]
     if data.bits < 8:
-        q = unpack_codes(data.values, data.bits).to(dtype)
+        q = (unpack_codes(data.values, data.bits) if codes is None else codes).to(dtype)
         if symmetric:
             q = q - 2 ** (data.bits - 1)
     else:

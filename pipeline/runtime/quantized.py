@@ -102,7 +102,7 @@ class QuantizedEmbedding(CompressedLayer):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q = self.weight_q
         flat = ids.reshape(-1)
-        values = q.values[flat]
+        values = q.stored_values(flat)
         scale = q.scale[flat]
         zero = q.zero_point[flat] if q.zero_point.numel() else q.zero_point
         data = QuantizedData(values, scale, zero, (len(flat), self.embedding_dim), q.config.bits, q.group_size)

@@ -187,3 +187,40 @@ def test_inputs_that_are_not_whole_kernel_tiles_are_padded(fmt, rows):
     with torch.no_grad():
         reference = F.linear(x, layer.to_dense(), layer.bias)
         assert relative(layer(x), reference) < BF16_TOLERANCE
+
+
+def test_the_int4_pack_holds_the_codes_once_and_gives_them_back_exactly(smollm2):
+    """Once packed for the CPU int4 kernel the stored codes live only in the pack: the model holds them once,
+    yet the state dict, a pickle, a copy, `.to()`, prefill's dequantized weight and embedding rows are what
+    they were."""
+    import copy
+    import pickle
+
+    from krunch.sizes import tensor_bytes
+
+    source = smollm2.module.model.layers[3].mlp.up_proj
+    layer = QuantizedLinear.from_dense(source, QuantFormat(4, 32, symmetric=False))
+    stored = {key: value.clone() for key, value in layer.state_dict().items()}
+    dense, unpacked_bytes = layer.to_dense(), tensor_bytes(layer)
+    x = torch.randn(32, source.in_features)  # prefill rows: the transient bf16 weight comes from the pack
+    with torch.no_grad():
+        expected = F.linear(x.bfloat16(), layer.weight_q.dequantize(torch.bfloat16)).float()  # from the stored codes
+        out = layer(x)
+    weight = layer.weight_q
+    assert weight._packed.kernel is Kernel.INT4_CPU and weight.values.numel() == 0
+    assert tensor_bytes(layer) == unpacked_bytes + weight._packed.scale.nbytes  # the codes once, plus the bf16 scale/zero pack
+    assert torch.equal(out, expected) and torch.equal(layer.to_dense(), dense)
+    for again in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), layer):
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in stored.items()), again is layer
+    assert weight.values.numel() == 0  # saving read the codes back without keeping them
+    layer.to("cpu")
+    assert torch.equal(weight.values, stored["weight_q.values"])  # .to() puts them back, to be packed for the device
+    layer.load_state_dict(stored)
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected) and weight.values.numel() == 0
+
+    embedding = QuantizedEmbedding.from_dense(smollm2.module.model.embed_tokens, QuantFormat(4, 32))
+    ids = torch.tensor([[0, 31, 32, 63, 64, 1234, 49151]])
+    before = embedding(ids)
+    embedding.weight_q.packed(torch.device("cpu"))  # as a tied LM head's first matmul does
+    assert embedding.weight_q.values.numel() == 0 and torch.equal(embedding(ids), before)
