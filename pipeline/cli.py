@@ -88,15 +88,22 @@ def set_threads(threads: int | None) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from krunch.evaluation import EvalOptions, default_task, evaluate, parse_task
+    from krunch.evaluation import EvalOptions, Task, default_task, evaluate, parse_task
     from krunch.sources import load_model
 
     set_threads(args.threads)
     if args.items is not None and args.items < 1:
         raise KrunchError("--items", f"must be at least 1, got {args.items}")
     task = parse_task(args.task) if args.task else None
+
+    def refuse_compiled_decode(task: Task | None) -> None:
+        if args.compiled_decode and task not in (None, Task.PERPLEXITY):
+            raise KrunchError("--compiled-decode", f"measures a causal LM's decode (task perplexity), not task {task.value}")
+
+    refuse_compiled_decode(task)  # before loading when --task says it; else once the model's own task is known
     model = load_model(args.model, args.factory)
     task = task or default_task(model)
+    refuse_compiled_decode(task)
     reference = load_model(args.reference, args.reference_factory) if args.reference else None
     options = EvalOptions(data=text_data_reference(args.data), tokens=args.tokens, items=args.items, compiled_decode=args.compiled_decode)
     metrics = evaluate(model, task, options, reference)

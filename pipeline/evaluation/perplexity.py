@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from krunch.data.text import Split, special_tokens, token_slice
 from krunch.errors import KrunchError
 from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
-from krunch.evaluation.speed import PREFILL_TOKENS, causal_lm_speed, compiled_decode_speed
+from krunch.evaluation.speed import PREFILL_TOKENS, causal_lm_speed
 from krunch.evaluation.timing import timed_batches
 from krunch.model import LoadedModel, ModelKind
 
@@ -48,9 +48,8 @@ def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel 
     results, timing = timed_batches(negative_log_likelihood, batches, [b.numel() for b in batches])
     total_nll = sum(nll for nll, _ in results)
     predicted = sum(n for _, n in results)
-    speed = causal_lm_speed(model.module, ids) if hasattr(model.module, "generate") and len(ids) >= PREFILL_TOKENS else {}
-    if speed and options.compiled_decode:
-        speed.update(compiled_decode_speed(model.module, ids))
+    measurable = hasattr(model.module, "generate") and len(ids) >= PREFILL_TOKENS
+    speed = causal_lm_speed(model.module, ids, options.compiled_decode) if measurable else {}
     return {
         "perplexity": round(math.exp(total_nll / predicted), 4),
         "data": data,

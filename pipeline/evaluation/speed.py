@@ -24,15 +24,16 @@ def generate(module: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
 
 
-def causal_lm_speed(module: nn.Module, ids: list[int]) -> dict[str, float | int]:
+def causal_lm_speed(module: nn.Module, ids: list[int], compiled_decode: bool = False) -> dict[str, float | int]:
     """Greedy decode of DECODE_TOKENS after a DECODE_PROMPT-token prompt, and one PREFILL_TOKENS forward
-    that keeps the last logits, after a warm-up (kernels pack their weights on first use)."""
+    that keeps the last logits, after a warm-up (kernels pack their weights on first use); with
+    `compiled_decode`, the same decode through `greedy_decode` too (`compiled_decode_speed`)."""
     prompt = torch.tensor([ids[:DECODE_PROMPT]])
     prefill = torch.tensor([ids[:PREFILL_TOKENS]])
     with torch.inference_mode():
         generate(module, prompt, 4)
         cpu, start = cpu_seconds(), time.perf_counter()
-        generate(module, prompt, DECODE_TOKENS)
+        eager = generate(module, prompt, DECODE_TOKENS)
         decode_s, decode_cpu = time.perf_counter() - start, cpu_seconds() - cpu
         module(prefill[:, :64], logits_to_keep=1)
         start = time.perf_counter()
@@ -43,21 +44,20 @@ def causal_lm_speed(module: nn.Module, ids: list[int]) -> dict[str, float | int]
         "prefill_tokens_per_s": round(prefill.shape[1] / prefill_s, 2),
         "cpu_s_per_token": round(decode_cpu / DECODE_TOKENS, 5),
         "memory_bytes": tensor_bytes(module),
+        **(compiled_decode_speed(module, prompt, eager) if compiled_decode else {}),
     }
 
 
-def compiled_decode_speed(module: nn.Module, ids: list[int]) -> dict[str, float | int]:
+def compiled_decode_speed(module: nn.Module, prompt: torch.Tensor, eager: torch.Tensor) -> dict[str, float | int]:
     """The same greedy decode through `krunch.runtime.greedy_decode`, one compiled step per token: what a user
     who serves the model that way gets. Compiling (tens of seconds on a small CPU) is timed apart; the new
-    tokens are compared with eager `generate`'s (how many lead alike: a compiled int8 step computes in fp32,
-    eager in bf16, so a near tie may go the other way); the model's attention implementation is restored."""
+    tokens are compared with eager `generate`'s (`eager`: how many lead alike; a compiled int8 step computes
+    in fp32, eager in bf16, so a near tie may go the other way); the model's attention implementation is
+    restored."""
     from krunch.runtime import greedy_decode
 
-    prompt = torch.tensor([ids[:DECODE_PROMPT]])
     attention = getattr(module.config, "_attn_implementation", None)
     try:
-        with torch.inference_mode():
-            eager = generate(module, prompt, DECODE_TOKENS)
         start = time.perf_counter()
         greedy_decode(module, prompt, 4)
         warm_up_s = time.perf_counter() - start
@@ -71,7 +71,7 @@ def compiled_decode_speed(module: nn.Module, ids: list[int]) -> dict[str, float 
         "compiled_decode_tokens_per_s": round(DECODE_TOKENS / decode_s, 3),
         "compiled_cpu_s_per_token": round(decode_cpu / DECODE_TOKENS, 5),
         "compiled_warm_up_s": round(warm_up_s, 2),
-        "compiled_tokens_as_eager": leading_agreement(compiled[0, prompt.shape[1]:], eager[0, prompt.shape[1]:]),
+        "compiled_tokens_as_eager": leading_agreement(compiled[0, prompt.shape[1] :], eager[0, prompt.shape[1] :]),
     }
 
 

@@ -126,9 +126,7 @@ def packed_matmul(x: torch.Tensor, packed: Packed) -> torch.Tensor:
     """x (rows, K) as bf16 times the packed weight, returned as fp32 (rows, N)."""
     if packed.kernel is Kernel.INT8_CPU and x.shape[0] == 1 and torch.compiler.is_compiling():
         return int8_row_reduction(x, packed)
-    xb = x.to(torch.bfloat16)
-    if xb.shape[-1] < packed.columns:  # zero inputs for the padding (whose codes stand for zero weights)
-        xb = F.pad(xb, (0, packed.columns - xb.shape[-1]))
+    xb = padded(x.to(torch.bfloat16), packed)
     if packed.kernel is Kernel.INT8_CPU:
         out = torch.ops.aten._weight_int8pack_mm(xb, packed.weight, packed.ones).float() * packed.scale
         if packed.offset is not None:
@@ -137,15 +135,18 @@ def packed_matmul(x: torch.Tensor, packed: Packed) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed.weight, packed.group_size, packed.scale).float()
 
 
+def padded(x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """x with zero inputs for the pack's padding columns (whose codes stand for zero weights)."""
+    return F.pad(x, (0, packed.columns - x.shape[-1])) if x.shape[-1] < packed.columns else x
+
+
 def int8_row_reduction(x: torch.Tensor, packed: Packed) -> torch.Tensor:
     """One row of activations times int8 codes, written as a reduction for inductor to compile: in a compiled
     decode step it becomes one loop that converts each code as it reads it and accumulates in fp32, which
     streams the codes about 1.5x faster than `_weight_int8pack_mm` (docs/kernels.md); eager or at more rows
-    the aten kernel is faster. The activations stay fp32 (rounding them to bf16 as the kernel does halves the
-    loop's speed), so a compiled step is the fp32 reference's to fp32 rounding, not the eager kernel's."""
-    xf = x.float()
-    if xf.shape[-1] < packed.columns:
-        xf = F.pad(xf, (0, packed.columns - xf.shape[-1]))
+    the aten kernel is faster. The activations stay fp32 (rounding them to bf16 as the kernel does makes the
+    loop 3-4x slower), so a compiled step is the fp32 reference's to fp32 rounding, not the eager kernel's."""
+    xf = padded(x.float(), packed)
     out = (xf[:, None, :] * packed.weight.float()).sum(-1) * packed.scale
     if packed.offset is not None:
         out = out + xf.sum(-1, keepdim=True) * packed.offset

@@ -60,6 +60,7 @@ def test_hf_directory_without_weights(tmp_path):
 def test_bad_option_values():
     assert_one_line_error(krunch("eval", "zoo:mobilenet-v2", "--task", "bleu"), "--task", "unknown task 'bleu'")
     assert_one_line_error(krunch("eval", "zoo:mobilenet-v2", "--threads", "0"), "--threads")
+    assert_one_line_error(krunch("eval", "zoo:mobilenet-v2", "--compiled-decode"), "--compiled-decode", "task perplexity")
 
 
 def test_debug_shows_the_traceback():

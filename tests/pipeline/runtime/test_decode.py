@@ -155,12 +155,12 @@ def test_a_compiled_step_never_runs_another_model_or_a_changed_one():
 
 
 def test_the_compiled_decode_figures_of_a_report_check_the_tokens_and_leave_attention_as_it_was():
-    from krunch.evaluation.speed import DECODE_PROMPT, DECODE_TOKENS, compiled_decode_speed
+    from krunch.evaluation.speed import DECODE_TOKENS, PREFILL_TOKENS, causal_lm_speed
 
     model = tiny_quantized_llama(seed=3)
     before = model.config._attn_implementation
     torch._dynamo.reset()
-    figures = compiled_decode_speed(model, torch.randint(1, 256, (DECODE_PROMPT,)).tolist())
+    figures = causal_lm_speed(model, torch.randint(1, 256, (PREFILL_TOKENS,)).tolist(), compiled_decode=True)
     assert figures["compiled_tokens_as_eager"] == DECODE_TOKENS  # the same kernels compiled: every token as eager's
     assert figures["compiled_decode_tokens_per_s"] > 0 and figures["compiled_cpu_s_per_token"] > 0
     assert model.config._attn_implementation == before != DECODE_ATTENTION  # a saved model needs no krunch attention
