@@ -47,16 +47,15 @@ def save_compressed(directory: Path, model: LoadedModel, source: dict[str, Any],
                     tied: dict[str, str], max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(model.module, directory, max_shard_bytes)
-    manifest = {
-        "format": FORMAT,
-        "source": source,
-        "kind": model.kind.value if model.kind else None,
-        "recipe": recipe,
-        "layers": layer_entries(model.module, tied),
-        "versions": {"krunch": __version__, "torch": torch.__version__},
-    }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_manifest(directory, source, model.kind.value if model.kind else None, recipe, layer_entries(model.module, tied))
     return directory
+
+
+def write_manifest(directory: Path, source: dict[str, Any], kind: str | None, recipe: dict[str, Any],
+                   layers: list[dict[str, Any]]) -> None:  # fmt: skip
+    manifest = {"format": FORMAT, "source": source, "kind": kind, "recipe": recipe, "layers": layers,
+                "versions": {"krunch": __version__, "torch": torch.__version__}}  # fmt: skip
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def save_weights(module: torch.nn.Module, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
@@ -72,14 +71,22 @@ def save_weights(module: torch.nn.Module, directory: Path, max_shard_bytes: int 
         return [directory / WEIGHTS]
     files, weight_map = [], {}
     for number, names in enumerate(shards, start=1):
-        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        filename = shard_name(number, len(shards))
         safetensors.torch.save_file({name: state[name] for name in names}, str(directory / filename), metadata={"format": "pt"})
         files.append(directory / filename)
         weight_map |= dict.fromkeys(names, filename)
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_index(directory, weight_map, sum(t.numel() * t.element_size() for t in state.values()))
     return files
+
+
+def shard_name(number: int, count: int) -> str:
+    """Shard `number` of `count`, named as transformers' `save_pretrained` names them."""
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def shard_names(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
@@ -267,7 +274,8 @@ def _check_names(module: torch.nn.Module, layers: list[dict[str, Any]], referenc
 
 
 def load_compressed(directory: Path, reference: str | None = None, skeleton: torch.nn.Module | None = None,
-                    factory: str | None = None) -> LoadedModel:  # fmt: skip
+                    factory: str | None = None, streamed: bool = False) -> LoadedModel:  # fmt: skip
+    """`streamed`: the weights stay in the files and are read unit by unit as the model runs (krunch.streaming)."""
     reference = reference or f"krunch:{directory}"
     manifest = read_manifest(directory, reference)
     source = manifest["source"]
@@ -292,8 +300,14 @@ def load_compressed(directory: Path, reference: str | None = None, skeleton: tor
         raise ModelSourceError(reference, f"{MANIFEST}: layers: cannot be installed ({err})") from None
     try:
         files = weight_files(directory, reference)
-        load_weights(loaded.module, files)
-    except (RuntimeError, OSError, safetensors.SafetensorError) as err:
+        if streamed:
+            from krunch.streaming.store import TensorStore
+            from krunch.streaming.units import stream
+
+            stream(loaded.module, TensorStore(files))
+        else:
+            load_weights(loaded.module, files)
+    except (RuntimeError, KeyError, OSError, safetensors.SafetensorError) as err:
         detail = " ".join(str(err).split())[:300]
         raise ModelSourceError(reference, f"{' + '.join(f.name for f in files)} does not match the manifest: {detail}") from None
     loaded.module.eval()

@@ -272,6 +272,10 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     from krunch.api import compress
 
     executor = executor or RayExecutor.from_resources(job.spec.resources)
+    if job.spec.resources.stream:
+        from krunch.streaming.job import run_streamed_compression
+
+        return run_streamed_compression(job, out_dir, executor, progress)
     timings = Timings()
     prepared = prepare_job(job)
     original, task, reference = prepared.model, prepared.task, prepared.reference

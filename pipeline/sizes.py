@@ -40,7 +40,8 @@ def weight_bytes(module: nn.Module, float_bytes: int | None = None) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     for tensor in module.state_dict(keep_vars=True).values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        # a meta tensor (a streamed model's) has no storage: it is one tensor, shared only as the same object
+        key = (id(tensor), -1) if tensor.is_meta else (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if key not in seen:
             seen.add(key)
             size = float_bytes if float_bytes is not None and tensor.is_floating_point() else tensor.element_size()

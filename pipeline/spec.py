@@ -379,6 +379,12 @@ class Resources(_Model):
         1, ge=1, le=256, description="recipe.heal replicas, data-parallel through Ray Train (DDP): a GPU each when the "
         "cluster has GPUs, else an equal share of its CPUs; each step then reads this many batches",
     )
+    stream: bool = Field(
+        False, description="the driver holds about one block of weights at a time, for models bigger than its memory: the "
+        "source stays in its safetensors files (hf: and zoo: transformers models) and is read unit by unit when evaluated, "
+        "layers are compressed a block at a time and written to shards as they finish. Data-free recipes only (no "
+        "calibration, heal or target yet); no inference-speed figures (a streamed model reads its weights on every call)",
+    )
 
 
 REGISTRY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"

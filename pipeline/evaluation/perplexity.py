@@ -13,8 +13,12 @@ from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
 from krunch.evaluation.speed import PREFILL_TOKENS, causal_lm_speed
 from krunch.evaluation.timing import timed_batches
 from krunch.model import LoadedModel, ModelKind
+from krunch.runtime.kernels import PACKED_MAX_ROWS
 
 DEFAULT_DATA = "wikipedia"
+# Positions whose logits exist at once: 128 x 49152 fp32 logits are 25 MB, a 512-token window's 100 MB. A streamed
+# model takes PACKED_MAX_ROWS, so that a quantized head runs its packed kernel rather than a dequantized copy.
+HEAD_POSITIONS = 128
 
 
 def token_windows(tokenizer, ids: list[int], window: int) -> list[list[int]]:
@@ -24,6 +28,35 @@ def token_windows(tokenizer, ids: list[int], window: int) -> list[list[int]]:
     first, _ = special_tokens(tokenizer)
     text = window - len(first)
     return [first + ids[start : start + text] for start in range(0, len(ids) // text * text, text)]
+
+
+def _head_split(module: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The decoder and LM head of a transformers causal LM whose logits are the head applied to the decoder's
+    output and nothing else (no soft-capping or scaling of logits); None for any other model."""
+    config = getattr(module, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    decoder = getattr(module, "get_decoder", lambda: None)()
+    head = getattr(module, "get_output_embeddings", lambda: None)()
+    return None if decoder is None or head is None else (decoder, head)
+
+
+def window_nll(module: torch.nn.Module, batch: torch.Tensor, positions: int = HEAD_POSITIONS) -> float:
+    """Summed negative log-likelihood of each next token of a window, with the LM head applied `positions`
+    positions at a time where the model allows it (its logits dominate an evaluation's memory otherwise)."""
+    targets = batch[:, 1:]
+    split = _head_split(module)
+    if split is None:
+        logits = module(input_ids=batch).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+    decoder, head = split
+    hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+    total = 0.0
+    for start in range(0, hidden.shape[1], positions):
+        logits = head(hidden[:, start : start + positions]).float()
+        chunk = targets[:, start : start + positions]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk.reshape(-1), reduction="sum").item()
+    return total
 
 
 @evaluator(Task.PERPLEXITY, ModelKind.CAUSAL_LM)
@@ -40,15 +73,12 @@ def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel 
     batches = [windows[i : i + 1] for i in range(len(windows))]
 
     def negative_log_likelihood(batch: torch.Tensor) -> tuple[float, int]:
-        logits = model.module(input_ids=batch).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        return loss.item(), targets.numel()
+        return window_nll(model.module, batch, PACKED_MAX_ROWS if options.streamed else HEAD_POSITIONS), batch.shape[1] - 1
 
     results, timing = timed_batches(negative_log_likelihood, batches, [b.numel() for b in batches])
     total_nll = sum(nll for nll, _ in results)
     predicted = sum(n for _, n in results)
-    measurable = hasattr(model.module, "generate") and len(ids) >= PREFILL_TOKENS
+    measurable = not options.streamed and hasattr(model.module, "generate") and len(ids) >= PREFILL_TOKENS
     speed = causal_lm_speed(model.module, ids, options.compiled_decode) if measurable else {}
     return {
         "perplexity": round(math.exp(total_nll / predicted), 4),

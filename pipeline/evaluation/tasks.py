@@ -23,6 +23,7 @@ class EvalOptions:
     items: int | None = None  # cap on words / crops / documents, for quick runs
     batch_size: int = 16
     compiled_decode: bool = False  # causal LMs: also decode through greedy_decode's compiled step (compiles per model)
+    streamed: bool = False  # the model reads its weights on every call (krunch.streaming): no speed figures, small logits chunks
 
 
 Evaluator = Callable[[LoadedModel, EvalOptions, LoadedModel | None], Metrics]

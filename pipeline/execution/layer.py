@@ -35,10 +35,11 @@ class LayerResult:
     device: str = "cpu"
     threads: int = 0  # torch threads the layer ran with
     resources: dict | None = None  # what Ray assigned the attempt that succeeded (None in process)
+    kernels: dict | None = None  # the module's kernels, kept when a streamed job wrote the module out and dropped it
 
     def row(self) -> LayerRow:
         """The report's line; `kernels`: what each factor's matmul runs on where the layer now is."""
-        kernels = self.module.kernels() if isinstance(self.module, CompressedLayer) else None
+        kernels = self.module.kernels() if isinstance(self.module, CompressedLayer) else self.kernels
         return {"name": self.name, "method": self.method, "rank": self.rank, "params_before": self.params_before,
                 "params_after": self.params_after, "rel_error": self.rel_error, "seconds": round(self.seconds, 4),
                 "device": self.device, "threads": self.threads, "kernels": kernels}  # fmt: skip

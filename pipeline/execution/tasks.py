@@ -29,6 +29,7 @@ from torch import nn
 from krunch.execution.layer import LayerResult, compress_layer
 from krunch.model import LoadedModel
 from krunch.plan import LayerPlan, Plan
+from krunch.streaming.store import TensorStore
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,33 @@ def work_layers(plan: Plan) -> list[LayerPlan]:
     return [layer for layer in plan.layers if layer.tied_to is None]
 
 
+def located(store: TensorStore, key: str, shape: tuple[int, ...]) -> FileTensor | None:
+    """The file tensor `key` of that shape, or None where the files hold no such tensor."""
+    if key not in store or store.shape(key) != shape:
+        return None
+    return FileTensor(store.path_of(key), key)
+
+
 def in_process_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
                      threads: int) -> list[LayerTask]:  # fmt: skip
-    return [LayerTask(layer, model.module.get_submodule(layer.name), grams.get(layer.name), ranks.get(layer.name), threads)
-            for layer in work_layers(plan)]  # fmt: skip
+    """The real modules; a streamed model's (parameters on the meta device) as shells reading their files."""
+    store = TensorStore(model.weight_files) if model.weight_files else None
+    tasks = []
+    for layer in work_layers(plan):
+        module = model.module.get_submodule(layer.name)
+        task = LayerTask(layer, module, grams.get(layer.name), ranks.get(layer.name), threads)
+        if store is not None and any(p.is_meta for p in module.parameters()):
+            task.module = weightless_copy(module)
+            task.tensors = {name: _file_tensor(store, f"{layer.name}.{name}", p) for name, p in module.named_parameters()}
+        tasks.append(task)
+    return tasks
+
+
+def _file_tensor(store: TensorStore, key: str, parameter: torch.Tensor) -> FileTensor:
+    found = located(store, key, tuple(parameter.shape))
+    if found is None:
+        raise KeyError(f"{key}: no tensor of shape {tuple(parameter.shape)} in the weight files")
+    return found
 
 
 def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
@@ -104,7 +128,7 @@ def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor],
         seen[model.weight_files] = nodes_seeing(model.weight_files)
     seen_by = seen.get(model.weight_files, {})
     readable = bool(seen_by) and all(seen_by.values())
-    index = SafetensorsIndex(model.weight_files if readable else ())
+    store = TensorStore(model.weight_files)
     tasks: list[LayerTask] = []
     counts: dict[str, Any] = {"file": 0, "object_store": 0, "source_seen_by": seen_by,
                               "weights_from": "source files" if readable else "object store"}  # fmt: skip
@@ -112,9 +136,12 @@ def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor],
         module = model.module.get_submodule(layer.name)
         tensors: dict[str, TensorSource] = {}
         for param_name, param in module.named_parameters():
-            located = index.locate(f"{layer.name}.{param_name}", tuple(param.shape))
-            tensors[param_name] = located or StoredTensor(ray.put(param.detach()))
-            counts["file" if located else "object_store"] += 1
+            key = f"{layer.name}.{param_name}"
+            in_file = located(store, key, tuple(param.shape)) if readable else None
+            # a streamed model's parameters are on the meta device: the driver reads them from the file, once
+            value = _file_tensor(store, key, param).read() if in_file is None and param.is_meta else param.detach()
+            tensors[param_name] = in_file or StoredTensor(ray.put(value))
+            counts["file" if in_file else "object_store"] += 1
         gram = grams.get(layer.name)
         tasks.append(LayerTask(layer, weightless_copy(module), gram, ranks.get(layer.name), threads, tensors))
     return tasks, counts
@@ -155,23 +182,6 @@ def _sees_files(expected: list[tuple[str, int]]) -> bool:
     import os
 
     return all(os.path.isfile(path) and os.path.getsize(path) == size for path, size in expected)
-
-
-class SafetensorsIndex:
-    """Which file holds which key, from the files' headers only (no tensor is read)."""
-
-    def __init__(self, files: tuple[Path, ...]) -> None:
-        self._where: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for path in files:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    self._where[key] = (str(path), tuple(handle.get_slice(key).get_shape()))
-
-    def locate(self, key: str, shape: tuple[int, ...]) -> FileTensor | None:
-        found = self._where.get(key)
-        if found is None or found[1] != shape:
-            return None
-        return FileTensor(found[0], key)
 
 
 def weightless_copy(module: nn.Module) -> nn.Module:

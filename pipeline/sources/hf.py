@@ -17,24 +17,26 @@ from krunch.model import LoadedModel, ModelKind
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # Set while a compressed model is loaded: its architecture is all that is needed of the source, so parameters
 # stay on the meta device (buffers, such as rotary frequencies, are built) and the compressed weights are assigned.
-_ARCHITECTURE_ONLY = contextvars.ContextVar("krunch_architecture_only", default=False)
+# "files": the same, for a streamed source (krunch.streaming): its weights stay in its files, which are recorded.
+_ARCHITECTURE_ONLY = contextvars.ContextVar("krunch_architecture_only", default="")
 
 
 @contextlib.contextmanager
-def architecture_only() -> Iterator[None]:
-    token = _ARCHITECTURE_ONLY.set(True)
+def architecture_only(keep_files: bool = False) -> Iterator[None]:
+    token = _ARCHITECTURE_ONLY.set("files" if keep_files else "architecture")
     try:
         yield
     finally:
         _ARCHITECTURE_ONLY.reset(token)
 
 
-def empty_model(auto, config):  # noqa: ANN001, ANN201 - transformers' Auto class and config
-    """The architecture with parameters on the meta device: no memory for weights that will be replaced."""
+def empty_model(auto, config, dtype: torch.dtype | None = None):  # noqa: ANN001, ANN201 - transformers' Auto class and config
+    """The architecture with parameters on the meta device (in `dtype`, default the config's): no memory for
+    weights that will be replaced or read from their files when used."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        module = auto.from_config(config, trust_remote_code=False)
+        module = auto.from_config(config, trust_remote_code=False, **({"dtype": dtype} if dtype else {}))
     module.tie_weights()  # as from_pretrained does: a tied LM head is its embedding's parameter
     return module
 
@@ -95,14 +97,17 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
 
     kind = hf_model_kind(config)
     auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel
+    files = tuple(sorted(directory.glob("*.safetensors")))
+    mode = _ARCHITECTURE_ONLY.get()
     try:
-        if _ARCHITECTURE_ONLY.get():
+        if mode:
             from transformers import AutoConfig
 
-            module = empty_model(auto, AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False))
+            config_object = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+            module = empty_model(auto, config_object, stored_dtype(list(files)) if mode == "files" else None)
         else:
             module = auto.from_pretrained(
-                directory, dtype=stored_dtype(sorted(directory.glob("*.safetensors"))), use_safetensors=True,
+                directory, dtype=stored_dtype(list(files)), use_safetensors=True,
                 trust_remote_code=False, local_files_only=True,
             )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
@@ -115,7 +120,7 @@ def load_hf_directory(directory: Path, reference: str) -> LoadedModel:
         kind=kind,
         tokenizer=tokenizer,
         metadata={"architecture": ",".join(config.get("architectures") or [type(module).__name__])},
-        weight_files=() if _ARCHITECTURE_ONLY.get() else tuple(sorted(directory.glob("*.safetensors"))),
+        weight_files=() if mode == "architecture" else files,
     )
 
 

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import krunch
 from krunch.artifact import WEIGHTS, WEIGHTS_INDEX, weight_files
 from krunch.errors import ModelSourceError
-from krunch.execution.tasks import SafetensorsIndex
+from krunch.execution.tasks import located
+from krunch.streaming.store import TensorStore
 from krunch.sources import load_model
 
 RECIPE = {"rules": [{"match": "model.layers.*.mlp.*", "method": "svd", "rank": {"fixed": 8}}, {"match": "*", "method": "none"}],
@@ -68,15 +69,15 @@ def test_a_sharded_hf_checkpoint_is_read_shard_by_shard(tmp_path, smollm2):
     assert (tmp_path / WEIGHTS_INDEX).is_file()
     loaded = load_model(f"hf:{tmp_path}")
     assert len(loaded.weight_files) >= 2
-    index = SafetensorsIndex(loaded.weight_files)  # what remote layer tasks read their tensors through
+    store = TensorStore(loaded.weight_files)  # what remote layer tasks read their tensors through
     files = set()
     for name, parameter in loaded.module.named_parameters():
         if name == "lm_head.weight":
             continue  # tied: stored once, as the embedding
-        located = index.locate(name, tuple(parameter.shape))
-        assert located is not None, name
-        assert torch.equal(located.read(), model.state_dict()[name])
-        files.add(located.path)
+        found = located(store, name, tuple(parameter.shape))
+        assert found is not None, name
+        assert torch.equal(found.read(), model.state_dict()[name])
+        files.add(found.path)
     assert len(files) == len(loaded.weight_files)  # every shard holds some of them
     ids = torch.randint(0, len(smollm2.tokenizer), (1, 8))
     with torch.no_grad():

@@ -1,0 +1,162 @@
+"""The streamed driver (`spec.resources.stream`) on the real SmolLM2: a model whose weights stay in their files
+computes what the loaded model computes, a streamed job writes what the whole-model job writes, what it does not
+do yet is refused by name, and under a memory cap that kills the whole-model job it finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import krunch
+from krunch.artifact import MANIFEST, weight_files
+from krunch.execution.executors import InProcessExecutor
+from krunch.run import run_compression
+from krunch.sources import load_model
+from krunch.sources.hf import architecture_only
+from krunch.spec import SpecError, parse_job
+from krunch.streaming.store import TensorStore
+from krunch.streaming.units import stream
+from krunch.streaming.writer import ShardWriter
+
+pytestmark = pytest.mark.slow
+INT8 = {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8, "symmetric": True}}
+
+
+def job(stream_weights: bool, recipe: dict | None = None, source: str = "zoo:smollm2-135m", tokens: int = 1024):
+    return parse_job({"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "streamed"},
+                      "spec": {"model": {"source": source}, "recipe": recipe or INT8,
+                               "evaluation": {"task": "perplexity", "tokens": tokens},
+                               "resources": {"stream": stream_weights}}})  # fmt: skip
+
+
+def streamed_smollm2():
+    with architecture_only(keep_files=True):
+        model = load_model("zoo:smollm2-135m")
+    return model, stream(model.module, TensorStore(model.weight_files))
+
+
+def test_a_streamed_model_computes_what_the_loaded_one_does(smollm2):
+    model, units = streamed_smollm2()
+    assert units["model.embed_tokens"] == "rows" and units["lm_head"] == "rows"  # each bigger than a block
+    assert units["model.layers.0"] == "whole" and len([u for u in units if u.startswith("model.layers.")]) == 30
+    ids = torch.tensor([smollm2.tokenizer("The capital of France is Paris, and the capital of Italy is")["input_ids"]])
+    with torch.inference_mode():
+        assert torch.equal(model.module(input_ids=ids).logits, smollm2.module(input_ids=ids).logits)
+    assert all(t.is_meta for t in model.module.state_dict(keep_vars=True).values())  # nothing stayed behind
+
+
+def test_a_streamed_job_writes_what_the_whole_model_job_writes(tmp_path, smollm2):
+    whole = run_compression(job(False), tmp_path / "whole", executor=InProcessExecutor())
+    streamed = run_compression(job(True), tmp_path / "streamed", executor=InProcessExecutor())
+    files = weight_files(tmp_path / "streamed")
+    assert len(files) > 1 and streamed.report["execution"]["shards"] == len(files)  # written shard by shard
+    tensors = {k: v for path in files for k, v in load_file(str(path)).items()}
+    expected = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    manifests = [json.loads((tmp_path / d / MANIFEST).read_text())["layers"] for d in ("whole", "streamed")]
+    assert manifests[0] == manifests[1]
+    for key in ("params_before", "params_after", "bytes_before", "bytes_after", "source_dtype", "compression_ratio"):
+        assert streamed.report[key] == whole.report[key], key
+    assert [r["kernels"] for r in streamed.report["layers"]] == [r["kernels"] for r in whole.report["layers"]]
+    before, after = streamed.report["metrics_before"], streamed.report["metrics_after"]
+    assert before["perplexity"] == pytest.approx(whole.report["metrics_before"]["perplexity"], rel=1e-4)
+    assert after["perplexity"] == pytest.approx(whole.report["metrics_after"]["perplexity"], rel=5e-3)
+    assert "decode_tokens_per_s" not in after and "not measured" in streamed.report["execution"]["inference_figures"]
+    reloaded = krunch.load(tmp_path / "streamed")  # an ordinary compressed model for a consumer
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.inference_mode():
+        assert torch.equal(reloaded(input_ids=ids).logits, krunch.load(tmp_path / "whole")(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(("recipe", "source", "field"), [
+    ({"rules": [{"match": "model.layers.*", "method": "none", "quantize": {"bits": 4, "rounding": "gptq"}}]},
+     "zoo:smollm2-135m", "spec.recipe.calibration"),
+    ({"rules": [{"match": "model.layers.*.mlp.*", "method": "svd"}], "target": {"paramRatio": 0.8}}, "zoo:smollm2-135m",
+     "spec.recipe.target"),
+    (INT8, "zoo:mobilenet-v2", "spec.resources.stream"),
+])  # fmt: skip
+def test_what_a_streamed_driver_does_not_do_is_refused_by_name(tmp_path, recipe, source, field):
+    with pytest.raises(SpecError) as caught:
+        run_compression(job(True, recipe, source), tmp_path / "out", executor=InProcessExecutor())
+    assert caught.value.subject == field
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_shard_writer_cuts_shards_and_indexes_them(tmp_path):
+    writer = ShardWriter(tmp_path, shard_bytes=1000)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each: two per shard
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    with pytest.raises(ValueError, match="t0 written twice"):
+        writer.add("t0", tensors["t0"])
+    files = writer.close()
+    assert [f.name for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 2000 and len(index["weight_map"]) == 5
+    read = {k: v for f in files for k, v in load_file(str(f)).items()}
+    assert all(torch.equal(read[k], v) for k, v in tensors.items())
+
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+DRIVER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from krunch.execution.executors import RayExecutor
+    from krunch.run import run_compression
+    from krunch.spec import parse_job
+    import json
+    job = parse_job(json.loads(sys.argv[1]), "test")
+    run_compression(job, Path(sys.argv[2]), executor=RayExecutor(address=sys.argv[3]))
+""")
+FIXED = textwrap.dedent("""
+    import psutil, ray, sys
+    from krunch.sources import load_model
+    from krunch.sources.hf import architecture_only
+    import krunch.run, krunch.streaming.job  # what the driver imports
+    with architecture_only(keep_files=True):
+        load_model("zoo:smollm2-135m")
+    ray.init(address=sys.argv[1])
+    print(psutil.Process().memory_info().rss)
+""")
+
+
+def _in_cgroup(name: str, limit: int, command: list[str], env: dict[str, str]) -> tuple[int, int]:
+    """Run `command` alone in a fresh memory cgroup capped at `limit` bytes; its exit code and peak usage."""
+    group = CGROUP / name
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        wrapped = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command]
+        code = subprocess.run(wrapped, env=env, capture_output=True, timeout=600).returncode
+        return code, int((group / "memory.max_usage_in_bytes").read_text())
+    finally:
+        group.rmdir()
+
+
+@pytest.mark.skipif(not os.access(CGROUP, os.W_OK), reason="no writable cgroup v1 memory controller")
+def test_a_streamed_driver_finishes_under_a_cap_that_kills_the_whole_model_job(tmp_path, ray_cluster, smollm2):
+    """The driver alone in the cgroup (the Ray workers outside it), capped at its fixed overhead plus half the
+    source's fp32 weight bytes: the whole-model job is killed loading the source, the streamed one finishes."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    fixed = int(subprocess.run([sys.executable, "-c", FIXED, ray_cluster], env=env, capture_output=True, text=True,
+                               timeout=300, check=True).stdout.split()[-1])  # fmt: skip
+    weights = sum(path.stat().st_size for path in smollm2.weight_files)
+    limit = fixed + weights // 2
+    results = {}
+    for stream_weights in (False, True):
+        document = json.dumps(job(stream_weights).model_dump(by_alias=True, mode="json", exclude_none=True))
+        command = [sys.executable, "-c", DRIVER, document, str(tmp_path / f"out-{stream_weights}"), ray_cluster]
+        results[stream_weights] = _in_cgroup(f"krunch-test-{os.getpid()}-{stream_weights}", limit, command, env)
+    assert results[False][0] != 0  # killed: the source alone does not fit
+    code, peak = results[True]
+    assert code == 0 and peak <= limit
+    assert krunch.load(tmp_path / "out-True").model.layers[0].mlp.down_proj.weight_q.config.bits == 8
