@@ -12,12 +12,20 @@ weights and the driver's fixed overhead (RSS before the model is loaded). The
 weights are paged in before the stage, as a real job's calibration would:
 the driver itself never reads them on the Ray path, so this is the worst case.
 
+With `--driver` it measures a whole job instead: SmolLM2 int8 (examples/smollm2-int8.yaml's recipe, perplexity
+on 4096 tokens before and after, layer tasks on a local Ray instance of 2 workers), once with the driver
+holding the whole model and once streamed (`resources.stream`), each in a fresh process: the driver's peak
+RSS over its fixed overhead (interpreter, torch, transformers, tokenizer, Ray driver: RSS before any weight
+is read), per source weight byte, for the compression stages and for the whole job (which ends by loading
+the compressed model whole, for MLflow's pickle).
+
 With `--gpus-per-task G` (on a machine with GPUs) it adds Ray rows whose tasks
 each ask for G GPUs and decompose in CUDA; GPU factors are not bit-identical to
 CPU ones (different kernels), so every row also reports how far its per-layer
 relative reconstruction errors are from in-process ones.
 
     .venv/bin/python scripts/bench_scaling.py [--json results/bench_scaling.json]
+    .venv/bin/python scripts/bench_scaling.py --driver --json docs/bench_driver.json
     python scripts/bench_scaling.py --workers 1,4,16 --gpus-per-task 0.25 --gpu-workers 4 --repeat 1
 """
 
@@ -118,6 +126,66 @@ def measure_row(mode: str, workers: int, gpus_per_task: float) -> dict:
             "source_weight_bytes": sum(p.numel() for p in model.module.parameters()) * 4}  # fmt: skip
 
 
+DRIVER_RECIPE = {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8, "symmetric": True}}
+
+
+def measure_driver(streamed: bool) -> dict:
+    """One whole job in this (fresh) process; peaks sampled for the compression stages and for the whole job."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import krunch.streaming.job as streamed_job
+    from krunch.run import run_compression
+    from krunch.sources import load_model
+    from krunch.sources.hf import architecture_only
+    from krunch.spec import parse_job
+
+    document = {"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "driver-memory"},
+                "spec": {"model": {"source": "zoo:smollm2-135m"}, "recipe": DRIVER_RECIPE,
+                         "evaluation": {"task": "perplexity", "tokens": 4096}, "resources": {"stream": streamed, "workers": 2}}}  # fmt: skip
+    job = parse_job(document, "bench")
+    process = psutil.Process()
+    executor = RayExecutor(workers=2)
+    with executor.session(), tempfile.TemporaryDirectory() as scratch:
+        with architecture_only(keep_files=True):  # the code and tokenizer are fixed overhead, the weights are not
+            source = load_model("zoo:smollm2-135m")
+        weight_bytes = sum(path.stat().st_size for path in source.weight_files)
+        del source
+        gc.collect()
+        fixed = process.memory_info().rss
+        stages = {}
+        whole_load = streamed_job.load_compressed
+
+        def load(directory: Path, *args: object, streamed: bool = False, **kwargs: object):  # noqa: ANN202
+            if not streamed:  # the final load for MLflow: the compression stages are over
+                stages["peak"] = rss.peak
+            return whole_load(directory, *args, streamed=streamed, **kwargs)
+
+        streamed_job.load_compressed = load
+        with PeakRss() as rss:
+            start = time.perf_counter()
+            result = run_compression(job, Path(scratch) / "out", executor=executor)
+            wall = time.perf_counter() - start
+    report = result.report
+    stage_peak = stages.get("peak", rss.peak)  # the whole-model job has no final load: its model is in memory already
+    return {"driver": "streamed" if streamed else "whole model", "wall_s": round(wall, 1), "fixed_rss_bytes": fixed,
+            "stages_peak_rss_bytes": stage_peak, "job_peak_rss_bytes": rss.peak, "source_weight_bytes": weight_bytes,
+            "stages_over_fixed_per_source_byte": round((stage_peak - fixed) / weight_bytes, 3),
+            "job_over_fixed_per_source_byte": round((rss.peak - fixed) / weight_bytes, 3),
+            "perplexity_before": report["metrics_before"]["perplexity"], "perplexity_after": report["metrics_after"]["perplexity"],
+            "bytes_after": report["bytes_after"], "shards": report["execution"].get("shards", 1)}  # fmt: skip
+
+
+def driver_table(rows: list[dict]) -> str:
+    header = f"{'driver':<12} {'wall s':>7} {'fixed MiB':>9} {'stages peak MiB':>15} {'(peak-fixed)/src':>16} {'job peak MiB':>12} {'(job-fixed)/src':>15} {'ppl before':>10} {'ppl after':>9} {'shards':>6}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['driver']:<12} {row['wall_s']:>7.1f} {row['fixed_rss_bytes'] / 2**20:>9.0f} {row['stages_peak_rss_bytes'] / 2**20:>15.0f} "
+                     f"{row['stages_over_fixed_per_source_byte']:>16.3f} {row['job_peak_rss_bytes'] / 2**20:>12.0f} "
+                     f"{row['job_over_fixed_per_source_byte']:>15.3f} {row['perplexity_before']:>10.4f} {row['perplexity_after']:>9.4f} {row['shards']:>6}")  # fmt: skip
+    lines.append(f"SmolLM2 int8, source weights {rows[0]['source_weight_bytes'] / 2**20:.0f} MiB fp32; each job in a fresh process with "
+                 "2 Ray workers outside it; fixed: the driver's RSS before any weight is read")  # fmt: skip
+    return "\n".join(lines)
+
+
 def run_row_in_subprocess(mode: str, workers: int, gpus_per_task: float) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "row.json"
@@ -143,8 +211,23 @@ def main() -> int:
     parser.add_argument("--gpus-per-task", type=float, default=0.0, help="add Ray rows whose tasks ask for this many GPUs")
     parser.add_argument("--gpu-workers", default="1", help="worker counts for the GPU rows, comma-separated (default 1)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per row, interleaved; the fastest counts (default 2)")
+    parser.add_argument("--driver", action="store_true", help="the driver's memory over a whole job, whole model vs streamed")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: MODE:WORKERS, one row in this process
     args = parser.parse_args()
+    if args.driver and args.row:
+        args.json.write_text(json.dumps(measure_driver(args.row == "streamed")))
+        return 0
+    if args.driver:
+        rows = []
+        for row in ("whole", "streamed"):
+            with tempfile.TemporaryDirectory() as scratch:
+                out = Path(scratch) / "row.json"
+                subprocess.run([sys.executable, __file__, "--driver", "--row", row, "--json", str(out)], check=True, timeout=ROW_TIMEOUT_S)
+                rows.append(json.loads(out.read_text()))
+        print(driver_table(rows))
+        if args.json:
+            write_json(args.json, {"model": "zoo:smollm2-135m", "recipe": DRIVER_RECIPE, "cpus": os.cpu_count(), "rows": rows})
+        return 0
     if args.row:
         mode, workers, gpus = args.row.split(":")
         args.json.write_text(json.dumps(measure_row(mode, int(workers), float(gpus))))
