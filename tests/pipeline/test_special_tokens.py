@@ -43,7 +43,8 @@ def windows_seen(model: torch.nn.Module) -> tuple[list[torch.Tensor], torch.util
         if ids is not None and ids.shape[-1] > 8:  # not the decode steps of the speed measurement
             seen.append(ids)
 
-    return seen, model.register_forward_pre_hook(record, with_kwargs=True)
+    # on the decoder: perplexity runs it and the LM head apart, every other forward runs it inside the model
+    return seen, model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
 
 
 def test_the_special_tokens_are_read_from_the_tokenizer_and_shown_before_any_work(bos_model, minilm, smollm2):
