@@ -91,16 +91,20 @@ def write_index(directory: Path, weight_map: dict[str, str], total_bytes: int) -
 
 def shard_names(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
     """Tensor names in state-dict order, cut into runs of at most `max_shard_bytes` (a bigger tensor alone)."""
-    shards: list[list[str]] = [[]]
+    return runs_within([(name, t.numel() * t.element_size()) for name, t in state.items()], max_shard_bytes)
+
+
+def runs_within(sized: list[tuple[Any, int]], limit: int) -> list[list[Any]]:
+    """Items in their order, cut into runs whose sizes add up to at most `limit` (a bigger item alone)."""
+    runs: list[list[Any]] = [[]]
     size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
+    for item, nbytes in sized:
+        if runs[-1] and size + nbytes > limit:
+            runs.append([])
             size = 0
-        shards[-1].append(name)
+        runs[-1].append(item)
         size += nbytes
-    return shards
+    return runs
 
 
 def distinct_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:

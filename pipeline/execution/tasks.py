@@ -97,12 +97,13 @@ def located(store: TensorStore, key: str, shape: tuple[int, ...]) -> FileTensor 
 def in_process_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor], ranks: dict[str, int],
                      threads: int) -> list[LayerTask]:  # fmt: skip
     """The real modules; a streamed model's (parameters on the meta device) as shells reading their files."""
-    store = TensorStore(model.weight_files) if model.weight_files else None
+    store = None  # read from the files' headers only for a streamed model
     tasks = []
     for layer in work_layers(plan):
         module = model.module.get_submodule(layer.name)
         task = LayerTask(layer, module, grams.get(layer.name), ranks.get(layer.name), threads)
-        if store is not None and any(p.is_meta for p in module.parameters()):
+        if model.weight_files and any(p.is_meta for p in module.parameters()):
+            store = store or TensorStore(model.weight_files)
             task.module = weightless_copy(module)
             task.tensors = {name: _file_tensor(store, f"{layer.name}.{name}", p) for name, p in module.named_parameters()}
         tasks.append(task)

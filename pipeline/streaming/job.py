@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from krunch.artifact import load_compressed, weight_files, write_manifest
+from krunch.artifact import load_compressed, runs_within, weight_files, write_manifest
 from krunch.assemble import share_tied_weight
 from krunch.evaluation import EvalOptions, evaluate
 from krunch.execution.executors import Executor, ProgressCallback
@@ -74,17 +74,8 @@ def load_streamed(job: CompressionJob) -> tuple[LoadedModel, TensorStore]:
 
 def layer_groups(model: nn.Module, plan: Plan, limit: int) -> list[list[LayerPlan]]:
     """The plan's layers in module order, cut into runs of at most `limit` source bytes (a bigger layer alone)."""
-    groups: list[list[LayerPlan]] = [[]]
-    size = 0
-    for layer in plan.layers:
-        weight = model.get_submodule(layer.name).weight
-        nbytes = weight.numel() * weight.element_size()
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(layer)
-        size += nbytes
-    return [group for group in groups if group]
+    weights = [(layer, model.get_submodule(layer.name).weight) for layer in plan.layers]
+    return [run for run in runs_within([(layer, w.numel() * w.element_size()) for layer, w in weights], limit) if run]
 
 
 class StreamedOutput:
@@ -93,6 +84,7 @@ class StreamedOutput:
     def __init__(self, directory: Path, source: LoadedModel, store: TensorStore, plan: Plan, shard_bytes: int) -> None:
         self.writer = ShardWriter(directory, shard_bytes)
         self.source, self.store, self.plan = source, store, plan
+        self.keys = stored_names(source.module, store)  # state-dict name -> the key the source files hold it under
         self.entries: dict[str, dict[str, Any]] = {}
         self.replaced: set[str] = set()
 
@@ -120,24 +112,22 @@ class StreamedOutput:
             replacement = layer.implementation.build(layer, shell, [], None)
         share_tied_weight(replacement, owner)
         shared = {id(t) for t in owner.state_dict(keep_vars=True).values()}
-        keys = stored_names(self.source.module, self.store)
         for key, tensor in replacement.state_dict(keep_vars=True).items():
             if tensor.is_meta and id(tensor) not in shared:  # a tensor of its own (a bias): the source's
                 owner_name, _, leaf = key.rpartition(".")
                 target = replacement.get_submodule(owner_name) if owner_name else replacement
                 table = target._parameters if leaf in target._parameters else target._buffers
-                table[leaf] = self.store.read(keys[f"{layer.name}.{key}"]).clone()
+                table[leaf] = self.store.read(self.keys[f"{layer.name}.{key}"]).clone()
         self._write(layer.name, replacement, layer.tied_to, skip=shared)
 
     def close(self, recipe: dict[str, Any], source: dict[str, Any]) -> list[Path]:
         """The source's tensors outside the replaced layers (norms, layers left dense), then the index and manifest."""
-        keys = stored_names(self.source.module, self.store)
         written: set[int] = set()
         for name, tensor in self.source.module.state_dict(keep_vars=True).items():
             if any(name == r or name.startswith(f"{r}.") for r in self.replaced) or id(tensor) in written:
                 continue
             written.add(id(tensor))
-            self.writer.add(name, self.store.read(keys[name]))
+            self.writer.add(name, self.store.read(self.keys[name]))
         files = self.writer.close()
         order = {name: index for index, (name, _) in enumerate(self.source.module.named_modules())}
         layers = sorted(self.entries.values(), key=lambda entry: order[entry["name"]])
