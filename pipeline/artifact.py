@@ -185,19 +185,21 @@ def _architecture(directory: Path, source: dict[str, Any], reference: str, skele
                                       "of that architecture, krunch.load(directory, model=...)")  # fmt: skip
 
 
-def load_weights(module: torch.nn.Module, paths: Path | list[Path]) -> None:
+def load_weights(module: torch.nn.Module, paths: Path | list[Path], mapped: bool = False) -> None:
     """Fill the assembled model from the file (or shards, one at a time), strictly. An architecture built
-    without weights (parameters on the meta device) is assigned the files' tensors; tied weights are stored
-    once, so every name that shared a tensor before gets the one loaded under any of them."""
+    without weights (parameters on the meta device) is assigned the files' tensors (own copies, or with `mapped`
+    the files' mapped pages, which the kernel may drop and read again); tied weights are stored once, so every
+    name that shared a tensor before gets the one loaded under any of them."""
     expected = module.state_dict(keep_vars=True)
     assign = any(t.is_meta for t in expected.values())
+    copy = assign and not mapped
     shared: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         shared.setdefault(id(tensor), []).append(name)
     state: dict[str, torch.Tensor] = {}
     for path in [paths] if isinstance(paths, Path) else paths:
-        with safetensors.safe_open(str(path), "pt") as handle:  # assigned tensors are own, 64-byte aligned copies
-            shard = {key: handle.get_tensor(key).clone() if assign else handle.get_tensor(key) for key in handle.keys()}
+        with safetensors.safe_open(str(path), "pt") as handle:  # copies are own, 64-byte aligned ones
+            shard = {key: handle.get_tensor(key).clone() if copy else handle.get_tensor(key) for key in handle.keys()}
             unexpected = sorted(set(shard) - set(expected))
             if unexpected:
                 raise RuntimeError(f"unexpected keys {unexpected[:5]}")
@@ -278,8 +280,10 @@ def _check_names(module: torch.nn.Module, layers: list[dict[str, Any]], referenc
 
 
 def load_compressed(directory: Path, reference: str | None = None, skeleton: torch.nn.Module | None = None,
-                    factory: str | None = None, streamed: bool = False) -> LoadedModel:  # fmt: skip
-    """`streamed`: the weights stay in the files and are read unit by unit as the model runs (krunch.streaming)."""
+                    factory: str | None = None, streamed: bool = False, mapped: bool = False) -> LoadedModel:  # fmt: skip
+    """`streamed`: the weights stay in the files and are read unit by unit as the model runs (krunch.streaming).
+    `mapped`: the weights are the files' mapped pages, not copies (what a streamed driver hands to MLflow's pickle:
+    page cache the kernel can drop under a memory cap, where copies would be the model's size of the driver's own)."""
     reference = reference or f"krunch:{directory}"
     manifest = read_manifest(directory, reference)
     source = manifest["source"]
@@ -310,7 +314,7 @@ def load_compressed(directory: Path, reference: str | None = None, skeleton: tor
 
             stream(loaded.module, TensorStore(files))
         else:
-            load_weights(loaded.module, files)
+            load_weights(loaded.module, files, mapped=mapped)
     except (RuntimeError, KeyError, OSError, safetensors.SafetensorError) as err:
         detail = " ".join(str(err).split())[:300]
         raise ModelSourceError(reference, f"{' + '.join(f.name for f in files)} does not match the manifest: {detail}") from None

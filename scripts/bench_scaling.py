@@ -17,7 +17,10 @@ on 4096 tokens before and after, layer tasks on a local Ray instance of 2 worker
 holding the whole model and once streamed (`resources.stream`), each in a fresh process: the driver's peak
 RSS over its fixed overhead (interpreter, torch, transformers, tokenizer, Ray driver: RSS before any weight
 is read), per source weight byte, for the compression stages and for the whole job (which ends by loading
-the compressed model whole, for MLflow's pickle).
+the compressed model whole, for MLflow's pickle). `--model zoo:qwen2.5-coder-1.5b` (3.6 GB of bf16 weights,
+`scripts/setup_large_model.sh`) runs the same on a model ten times bigger; `--cap F` puts each driver alone in a
+cgroup v1 memory group capped at F times the source's weight bytes, the Ray instance (started here) outside it,
+and reports whether the job finished under the cap.
 
 With `--gpus-per-task G` (on a machine with GPUs) it adds Ray rows whose tasks
 each ask for G GPUs and decompose in CUDA; GPU factors are not bit-identical to
@@ -26,6 +29,7 @@ relative reconstruction errors are from in-process ones.
 
     .venv/bin/python scripts/bench_scaling.py [--json results/bench_scaling.json]
     .venv/bin/python scripts/bench_scaling.py --driver --json docs/bench_driver.json
+    .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --json docs/bench_driver_qwen.json
     python scripts/bench_scaling.py --workers 1,4,16 --gpus-per-task 0.25 --gpu-workers 4 --repeat 1
 """
 
@@ -41,7 +45,8 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import psutil
@@ -56,7 +61,8 @@ from krunch.execution.session import ray_session  # noqa: E402
 from krunch.plan import make_plan  # noqa: E402
 from krunch.spec import Recipe  # noqa: E402
 
-ROW_TIMEOUT_S = 900
+ROW_TIMEOUT_S = 3600
+CGROUP = Path("/sys/fs/cgroup/memory")
 RECIPE = {"rules": [{"match": "model.layers.*", "method": "svd", "rank": {"fixed": 128}}], "quantize": {"bits": 8}}
 
 
@@ -129,7 +135,7 @@ def measure_row(mode: str, workers: int, gpus_per_task: float) -> dict:
 DRIVER_RECIPE = {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8, "symmetric": True}}
 
 
-def measure_driver(streamed: bool) -> dict:
+def measure_driver(model: str, streamed: bool, address: str | None) -> dict:
     """One whole job in this (fresh) process; peaks sampled for the compression stages and for the whole job."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import krunch.streaming.job as streamed_job
@@ -139,14 +145,14 @@ def measure_driver(streamed: bool) -> dict:
     from krunch.spec import parse_job
 
     document = {"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "driver-memory"},
-                "spec": {"model": {"source": "zoo:smollm2-135m"}, "recipe": DRIVER_RECIPE,
+                "spec": {"model": {"source": model}, "recipe": DRIVER_RECIPE,
                          "evaluation": {"task": "perplexity", "tokens": 4096}, "resources": {"stream": streamed, "workers": 2}}}  # fmt: skip
     job = parse_job(document, "bench")
     process = psutil.Process()
-    executor = RayExecutor(workers=2)
+    executor = RayExecutor(workers=2, address=address)
     with executor.session(), tempfile.TemporaryDirectory() as scratch:
         with architecture_only(keep_files=True):  # the code and tokenizer are fixed overhead, the weights are not
-            source = load_model("zoo:smollm2-135m")
+            source = load_model(model)
         weight_bytes = sum(path.stat().st_size for path in source.weight_files)
         del source
         gc.collect()
@@ -171,19 +177,88 @@ def measure_driver(streamed: bool) -> dict:
             "stages_over_fixed_per_source_byte": round((stage_peak - fixed) / weight_bytes, 3),
             "job_over_fixed_per_source_byte": round((rss.peak - fixed) / weight_bytes, 3),
             "perplexity_before": report["metrics_before"]["perplexity"], "perplexity_after": report["metrics_after"]["perplexity"],
-            "bytes_after": report["bytes_after"], "shards": report["execution"].get("shards", 1)}  # fmt: skip
+            "bytes_after": report["bytes_after"], "shards": report["execution"].get("shards", 1),
+            "source_dtype": report.get("source_dtype", "float32")}  # fmt: skip
 
 
-def driver_table(rows: list[dict]) -> str:
+def driver_table(rows: list[dict], model: str) -> str:
     header = f"{'driver':<12} {'wall s':>7} {'fixed MiB':>9} {'stages peak MiB':>15} {'(peak-fixed)/src':>16} {'job peak MiB':>12} {'(job-fixed)/src':>15} {'ppl before':>10} {'ppl after':>9} {'shards':>6}"
+    capped = "cap_bytes" in rows[0]
+    if capped:
+        header += f" {'cap MiB':>8} {'cgroup peak MiB':>15} {'under cap':>9}"
     lines = [header, "-" * len(header)]
     for row in rows:
+        cap = (f" {row['cap_bytes'] / 2**20:>8.0f} {row['cgroup_peak_bytes'] / 2**20:>15.0f} {str(row['finished_under_cap']):>9}" if capped else "")
+        if "wall_s" not in row:  # killed under the cap
+            lines.append(f"{row['driver']:<12} {'killed':>7}" + " " * (len(header) - len(cap) - 20) + cap)
+            continue
         lines.append(f"{row['driver']:<12} {row['wall_s']:>7.1f} {row['fixed_rss_bytes'] / 2**20:>9.0f} {row['stages_peak_rss_bytes'] / 2**20:>15.0f} "
                      f"{row['stages_over_fixed_per_source_byte']:>16.3f} {row['job_peak_rss_bytes'] / 2**20:>12.0f} "
-                     f"{row['job_over_fixed_per_source_byte']:>15.3f} {row['perplexity_before']:>10.4f} {row['perplexity_after']:>9.4f} {row['shards']:>6}")  # fmt: skip
-    lines.append(f"SmolLM2 int8, source weights {rows[0]['source_weight_bytes'] / 2**20:.0f} MiB fp32; each job in a fresh process with "
-                 "2 Ray workers outside it; fixed: the driver's RSS before any weight is read")  # fmt: skip
+                     f"{row['job_over_fixed_per_source_byte']:>15.3f} {row['perplexity_before']:>10.4f} {row['perplexity_after']:>9.4f} {row['shards']:>6}" + cap)  # fmt: skip
+    measured = next(row for row in rows if "source_weight_bytes" in row)
+    lines.append(f"{model} int8, source weights {measured['source_weight_bytes'] / 2**20:.0f} MiB ({measured['source_dtype']}); each job in a fresh "
+                 "process with 2 Ray workers outside it; fixed: the driver's RSS before any weight is read")  # fmt: skip
     return "\n".join(lines)
+
+
+def run_capped(command: list[str], limit: int, name: str) -> tuple[int, int]:
+    """Run `command` alone in a fresh cgroup v1 memory group capped at `limit` bytes: its exit code and the group's
+    peak usage (page cache included, as the kernel counts it against the cap)."""
+    group = CGROUP / name
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        wrapped = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command]
+        code = subprocess.run(wrapped, timeout=ROW_TIMEOUT_S).returncode
+        return code, int((group / "memory.max_usage_in_bytes").read_text())
+    finally:
+        group.rmdir()
+
+
+def driver_rows(args: argparse.Namespace) -> int:
+    """Each driver in a fresh process; under `--cap`, alone in a memory cgroup and joined to a Ray instance outside it."""
+    from krunch.sources import load_model
+    from krunch.sources.hf import architecture_only
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with architecture_only(keep_files=True):
+        weight_bytes = sum(path.stat().st_size for path in load_model(args.model).weight_files)  # builds a cache entry once
+    limit = int(args.cap * weight_bytes) if args.cap else None
+    if limit and not os.access(CGROUP, os.W_OK):
+        raise SystemExit(f"--cap needs a writable cgroup v1 memory controller at {CGROUP}")
+    rows = []
+    with ray_outside(limit is not None) as address:
+        for row in args.rows.split(","):
+            with tempfile.TemporaryDirectory() as scratch:
+                out = Path(scratch) / "row.json"
+                command = [sys.executable, __file__, "--driver", "--row", row, "--model", args.model, "--json", str(out)]
+                if limit is None:
+                    subprocess.run(command, check=True, timeout=ROW_TIMEOUT_S)
+                    rows.append(json.loads(out.read_text()))
+                    continue
+                code, peak = run_capped([*command, "--ray-address", address], limit, f"krunch-bench-{os.getpid()}-{row}")
+                result = json.loads(out.read_text()) if code == 0 else {"driver": "streamed" if row == "streamed" else "whole model"}
+                rows.append(result | {"cap_bytes": limit, "finished_under_cap": code == 0, "exit_code": code, "cgroup_peak_bytes": peak})
+    print(driver_table(rows, args.model))
+    if args.json:
+        write_json(args.json, {"model": args.model, "recipe": DRIVER_RECIPE, "cpus": os.cpu_count(), "cap_fraction": args.cap, "rows": rows})
+    return 0
+
+
+@contextmanager
+def ray_outside(needed: bool) -> Iterator[str | None]:
+    """A local Ray instance started by this process, outside any driver's cgroup; its address."""
+    if not needed:
+        yield None
+        return
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 def run_row_in_subprocess(mode: str, workers: int, gpus_per_task: float) -> dict:
@@ -212,22 +287,17 @@ def main() -> int:
     parser.add_argument("--gpu-workers", default="1", help="worker counts for the GPU rows, comma-separated (default 1)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per row, interleaved; the fastest counts (default 2)")
     parser.add_argument("--driver", action="store_true", help="the driver's memory over a whole job, whole model vs streamed")
+    parser.add_argument("--model", default="zoo:smollm2-135m", help="with --driver: the source (default zoo:smollm2-135m)")
+    parser.add_argument("--cap", type=float, help="with --driver: cap each driver's memory at this fraction of the source's weight bytes")
+    parser.add_argument("--rows", default="whole,streamed", help="with --driver: which drivers (default whole,streamed)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: MODE:WORKERS, one row in this process
+    parser.add_argument("--ray-address", help=argparse.SUPPRESS)  # internal: the Ray instance a capped driver joins
     args = parser.parse_args()
     if args.driver and args.row:
-        args.json.write_text(json.dumps(measure_driver(args.row == "streamed")))
+        args.json.write_text(json.dumps(measure_driver(args.model, args.row == "streamed", args.ray_address)))
         return 0
     if args.driver:
-        rows = []
-        for row in ("whole", "streamed"):
-            with tempfile.TemporaryDirectory() as scratch:
-                out = Path(scratch) / "row.json"
-                subprocess.run([sys.executable, __file__, "--driver", "--row", row, "--json", str(out)], check=True, timeout=ROW_TIMEOUT_S)
-                rows.append(json.loads(out.read_text()))
-        print(driver_table(rows))
-        if args.json:
-            write_json(args.json, {"model": "zoo:smollm2-135m", "recipe": DRIVER_RECIPE, "cpus": os.cpu_count(), "rows": rows})
-        return 0
+        return driver_rows(args)
     if args.row:
         mode, workers, gpus = args.row.split(":")
         args.json.write_text(json.dumps(measure_row(mode, int(workers), float(gpus))))

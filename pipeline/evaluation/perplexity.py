@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +14,10 @@ from krunch.evaluation.tasks import EvalOptions, Metrics, Task, evaluator
 from krunch.evaluation.speed import PREFILL_TOKENS, causal_lm_speed
 from krunch.evaluation.timing import timed_batches
 from krunch.model import LoadedModel, ModelKind
-from krunch.runtime.kernels import PACKED_MAX_ROWS
 
 DEFAULT_DATA = "wikipedia"
 # Positions whose logits exist at once: 128 x 49152 fp32 logits are 25 MB, a 512-token window's 100 MB. A streamed
-# model takes PACKED_MAX_ROWS, so that a quantized head runs its packed kernel rather than a dequantized copy.
+# head bigger than a block cuts the vocabulary instead (`vocabulary_run_nll`).
 HEAD_POSITIONS = 128
 
 
@@ -51,12 +51,33 @@ def window_nll(module: torch.nn.Module, batch: torch.Tensor, positions: int = HE
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
     decoder, head = split
     hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+    vocabulary_runs = getattr(head.forward, "logit_runs", None)  # a streamed head, read a run of rows at a time
+    if vocabulary_runs is not None:
+        return vocabulary_run_nll(vocabulary_runs(hidden), targets)
     total = 0.0
     for start in range(0, hidden.shape[1], positions):
         logits = head(hidden[:, start : start + positions]).float()
         chunk = targets[:, start : start + positions]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk.reshape(-1), reduction="sum").item()
     return total
+
+
+def vocabulary_run_nll(runs: Iterator[tuple[int, torch.Tensor]], targets: torch.Tensor) -> float:
+    """Summed NLL from the logits of consecutive runs of the vocabulary (each run's first token id and logits): a
+    running log-sum-exp and the targets' own logits, so a head streamed from its file is read once per window
+    and its full logits never exist at once."""
+    log_total: torch.Tensor | None = None
+    target_logits = torch.zeros(targets.shape, dtype=torch.float32)
+    for start, logits in runs:
+        logits = logits.float()
+        stop = start + logits.shape[-1]
+        run_lse = torch.logsumexp(logits, dim=-1)
+        log_total = run_lse if log_total is None else torch.logaddexp(log_total, run_lse)
+        inside = (targets >= start) & (targets < stop)
+        local = (targets - start).clamp(0, logits.shape[-1] - 1)
+        target_logits = torch.where(inside, logits.gather(-1, local.unsqueeze(-1)).squeeze(-1), target_logits)
+    assert log_total is not None, "an LM head with no rows"
+    return (log_total - target_logits).sum().item()
 
 
 @evaluator(Task.PERPLEXITY, ModelKind.CAUSAL_LM)
@@ -73,9 +94,10 @@ def perplexity(model: LoadedModel, options: EvalOptions, reference: LoadedModel 
     batches = [windows[i : i + 1] for i in range(len(windows))]
 
     def negative_log_likelihood(batch: torch.Tensor) -> tuple[float, int]:
-        return window_nll(model.module, batch, PACKED_MAX_ROWS if options.streamed else HEAD_POSITIONS), batch.shape[1] - 1
+        return window_nll(model.module, batch), batch.shape[1] - 1
 
-    results, timing = timed_batches(negative_log_likelihood, batches, [b.numel() for b in batches])
+    results, timing = timed_batches(negative_log_likelihood, batches, [b.numel() for b in batches], warm_up=not options.streamed,
+                                    progress="perplexity (streamed)" if options.streamed else None)  # fmt: skip
     total_nll = sum(nll for nll, _ in results)
     predicted = sum(n for _, n in results)
     measurable = not options.streamed and hasattr(model.module, "generate") and len(ids) >= PREFILL_TOKENS

@@ -7,19 +7,23 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
+from tqdm import tqdm
 
 Batch = TypeVar("Batch")
 Output = TypeVar("Output")
 
 
 def timed_batches(
-    run: Callable[[Batch], Output], batches: Sequence[Batch], sizes: Sequence[int]
+    run: Callable[[Batch], Output], batches: Sequence[Batch], sizes: Sequence[int], warm_up: bool = True,
+    progress: str | None = None,
 ) -> tuple[list[Output], dict[str, float | int]]:
-    """Run every batch once, after one untimed warm-up of the first; returns outputs and timing metrics."""
+    """Run every batch once, after one untimed warm-up of the first (none for a model streamed from its files,
+    whose every batch costs a read of the whole model); with `progress`, a bar of that name over the batches."""
     with torch.inference_mode():
-        run(batches[0])
+        if warm_up:
+            run(batches[0])
         start = time.perf_counter()
-        outputs = [run(batch) for batch in batches]
+        outputs = [run(batch) for batch in tqdm(batches, desc=progress, unit="batch", disable=progress is None)]
         elapsed = time.perf_counter() - start
     return outputs, {
         "seconds": round(elapsed, 4),

@@ -194,6 +194,6 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
     report = build_report(job.metadata.name, job.spec.model.source, task.value, summary, metrics_before, metrics_after,
                           timings.stages, weight_files(out_dir), source.metadata.get("registry_version"))  # fmt: skip
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    loaded = load_compressed(out_dir)  # what MLflow pickles and a caller uses: the compressed model, its own size
+    loaded = load_compressed(out_dir, mapped=True)  # what MLflow pickles and a caller uses: the written files' pages
     loaded.reference = f"krunch:{out_dir}"
     return CompressionResult(report, loaded)
