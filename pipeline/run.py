@@ -312,9 +312,10 @@ def recipe_document(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
-def bytes_target_report(budget: dict[str, Any], results: list[LayerResult]) -> dict[str, Any]:
-    """What bytesRatio achieved, measured on the built layers' stored weights (biases excluded, as in the budget)."""
-    stored = sum(bytes_without_bias(r.module) for r in results if r.name in budget["choices"])
+def bytes_target_report(budget: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """What bytesRatio achieved, measured on the built layers' stored weights (biases excluded, as in the budget);
+    `model` is the compressed one (a streamed one's layers are weightless shells of the stored sizes)."""
+    stored = sum(bytes_without_bias(model.get_submodule(name)) for name in budget["choices"])
     kinds: dict[str, int] = {}
     for choice in budget["choices"].values():
         kinds[choice["kind"]] = kinds.get(choice["kind"], 0) + 1
@@ -364,7 +365,7 @@ def build_report(job_name: str, source: str, task: str, result: Compressed, metr
     allocated = {layer.name for layer in result.plan.allocated}
     target = result.recipe.target
     if result.budget is not None:
-        report["target"] = bytes_target_report(result.budget, results)
+        report["target"] = bytes_target_report(result.budget, result.model.module)
     elif allocated and target is not None and target.param_ratio is not None:
         before = sum(r.params_before for r in results if r.name in allocated)
         after = sum(r.params_after for r in results if r.name in allocated)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from krunch.execution.layer import LayerResult
 from krunch.execution.session import RaySession, ray_session
 from krunch.execution.healing import heal_on_ray
-from krunch.execution.tasks import LayerHook, LayerTask, in_process_tasks, remote_tasks, run_layer_task, torch_threads
+from krunch.execution.tasks import (LayerHook, LayerTask, TensorSource, in_process_tasks, layer_weights, remote_tasks,
+                                    run_layer_task, torch_threads, workers_see)  # fmt: skip
 from krunch.errors import KrunchError
 from krunch.execution.heal import Batch, HealResult, StepCallback, heal, load_healed
 from krunch.model import LoadedModel
@@ -129,9 +130,9 @@ class InProcessExecutor:
         return nullcontext()
 
     def map_layers(self, work: LayerWork, model: LoadedModel, layers: list[LayerPlan], desc: str) -> list[Any]:
-        with torch_threads(self.threads):
-            return [work(layer, model.module.get_submodule(layer.name).weight.detach())
-                    for layer in tqdm(layers, desc=desc, unit="layer", leave=False)]  # fmt: skip
+        with torch_threads(self.threads):  # a streamed model's weights are read from its files one layer at a time
+            return [work(layer, _tensor(weight)) for layer, weight in
+                    zip(tqdm(layers, desc=desc, unit="layer", leave=False), layer_weights(model, layers, readable=True), strict=True)]  # fmt: skip
 
     def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
              on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
@@ -203,10 +204,10 @@ class RayExecutor:
         """One Ray task per layer, weights through the object store, as many at once as the cluster's CPUs allow."""
         import ray
 
-        with self.session():
+        with self.session() as session:
             remote = ray.remote(_ray_layer_work).options(num_cpus=self.cpus_per_task, max_retries=self.max_retries)
-            refs = [remote.remote(work, layer, model.module.get_submodule(layer.name).weight.detach(), self.threads)
-                    for layer in layers]  # fmt: skip
+            weights = layer_weights(model, layers, readable=workers_see(model.weight_files, session.source_seen_by)[0])
+            refs = [remote.remote(work, layer, weight, self.threads) for layer, weight in zip(layers, weights, strict=True)]
             results = []
             for layer, ref in zip(tqdm(layers, desc=desc, unit="layer", leave=False), refs, strict=True):
                 try:
@@ -343,9 +344,13 @@ def _is_out_of_memory(err: BaseException, cause: BaseException | None) -> bool:
     return isinstance(err, OutOfMemoryError) or isinstance(cause, (MemoryError, torch.OutOfMemoryError))
 
 
-def _ray_layer_work(work: LayerWork, layer: LayerPlan, weight: torch.Tensor, threads: int) -> Any:
+def _ray_layer_work(work: LayerWork, layer: LayerPlan, weight: torch.Tensor | TensorSource, threads: int) -> Any:
     with torch_threads(threads):
-        return work(layer, weight)
+        return work(layer, _tensor(weight))
+
+
+def _tensor(weight: torch.Tensor | TensorSource) -> torch.Tensor:
+    return weight if isinstance(weight, torch.Tensor) else weight.read()
 
 
 def _ray_layer_task(task: LayerTask, before_layer: LayerHook | None) -> LayerResult:

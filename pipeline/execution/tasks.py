@@ -124,11 +124,7 @@ def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor],
     session's earlier answers, reused instead of asking the nodes again."""
     import ray
 
-    seen = {} if seen is None else seen
-    if model.weight_files and model.weight_files not in seen:
-        seen[model.weight_files] = nodes_seeing(model.weight_files)
-    seen_by = seen.get(model.weight_files, {})
-    readable = bool(seen_by) and all(seen_by.values())
+    readable, seen_by = workers_see(model.weight_files, {} if seen is None else seen)
     store = TensorStore(model.weight_files)
     tasks: list[LayerTask] = []
     counts: dict[str, Any] = {"file": 0, "object_store": 0, "source_seen_by": seen_by,
@@ -146,6 +142,37 @@ def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor],
         gram = grams.get(layer.name)
         tasks.append(LayerTask(layer, weightless_copy(module), gram, ranks.get(layer.name), threads, tensors))
     return tasks, counts
+
+
+def layer_weights(model: LoadedModel, layers: list[LayerPlan], readable: bool) -> list[torch.Tensor | TensorSource]:
+    """Each layer's weight for a map over layers (the bytes budget's tables): the tensor itself, or for a streamed
+    model (weights on the meta device) the file tensor a worker reads, where the workers see the files, else the
+    driver's read of it, put in the object store once."""
+    store = TensorStore(model.weight_files) if model.weight_files else None
+    weights: list[torch.Tensor | TensorSource] = []
+    for layer in layers:
+        weight = model.module.get_submodule(layer.name).weight
+        if not weight.is_meta or store is None:
+            weights.append(weight.detach())
+            continue
+        in_file = _file_tensor(store, f"{layer.name}.weight", weight)
+        weights.append(in_file if readable else _put(in_file.read()))
+    return weights
+
+
+def _put(tensor: torch.Tensor) -> StoredTensor:
+    import ray
+
+    return StoredTensor(ray.put(tensor))
+
+
+def workers_see(files: tuple[Path, ...] | None, seen: dict[tuple[Path, ...], dict[str, bool]]) -> tuple[bool, dict[str, bool]]:
+    """Whether every node that runs tasks sees the source files, and each node's answer; asked once per session
+    (`seen` keeps the answers)."""
+    if files and files not in seen:
+        seen[files] = nodes_seeing(files)
+    seen_by = seen.get(files, {}) if files else {}
+    return bool(seen_by) and all(seen_by.values()), seen_by
 
 
 def nodes_seeing(files: tuple[Path, ...], timeout_s: float = 60.0) -> dict[str, bool]:

@@ -24,7 +24,7 @@ from krunch.execution.executors import Executor, ProgressCallback
 from krunch.execution.layer import LayerResult
 from krunch.model import LoadedModel
 from krunch.plan import LayerPlan, Plan, make_plan
-from krunch.results import REPORT, CompressionResult
+from krunch.results import BUDGET, REPORT, CompressionResult
 from krunch.runtime.base import CompressedLayer
 from krunch.sizes import count_params, float_dtype, weight_bytes
 from krunch.sources.hf import architecture_only
@@ -47,7 +47,8 @@ def check_streamable(job: CompressionJob) -> None:
         ("spec.recipe.calibration", recipe.uses_calibration or (recipe.calibration is not None and recipe.calibration.propagate),
          "calibration statistics (activationAware, gptq, fitted grids, propagate)"),
         ("spec.recipe.heal", recipe.heal is not None, "healing"),
-        ("spec.recipe.target", recipe.target is not None, "a paramRatio or bytesRatio target"),
+        ("spec.recipe.target", recipe.target is not None and recipe.target.param_ratio is not None,
+         "a paramRatio target (bytesRatio streams)"),
         ("spec.evaluation.reference", evaluation.reference is not None, "an evaluation reference other than the source"),
         ("spec.evaluation.compiledDecode", evaluation.compiled_decode, "inference-speed figures"),
     ]  # fmt: skip
@@ -140,7 +141,7 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
                              progress: ProgressCallback | None = None) -> CompressionResult:  # fmt: skip
     """`run_compression` with the driver holding about one block of weights; the same report and output files."""
     from krunch.api import Compressed
-    from krunch.run import Timings, build_report, check_text_data, evaluation_task, recipe_document
+    from krunch.run import Timings, allocate_target, build_report, check_text_data, evaluation_task, recipe_document
 
     check_streamable(job)
     heap = return_freed_memory()
@@ -150,6 +151,10 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
     plan = make_plan(source.module, job.spec.recipe)
     check_text_data(job, source, task)
     start = timings.record("load", timings.started)
+    with executor.session():  # bytesRatio: each layer's candidate table is a task that reads the layer from its file
+        allocation = allocate_target(job.spec.recipe, source, plan, executor)
+    plan = allocation.plan
+    start = timings.record("allocate", start)
     evaluation = job.spec.evaluation
     options = EvalOptions(data=evaluation.data, tokens=evaluation.tokens, items=evaluation.items, streamed=True)
     metrics_before = evaluate(source, task, options, reference=source)
@@ -167,7 +172,7 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
             for group in groups:
                 done = len(results)
                 counted = (lambda finished, _total, name, done=done: progress(done + finished, len(work), name)) if progress else None
-                execution = executor.run(source, Plan(group), {}, {}, counted, bar=False)
+                execution = executor.run(source, Plan(group), {}, allocation.ranks, counted, bar=False)
                 info = execution.info
                 for result in execution.results:
                     output.add(result)
@@ -187,12 +192,14 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
     ordered = [by_name[layer.name] for layer in plan.layers if layer.name in by_name]
     execution_info = {**info, "driver": "streamed", "block_bytes": limit, "groups": len(groups),
                       "shards": len(files), "malloc_threshold_fixed": heap, "inference_figures": "not measured: a streamed model reads its weights on every call"}  # fmt: skip
-    summary = Compressed(compressed, job.spec.recipe, plan, ordered, tied, execution_info, timings=timings.stages,
+    summary = Compressed(compressed, job.spec.recipe, plan, ordered, tied, execution_info, allocation.budget, timings=timings.stages,
                          source_params=count_params(source.module), source_bytes=weight_bytes(source.module),
                          source_dtype=float_dtype(source.module), source_fp16_bytes=weight_bytes(source.module, float_bytes=2))  # fmt: skip
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
     report = build_report(job.metadata.name, job.spec.model.source, task.value, summary, metrics_before, metrics_after,
                           timings.stages, weight_files(out_dir), source.metadata.get("registry_version"))  # fmt: skip
+    if allocation.budget is not None:
+        (out_dir / BUDGET).write_text(json.dumps(allocation.budget, indent=1) + "\n", encoding="utf-8")
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     loaded = load_compressed(out_dir, mapped=True)  # what MLflow pickles and a caller uses: the written files' pages
     loaded.reference = f"krunch:{out_dir}"

@@ -97,6 +97,20 @@ def test_a_streamed_job_writes_what_the_whole_model_job_writes(tmp_path, smollm2
         assert torch.equal(reloaded(input_ids=ids).logits, krunch.load(tmp_path / "whole")(input_ids=ids).logits)
 
 
+def test_a_streamed_bytes_budget_chooses_and_writes_what_the_whole_model_job_does(tmp_path, smollm2):
+    """target.bytesRatio streamed: each layer's candidate table is a task reading the layer from its file; the
+    choices, budget and written tensors are the whole-model job's."""
+    recipe = {"rules": [{"match": "model.layers.2.mlp.*", "method": "svd"}], "target": {"bytesRatio": 0.3}}
+    whole = run_compression(job(False, recipe), tmp_path / "whole", executor=InProcessExecutor())
+    streamed = run_compression(job(True, recipe), tmp_path / "streamed", executor=InProcessExecutor())
+    budgets = [json.loads((tmp_path / d / "budget.json").read_text()) for d in ("whole", "streamed")]
+    assert budgets[0] == budgets[1] and len(budgets[0]["choices"]) == 3
+    assert streamed.report["target"] == whole.report["target"]
+    tensors = {k: v for path in weight_files(tmp_path / "streamed") for k, v in load_file(str(path)).items()}
+    expected = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
+
+
 @pytest.mark.parametrize(("recipe", "source", "field"), [
     ({"rules": [{"match": "model.layers.*", "method": "none", "quantize": {"bits": 4, "rounding": "gptq"}}]},
      "zoo:smollm2-135m", "spec.recipe.calibration"),
