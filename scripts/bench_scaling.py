@@ -17,7 +17,7 @@ on 4096 tokens before and after, layer tasks on a local Ray instance of 2 worker
 holding the whole model and once streamed (`resources.stream`), each in a fresh process: the driver's peak
 RSS over its fixed overhead (interpreter, torch, transformers, tokenizer, Ray driver: RSS before any weight
 is read), per source weight byte, for the compression stages and for the whole job (which ends by loading
-the compressed model whole, for MLflow's pickle). `--model zoo:qwen2.5-coder-1.5b` (3.6 GB of bf16 weights,
+the compressed model, file-mapped for a streamed job, and pickling it as MLflow's pickle flavour does). `--model zoo:qwen2.5-coder-1.5b` (3.6 GB of bf16 weights,
 `scripts/setup_large_model.sh`) runs the same on a model ten times bigger; `--cap F` puts each driver alone in a
 cgroup v1 memory group capped at F times the source's weight bytes, the Ray instance (started here) outside it,
 and reports whether the job finished under the cap.
@@ -170,6 +170,7 @@ def measure_driver(model: str, streamed: bool, address: str | None) -> dict:
             start = time.perf_counter()
             result = run_compression(job, Path(scratch) / "out", executor=executor)
             wall = time.perf_counter() - start
+            torch.save(result.model.module, Path(scratch) / "model.pth")  # what MLflow's pickle flavour writes
     report = result.report
     stage_peak = stages.get("peak", rss.peak)  # the whole-model job has no final load: its model is in memory already
     return {"driver": "streamed" if streamed else "whole model", "wall_s": round(wall, 1), "fixed_rss_bytes": fixed,
@@ -195,8 +196,8 @@ def driver_table(rows: list[dict], model: str) -> str:
         lines.append(f"{row['driver']:<12} {row['wall_s']:>7.1f} {row['fixed_rss_bytes'] / 2**20:>9.0f} {row['stages_peak_rss_bytes'] / 2**20:>15.0f} "
                      f"{row['stages_over_fixed_per_source_byte']:>16.3f} {row['job_peak_rss_bytes'] / 2**20:>12.0f} "
                      f"{row['job_over_fixed_per_source_byte']:>15.3f} {row['perplexity_before']:>10.4f} {row['perplexity_after']:>9.4f} {row['shards']:>6}" + cap)  # fmt: skip
-    measured = next(row for row in rows if "source_weight_bytes" in row)
-    lines.append(f"{model} int8, source weights {measured['source_weight_bytes'] / 2**20:.0f} MiB ({measured['source_dtype']}); each job in a fresh "
+    measured = rows[0]
+    lines.append(f"{model} int8, source weights {measured['source_weight_bytes'] / 2**20:.0f} MiB ({measured.get('source_dtype', 'as stored')}); each job in a fresh "
                  "process with 2 Ray workers outside it; fixed: the driver's RSS before any weight is read")  # fmt: skip
     return "\n".join(lines)
 
@@ -238,7 +239,8 @@ def driver_rows(args: argparse.Namespace) -> int:
                     rows.append(json.loads(out.read_text()))
                     continue
                 code, peak = run_capped([*command, "--ray-address", address], limit, f"krunch-bench-{os.getpid()}-{row}")
-                result = json.loads(out.read_text()) if code == 0 else {"driver": "streamed" if row == "streamed" else "whole model"}
+                result = (json.loads(out.read_text()) if code == 0 else
+                          {"driver": "streamed" if row == "streamed" else "whole model", "source_weight_bytes": weight_bytes})  # fmt: skip
                 rows.append(result | {"cap_bytes": limit, "finished_under_cap": code == 0, "exit_code": code, "cgroup_peak_bytes": peak})
     print(driver_table(rows, args.model))
     if args.json:

@@ -36,7 +36,7 @@ from krunch.streaming.units import block_bytes, stream
 from krunch.streaming.writer import ShardWriter
 
 FIELD = "spec.resources.stream"
-SHARD_BLOCKS = 2  # a shard is written once about two blocks' worth of compressed tensors has gathered
+SHARD_BLOCKS = 1  # a shard is written once about one block's worth of compressed tensors has gathered
 MIN_SHARD_BYTES = 32 * 2**20
 
 

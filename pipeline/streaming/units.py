@@ -1,11 +1,11 @@
-"""A model whose weights stay in their files: each unit (a decoder block, a norm, the embedding) is filled from the
-store when it is called and dropped when it returns, so a forward holds one unit's weights at a time.
+"""A model whose weights stay in their files: each unit (a quarter of a decoder block at most: its attention, its
+MLP matrices, a norm) is filled from the store when it is called and dropped when it returns, so a forward holds
+one unit's weights at a time.
 
 The unit's own `forward` is replaced: the call copies the unit's weightless shell (with any hooks on the modules
 inside it, such as calibration's), assigns it the stored tensors, runs the class's forward on the copy and lets it
 go. Module names, hooks and attributes stay those of the model, so evaluators and calibration run it unchanged. A
-plain or quantized Linear or Embedding larger than the largest block (a 49152-row LM head) is read a run of rows
-at a time.
+plain or quantized Linear or Embedding larger than a unit (a 49152-row LM head) is read a run of rows at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def subtree_bytes(module: nn.Module) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+# A unit is at most this fraction of the largest block (a decoder layer splits into its attention and MLP
+# matrices): with a float32 copy of a 16-bit unit, the read and the copy are then under one block's bytes.
+UNIT_SPLIT = 4
 
 
 def block_bytes(model: nn.Module) -> int:
@@ -206,15 +211,15 @@ compressed layer alone."""
 
 
 def stream(model: nn.Module, store: TensorStore) -> dict[str, str]:
-    """Make every weight of `model` (on the meta device) come from `store` when used; returns each streamed unit's
-    name and how it is read ("whole" or "rows"). Tied tensors (an LM head that is the embedding) read one key.
+    """Make every weight of `model` (on the meta device) come from `store` when used, in units of at most a
+    quarter of its largest block; returns each streamed unit's name and how it is read ("whole" or "rows"). Tied tensors (an LM head that is the embedding) read one key.
     A 16-bit model computes in float32 where this CPU is slow at its dtype (`compute_dtype_for`)."""
     keys = stored_names(model, store)
     state_names = set(model.state_dict(keep_vars=True))
     missing = sorted(state_names - set(keys))
     if missing:
         raise KeyError(f"the weight files hold no tensor for {missing[:5]}")
-    limit = block_bytes(model)
+    limit = block_bytes(model) // UNIT_SPLIT
     dtype = compute_dtype_for(model)
     streamed: dict[str, str] = {}
     for prefix, unit in _units(model, "", limit):
