@@ -178,6 +178,7 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
                     output.add(result)
                     results.append(result)
                     bar.update(1)
+                del execution  # the group's results are written: nothing of them stays in the driver
     finally:
         bar.close()
     reference = {"source": source.metadata.get("pinned_reference", job.spec.model.source), "factory": job.spec.model.factory}

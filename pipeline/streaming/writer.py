@@ -38,6 +38,8 @@ class ShardWriter:
         self.pending[name] = tensor if whole or not tensor.numel() else tensor.clone()
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
+        if self.pending_bytes >= self.shard_bytes:  # full: written now, not held until the next tensor comes
+            self.flush()
 
     def flush(self) -> None:
         if not self.pending:

@@ -80,9 +80,9 @@ def dequantize_to(target: Path) -> None:
 
 @register("qwen2.5-coder-1.5b")
 def load_qwen_coder() -> LoadedModel:
+    part_files()  # a missing part fails here, by name, before any work
     directory = cached_directory()
     if not (directory / "model.safetensors.index.json").is_file():
-        part_files()  # a missing part fails here, by name, before any work
         logging.getLogger("krunch").warning("dequantizing Qwen2.5-Coder-1.5B from GGUF once (a few minutes), caching in %s", directory)
         dequantize_to(directory)
     loaded = load_hf_directory(directory, "zoo:qwen2.5-coder-1.5b")

@@ -139,6 +139,9 @@ def test_a_shard_writer_cuts_shards_and_indexes_them(tmp_path):
     assert index["metadata"]["total_size"] == 2000 and len(index["weight_map"]) == 5
     read = {k: v for f in files for k, v in load_file(str(f)).items()}
     assert all(torch.equal(read[k], v) for k, v in tensors.items())
+    big = ShardWriter(tmp_path / "big", shard_bytes=1000)
+    big.add("table", torch.zeros(300))  # 1200 bytes: a shard of its own, written at once rather than held
+    assert not big.pending and len(big.parts) == 1
 
 
 CGROUP = Path("/sys/fs/cgroup/memory")

