@@ -30,7 +30,8 @@ def test_examples_cover_every_method_family_and_zoo_model():
     assert {job.spec.recipe.quantize.grid for job in jobs if job.spec.recipe.quantize} == set(Grid)
     assert any(job.spec.recipe.heal for job in jobs) and any(job.spec.recipe.calibration and job.spec.recipe.calibration.propagate for job in jobs)
     assert any(rule.floor for job in jobs for rule in job.spec.recipe.rules)
-    assert {job.spec.model.source.removeprefix("zoo:") for job in jobs} >= set(zoo_names())
+    benchmark_only = {"qwen2.5-coder-1.5b"}  # installed by scripts/setup_large_model.sh, not by setup.sh: no dry run here
+    assert {job.spec.model.source.removeprefix("zoo:") for job in jobs} >= set(zoo_names()) - benchmark_only
 
 
 @pytest.mark.slow

@@ -141,7 +141,7 @@ class RowChunkedEmbedding:
 
 
 class RowChunkedQuantized:
-    """A quantized Linear's or Embedding's forward (an int8 LM head or embedding bigger than a block) over runs of
+    """A quantized Linear's or Embedding's forward (an int8 LM head or embedding bigger than a unit) over runs of
     `rows` output rows: each run is a layer of the same type and layout built from the stored rows, so it runs the
     same kernel as the whole layer would."""
 
