@@ -301,10 +301,15 @@ def run_compression(job: CompressionJob, out_dir: Path, progress: ProgressCallba
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
     report = build_report(job.metadata.name, job.spec.model.source, task.value, result, metrics_before, metrics_after,
                           timings.stages, weight_files(out_dir), original.metadata.get("registry_version"))  # fmt: skip
-    if result.budget is not None:
-        (out_dir / BUDGET).write_text(json.dumps(result.budget, indent=1) + "\n", encoding="utf-8")
-    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(out_dir, report, result.budget)
     return CompressionResult(report, compressed)
+
+
+def write_report(out_dir: Path, report: Report, budget: dict[str, Any] | None) -> None:
+    """report.json, and for target.bytesRatio budget.json (every layer's candidates and the choice)."""
+    if budget is not None:
+        (out_dir / BUDGET).write_text(json.dumps(budget, indent=1) + "\n", encoding="utf-8")
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def recipe_document(recipe: Recipe) -> dict[str, Any]:

@@ -29,7 +29,7 @@ relative reconstruction errors are from in-process ones.
 
     .venv/bin/python scripts/bench_scaling.py [--json results/bench_scaling.json]
     .venv/bin/python scripts/bench_scaling.py --driver --json docs/bench_driver.json
-    .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --json docs/bench_driver_qwen.json
+    .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --rows streamed --json docs/bench_driver_qwen.json
     python scripts/bench_scaling.py --workers 1,4,16 --gpus-per-task 0.25 --gpu-workers 4 --repeat 1
 """
 

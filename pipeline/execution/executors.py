@@ -132,7 +132,7 @@ class InProcessExecutor:
     def map_layers(self, work: LayerWork, model: LoadedModel, layers: list[LayerPlan], desc: str) -> list[Any]:
         with torch_threads(self.threads):  # a streamed model's weights are read from its files one layer at a time
             return [work(layer, _tensor(weight)) for layer, weight in
-                    zip(tqdm(layers, desc=desc, unit="layer", leave=False), layer_weights(model, layers, readable=True), strict=True)]  # fmt: skip
+                    zip(tqdm(layers, desc=desc, unit="layer", leave=False), layer_weights(model, layers, readable=lambda: True), strict=True)]  # fmt: skip
 
     def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
              on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
@@ -206,7 +206,7 @@ class RayExecutor:
 
         with self.session() as session:
             remote = ray.remote(_ray_layer_work).options(num_cpus=self.cpus_per_task, max_retries=self.max_retries)
-            weights = layer_weights(model, layers, readable=workers_see(model.weight_files, session.source_seen_by)[0])
+            weights = layer_weights(model, layers, readable=lambda: workers_see(model.weight_files, session.source_seen_by)[0])
             refs = [remote.remote(work, layer, weight, self.threads) for layer, weight in zip(layers, weights, strict=True)]
             results = []
             for layer, ref in zip(tqdm(layers, desc=desc, unit="layer", leave=False), refs, strict=True):

