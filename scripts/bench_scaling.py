@@ -20,7 +20,8 @@ is read), per source weight byte, for the compression stages and for the whole j
 the compressed model, file-mapped for a streamed job, and pickling it as MLflow's pickle flavour does). `--model zoo:qwen2.5-coder-1.5b` (3.6 GB of bf16 weights,
 `scripts/setup_large_model.sh`) runs the same on a model ten times bigger; `--cap F` puts each driver alone in a
 cgroup v1 memory group capped at F times the source's weight bytes, the Ray instance (started here) outside it,
-and reports whether the job finished under the cap.
+and reports whether the job finished under the cap. `--bytes-ratio R` budgets the decoder layers at R of their
+bytes (dense or low-rank, int8 or int4 per layer) instead of int8 everywhere.
 
 With `--gpus-per-task G` (on a machine with GPUs) it adds Ray rows whose tasks
 each ask for G GPUs and decompose in CUDA; GPU factors are not bit-identical to
@@ -30,6 +31,7 @@ relative reconstruction errors are from in-process ones.
     .venv/bin/python scripts/bench_scaling.py [--json results/bench_scaling.json]
     .venv/bin/python scripts/bench_scaling.py --driver --json docs/bench_driver.json
     .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --rows streamed --json docs/bench_driver_qwen.json
+    .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --rows streamed --bytes-ratio 0.25 --json docs/bench_driver_qwen_bytes.json
     python scripts/bench_scaling.py --workers 1,4,16 --gpus-per-task 0.25 --gpu-workers 4 --repeat 1
 """
 
@@ -135,7 +137,16 @@ def measure_row(mode: str, workers: int, gpus_per_task: float) -> dict:
 DRIVER_RECIPE = {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8, "symmetric": True}}
 
 
-def measure_driver(model: str, streamed: bool, address: str | None) -> dict:
+def driver_recipe(bytes_ratio: float | None) -> dict:
+    """int8 everywhere; with a bytes ratio, the decoder layers under that budget (dense or low-rank, int8 or int4 per
+    layer) and the rest int8, as bench_inference's `bytesRatio 0.2` row."""
+    if bytes_ratio is None:
+        return DRIVER_RECIPE
+    return {"rules": [{"match": "model.layers.*", "method": "svd"}, {"match": "*", "method": "none"}],
+            "target": {"bytesRatio": bytes_ratio}, "quantize": {"bits": 8, "symmetric": True}}  # fmt: skip
+
+
+def measure_driver(model: str, streamed: bool, address: str | None, bytes_ratio: float | None = None) -> dict:
     """One whole job in this (fresh) process; peaks sampled for the compression stages and for the whole job."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import krunch.streaming.job as streamed_job
@@ -145,7 +156,7 @@ def measure_driver(model: str, streamed: bool, address: str | None) -> dict:
     from krunch.spec import parse_job
 
     document = {"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "driver-memory"},
-                "spec": {"model": {"source": model}, "recipe": DRIVER_RECIPE,
+                "spec": {"model": {"source": model}, "recipe": driver_recipe(bytes_ratio),
                          "evaluation": {"task": "perplexity", "tokens": 4096}, "resources": {"stream": streamed, "workers": 2}}}  # fmt: skip
     job = parse_job(document, "bench")
     process = psutil.Process()
@@ -179,10 +190,10 @@ def measure_driver(model: str, streamed: bool, address: str | None) -> dict:
             "job_over_fixed_per_source_byte": round((rss.peak - fixed) / weight_bytes, 3),
             "perplexity_before": report["metrics_before"]["perplexity"], "perplexity_after": report["metrics_after"]["perplexity"],
             "bytes_after": report["bytes_after"], "shards": report["execution"].get("shards", 1),
-            "source_dtype": report.get("source_dtype", "float32")}  # fmt: skip
+            "source_dtype": report.get("source_dtype", "float32"), "target": report.get("target")}  # fmt: skip
 
 
-def driver_table(rows: list[dict], model: str) -> str:
+def driver_table(rows: list[dict], model: str, recipe: str = "int8") -> str:
     header = f"{'driver':<12} {'wall s':>7} {'fixed MiB':>9} {'stages peak MiB':>15} {'(peak-fixed)/src':>16} {'job peak MiB':>12} {'(job-fixed)/src':>15} {'ppl before':>10} {'ppl after':>9} {'shards':>6}"
     capped = "cap_bytes" in rows[0]
     if capped:
@@ -197,7 +208,7 @@ def driver_table(rows: list[dict], model: str) -> str:
                      f"{row['stages_over_fixed_per_source_byte']:>16.3f} {row['job_peak_rss_bytes'] / 2**20:>12.0f} "
                      f"{row['job_over_fixed_per_source_byte']:>15.3f} {row['perplexity_before']:>10.4f} {row['perplexity_after']:>9.4f} {row['shards']:>6}" + cap)  # fmt: skip
     measured = rows[0]
-    lines.append(f"{model} int8, source weights {measured['source_weight_bytes'] / 2**20:.0f} MiB ({measured.get('source_dtype', 'as stored')}); each job in a fresh "
+    lines.append(f"{model} {recipe}, source weights {measured['source_weight_bytes'] / 2**20:.0f} MiB ({measured.get('source_dtype', 'as stored')}); each job in a fresh "
                  "process with 2 Ray workers outside it; fixed: the driver's RSS before any weight is read")  # fmt: skip
     return "\n".join(lines)
 
@@ -234,6 +245,7 @@ def driver_rows(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory() as scratch:
                 out = Path(scratch) / "row.json"
                 command = [sys.executable, __file__, "--driver", "--row", row, "--model", args.model, "--json", str(out)]
+                command += ["--bytes-ratio", str(args.bytes_ratio)] if args.bytes_ratio else []
                 if limit is None:
                     subprocess.run(command, check=True, timeout=ROW_TIMEOUT_S)
                     rows.append(json.loads(out.read_text()))
@@ -242,9 +254,9 @@ def driver_rows(args: argparse.Namespace) -> int:
                 result = (json.loads(out.read_text()) if code == 0 else
                           {"driver": "streamed" if row == "streamed" else "whole model", "source_weight_bytes": weight_bytes})  # fmt: skip
                 rows.append(result | {"cap_bytes": limit, "finished_under_cap": code == 0, "exit_code": code, "cgroup_peak_bytes": peak})
-    print(driver_table(rows, args.model))
+    print(driver_table(rows, args.model, f"bytesRatio {args.bytes_ratio}" if args.bytes_ratio else "int8"))
     if args.json:
-        write_json(args.json, {"model": args.model, "recipe": DRIVER_RECIPE, "cpus": os.cpu_count(), "cap_fraction": args.cap, "rows": rows})
+        write_json(args.json, {"model": args.model, "recipe": driver_recipe(args.bytes_ratio), "cpus": os.cpu_count(), "cap_fraction": args.cap, "rows": rows})
     return 0
 
 
@@ -291,12 +303,13 @@ def main() -> int:
     parser.add_argument("--driver", action="store_true", help="the driver's memory over a whole job, whole model vs streamed")
     parser.add_argument("--model", default="zoo:smollm2-135m", help="with --driver: the source (default zoo:smollm2-135m)")
     parser.add_argument("--cap", type=float, help="with --driver: cap each driver's memory at this fraction of the source's weight bytes")
+    parser.add_argument("--bytes-ratio", type=float, help="with --driver: budget the decoder layers at this fraction of their bytes (default: int8 everywhere)")
     parser.add_argument("--rows", default="whole,streamed", help="with --driver: which drivers (default whole,streamed)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: MODE:WORKERS, one row in this process
     parser.add_argument("--ray-address", help=argparse.SUPPRESS)  # internal: the Ray instance a capped driver joins
     args = parser.parse_args()
     if args.driver and args.row:
-        args.json.write_text(json.dumps(measure_driver(args.model, args.row == "streamed", args.ray_address)))
+        args.json.write_text(json.dumps(measure_driver(args.model, args.row == "streamed", args.ray_address, args.bytes_ratio)))
         return 0
     if args.driver:
         return driver_rows(args)
