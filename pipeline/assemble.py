@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from krunch.runtime.base import CompressedLayer
+from krunch.runtime.fusion import fuse_siblings
+from krunch.runtime.memory import trim_after_forwards
 
 
 def swap_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
@@ -20,9 +22,13 @@ def share_tied_weight(layer: nn.Module, owner: nn.Module) -> None:
 
 
 def assemble(model: nn.Module, replacements: dict[str, nn.Module], tied: dict[str, str]) -> nn.Module:
-    """Install `replacements` (name -> module) in place; `tied` maps a layer to the layer whose weight it shares."""
+    """Install `replacements` (name -> module) in place; `tied` maps a layer to the layer whose weight it shares;
+    int4 sibling projections then share one matmul (runtime.fusion), and the memory a prefill frees goes back to
+    the system after it (runtime.memory)."""
     for name, replacement in replacements.items():
         if name in tied:
             share_tied_weight(replacement, replacements[tied[name]])
         swap_module(model, name, replacement)
+    fuse_siblings(model)
+    trim_after_forwards(model)
     return model

@@ -23,6 +23,11 @@ cgroup v1 memory group capped at F times the source's weight bytes, the Ray inst
 and reports whether the job finished under the cap. `--bytes-ratio R` budgets the decoder layers at R of their
 bytes (dense or low-rank, int8 or int4 per layer) instead of int8 everywhere.
 
+With `--two-node` it runs the stage in process, on Ray on one node, and on a loopback cluster of two (head
+127.0.0.2 without CPUs, worker 127.0.0.3) whose worker node cannot see the source directory (an empty tmpfs
+over it in its own mount namespace, root only): where the tasks got their tensors, and whether the factors are
+bit-identical to in-process.
+
 With `--gpus-per-task G` (on a machine with GPUs) it adds Ray rows whose tasks
 each ask for G GPUs and decompose in CUDA; GPU factors are not bit-identical to
 CPU ones (different kernels), so every row also reports how far its per-layer
@@ -30,6 +35,7 @@ relative reconstruction errors are from in-process ones.
 
     .venv/bin/python scripts/bench_scaling.py [--json results/bench_scaling.json]
     .venv/bin/python scripts/bench_scaling.py --driver --json docs/bench_driver.json
+    .venv/bin/python scripts/bench_scaling.py --two-node --json docs/bench_two_node.json
     .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --rows streamed --json docs/bench_driver_qwen.json
     .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --rows streamed --bytes-ratio 0.25 --json docs/bench_driver_qwen_bytes.json
     python scripts/bench_scaling.py --workers 1,4,16 --gpus-per-task 0.25 --gpu-workers 4 --repeat 1
@@ -102,20 +108,23 @@ def digest(execution: Execution) -> str:
     return sha.hexdigest()
 
 
-def measure_row(mode: str, workers: int, gpus_per_task: float) -> dict:
-    """One row, in a fresh process, so that no row's memory or warm caches leak into another's."""
+def measure_row(mode: str, workers: int, gpus_per_task: float, source: str | None = None, address: str | None = None) -> dict:
+    """One row, in a fresh process, so that no row's memory or warm caches leak into another's. `source`: an `hf:`
+    directory of SmolLM2 to read instead of the zoo's; `address`: a running cluster of two nodes to join."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from krunch.zoo import load_zoo_model
+    from krunch.sources import load_model
 
     process = psutil.Process()
     ray_start = time.perf_counter()
-    with ray_session() if mode.startswith("ray") else nullcontext():
+    with ray_session(address) if mode.startswith("ray") else nullcontext():
         ray_start_s = time.perf_counter() - ray_start if mode.startswith("ray") else 0.0
+        if address:
+            wait_for_nodes(2)
         import transformers.models.llama.modeling_llama  # noqa: F401  the model's code is fixed overhead, its weights are not
 
         gc.collect()
         baseline_rss = process.memory_info().rss  # interpreter, torch, transformers, the Ray driver
-        model = load_zoo_model("smollm2-135m")
+        model = load_model(source or "zoo:smollm2-135m")
         for param in model.module.parameters():  # page the weights in, as calibration or the before-evaluation
             float(param.detach().sum())  # of a real job would (the worst case); a reduction allocates nothing
         gc.collect()
@@ -130,6 +139,9 @@ def measure_row(mode: str, workers: int, gpus_per_task: float) -> dict:
     return {"mode": mode, "workers": workers, "wall_s": round(wall, 3), "task_s": round(sum(r.seconds for r in execution.results), 3),
             "driver_peak_rss_bytes": rss.peak, "driver_baseline_rss_bytes": baseline_rss, "driver_ready_rss_bytes": ready_rss, "ray_start_s": round(ray_start_s, 2),
             "layers": len(execution.results), "factors_sha256": digest(execution), "device": execution.info["device"],
+            "nodes": execution.info.get("nodes", 1), "weights_from": execution.info.get("weights_from", "driver"),
+            "tensors_via_object_store": execution.info.get("tensors_via_object_store", 0),
+            "tensors_read_by_workers": execution.info.get("tensors_read_by_workers", 0),
             "rel_errors": [result.rel_error for result in execution.results],
             "source_weight_bytes": sum(p.numel() for p in model.module.parameters()) * 4}  # fmt: skip
 
@@ -275,12 +287,76 @@ def ray_outside(needed: bool) -> Iterator[str | None]:
         ray.shutdown()
 
 
-def run_row_in_subprocess(mode: str, workers: int, gpus_per_task: float) -> dict:
+def wait_for_nodes(count: int, timeout_s: float = 90) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while sum(1 for node in ray.nodes() if node["Alive"]) < count:  # the worker node joins after the head
+        if time.monotonic() > deadline:
+            raise SystemExit(f"fewer than {count} Ray nodes after {timeout_s} s")
+        time.sleep(0.5)
+
+
+def run_row_in_subprocess(mode: str, workers: int, gpus_per_task: float, source: Path | None = None, address: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "row.json"
         command = [sys.executable, __file__, "--row", f"{mode}:{workers}:{gpus_per_task}", "--json", str(out)]
+        command += ["--source", f"hf:{source}"] if source else []
+        command += ["--ray-address", address] if address else []
         subprocess.run(command, check=True, timeout=ROW_TIMEOUT_S)
         return json.loads(out.read_text())
+
+
+ONE_NODE, TWO_NODES = "one node", "two nodes, source hidden from the worker"
+
+
+def two_node_rows(args: argparse.Namespace) -> int:
+    """The same stage on one node and on a loopback cluster of two (head 127.0.0.2 without CPUs, worker
+    127.0.0.3 with 2) whose worker node cannot see the source directory (an empty tmpfs over it in its own
+    mount namespace): its tasks get their tensors through Ray's object store; factors compared bit for bit."""
+    import shutil
+
+    from krunch.sources import load_model
+    from tests.ray_cluster import can_hide_directories, local_ray_head, local_ray_worker
+
+    if not can_hide_directories():
+        raise SystemExit("--two-node needs root with private mount namespaces (unshare -m) and tmpfs")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the head, the worker node and the row's driver must agree
+    zoo_files = load_model("zoo:smollm2-135m").weight_files
+    with tempfile.TemporaryDirectory(prefix="kb") as scratch:  # short: Ray's socket paths must stay under 108 bytes
+        private = Path(scratch) / "private"
+        shutil.copytree(zoo_files[0].parent, private / "model")  # SmolLM2's hf: directory, where only the head sees it
+        source = private / "model"
+        configs = [("inprocess", ONE_NODE), ("ray", ONE_NODE), ("ray", TWO_NODES)]
+        runs = []
+        for _ in range(args.repeat):
+            for mode, cluster in configs:
+                if cluster == ONE_NODE:
+                    runs.append(run_row_in_subprocess(mode, 2 if mode == "ray" else 1, 0.0, source) | {"cluster": cluster})
+                    continue
+                with local_ray_head(Path(scratch) / "t", cpus=0, object_store_bytes=2**30) as head:
+                    with local_ray_worker(head, Path(scratch) / "worker.log", cpus=2, hidden=private):
+                        runs.append(run_row_in_subprocess(mode, 2, 0.0, source, head) | {"cluster": cluster})
+    rows = [combine([run for run in runs if (run["mode"], run["cluster"]) == config]) for config in configs]
+    reference = rows[0]["factors_sha256"][0]
+    for row in rows:
+        row["identical_to_inprocess"] = row["factors_sha256"] == [reference] * len(row["factors_sha256"])
+        row["vs_inprocess"] = round(row["wall_s"] / rows[0]["wall_s"], 3)
+    print(two_node_table(rows))
+    if args.json:
+        write_json(args.json, {"model": "zoo:smollm2-135m", "layers": rows[0]["layers"], "recipe": RECIPE, "cpus": os.cpu_count(), "rows": rows})
+    return 0
+
+
+def two_node_table(rows: list[dict]) -> str:
+    header = f"{'cluster':<40} {'mode':<10} {'nodes':>5} {'wall s':>8} {'vs inproc':>9} {'weights from':<13} {'via store':>9} {'read by workers':>15} {'identical':>9}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['cluster']:<40} {row['mode']:<10} {row['nodes']:>5} {row['wall_s']:>8.2f} {row['vs_inprocess']:>9.2f} {row['weights_from']:<13} "
+                     f"{row['tensors_via_object_store']:>9} {row['tensors_read_by_workers']:>15} {str(row['identical_to_inprocess']):>9}")  # fmt: skip
+    lines.append(f"SmolLM2-135M, {rows[0]['layers']} decoder linears, truncated SVD rank 128 + int8; 2 workers; fastest of the repeats")
+    return "\n".join(lines)
 
 
 def combine(runs: list[dict]) -> dict:
@@ -305,6 +381,8 @@ def main() -> int:
     parser.add_argument("--cap", type=float, help="with --driver: cap each driver's memory at this fraction of the source's weight bytes")
     parser.add_argument("--bytes-ratio", type=float, help="with --driver: budget the decoder layers at this fraction of their bytes (default: int8 everywhere)")
     parser.add_argument("--rows", default="whole,streamed", help="with --driver: which drivers (default whole,streamed)")
+    parser.add_argument("--two-node", action="store_true", help="one node against a loopback cluster of two whose worker node cannot see the source")
+    parser.add_argument("--source", help=argparse.SUPPRESS)  # internal: the row's source instead of the zoo's SmolLM2
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: MODE:WORKERS, one row in this process
     parser.add_argument("--ray-address", help=argparse.SUPPRESS)  # internal: the Ray instance a capped driver joins
     args = parser.parse_args()
@@ -315,8 +393,10 @@ def main() -> int:
         return driver_rows(args)
     if args.row:
         mode, workers, gpus = args.row.split(":")
-        args.json.write_text(json.dumps(measure_row(mode, int(workers), float(gpus))))
+        args.json.write_text(json.dumps(measure_row(mode, int(workers), float(gpus), args.source, args.ray_address)))
         return 0
+    if args.two_node:
+        return two_node_rows(args)
 
     counts = sorted({1, *map(int, args.workers.split(","))}) if args.workers else range(1, args.max_workers + 1)
     configs = [("inprocess", 1)] + [("ray", n) for n in counts]

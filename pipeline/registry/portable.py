@@ -56,22 +56,22 @@ def runtime_code(scratch: Path, namespace: str) -> Path:
 
 @contextlib.contextmanager
 def pickled_as(namespace: str) -> Iterator[None]:
-    """While pickling, the runtime's classes name `namespace.runtime...` (aliases of the loaded modules in
+    """While pickling, the runtime's classes and functions name `namespace.runtime...` (aliases of the loaded modules in
     `sys.modules`, which pickle checks); afterwards everything is as it was."""
     shipped = {name: module for name, module in list(sys.modules.items())
                if module is not None and name.startswith(tuple(f"krunch.{p}" for p in RUNTIME_PACKAGES))}  # fmt: skip
     aliases = {namespace: types.ModuleType(namespace)} | {
         namespace + name.removeprefix("krunch"): module for name, module in shipped.items()}  # fmt: skip
-    renamed = [(cls, cls.__module__) for name, module in shipped.items() for cls in vars(module).values()
-               if isinstance(cls, type) and cls.__module__ == name]  # fmt: skip
+    renamed = [(obj, obj.__module__) for name, module in shipped.items() for obj in vars(module).values()
+               if isinstance(obj, type | types.FunctionType) and obj.__module__ == name]  # classes, and functions a model holds (hooks)
     sys.modules.update(aliases)
     try:
-        for cls, module_name in renamed:
-            cls.__module__ = namespace + module_name.removeprefix("krunch")
+        for obj, module_name in renamed:
+            obj.__module__ = namespace + module_name.removeprefix("krunch")
         yield
     finally:
-        for cls, module_name in renamed:
-            cls.__module__ = module_name
+        for obj, module_name in renamed:
+            obj.__module__ = module_name
         for name in aliases:
             sys.modules.pop(name, None)
 

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .memory import note_transient
 from .quant import QuantFormat, QuantizedData, packed_shape
 
 # Rows up to which the packed weight-only kernels beat a bf16 GEMM on a transient weight (docs/kernels.md).
@@ -170,6 +171,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     if rows > PACKED_MAX_ROWS:
         dtype = transient_dtype()
         out = F.linear(x.to(dtype), weight.dequantize(dtype)).to(x.dtype)
+        note_transient()
     else:
         out = packed_matmul(x.reshape(rows, x.shape[-1]), packed).to(x.dtype)
         out = out.reshape(*x.shape[:-1], out_features)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CompressedLayer, quantize_config_json
+from .fusion import FusedGroup
 from .quant import QuantFormat, QuantizedData, dequantize
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,6 +21,7 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 class QuantizedLinear(CompressedLayer):
     method = "none"
+    fusion: FusedGroup | None = None  # set by fusion.fuse_siblings: one matmul with its siblings (q/k/v, gate/up)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quantize_config: dict) -> None:
         super().__init__(quantize_config)
@@ -35,10 +37,14 @@ class QuantizedLinear(CompressedLayer):
         return layer.finish_from(source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, "weight_q", self.bias)
+        fused = self.fusion.output(self, x) if self.fusion is not None else None
+        if fused is None:
+            return self.linear(x, "weight_q", self.bias)
+        return fused + self.bias if self.bias is not None else fused
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kernel={self.weight_q.kernel()[0].value}"
+        fused = f", fused with {len(self.fusion.members) - 1} siblings" if self.fusion is not None else ""
+        return f"{super().extra_repr()}, kernel={self.weight_q.kernel()[0].value}{fused}"
 
     def config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.has_bias,

@@ -8,8 +8,7 @@ each tensor of 1 MB or more in a mapping of its own, returned when the tensor is
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+from krunch.runtime.memory import c_library
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 THRESHOLD_BYTES = 2**20
@@ -17,10 +16,5 @@ THRESHOLD_BYTES = 2**20
 
 def return_freed_memory() -> bool:
     """Fix glibc's mmap threshold for this process; False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
+    mallopt = getattr(c_library(), "mallopt", None)  # musl and others have none
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES))
