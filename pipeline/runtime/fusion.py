@@ -29,19 +29,28 @@ class FusedGroup:
 
     def __init__(self, members: list[nn.Module]) -> None:
         self.members = members
+        self._bounds: list[tuple[int, int]] = []  # each sibling's output columns (the siblings may still be unpickling here)
         self._pack: Packed | None = None
         self._views: list[Packed] = []
         self._cache: tuple[torch.Tensor, torch.Tensor, int] | None = None  # input, fused output, input version
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:  # a pickle of the model keeps the siblings together, packs nothing
         return {"members": self.members}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["members"])
 
-    def bounds(self, index: int) -> tuple[int, int]:
-        start = sum(member.out_features for member in self.members[:index])
-        return start, start + self.members[index].out_features
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        if not self._bounds:
+            ends = [sum(m.out_features for m in self.members[: i + 1]) for i in range(len(self.members))]
+            self._bounds = [(end - m.out_features, end) for m, end in zip(self.members, ends, strict=True)]
+        return self._bounds
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        """Copies are not fused: a sibling copied alone (a streamed unit) must not drag its siblings along, and
+        `fuse_siblings` fuses a copied model again."""
+        return None
 
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """`member`'s output without its bias, from the fused matmul; None where `member` should run alone."""
@@ -62,7 +71,7 @@ class FusedGroup:
         elif not self._holds(x):
             return None
         assert self._cache is not None
-        start, end = self.bounds(index)
+        start, end = self.bounds[index]
         piece = self._cache[1][:, start:end].contiguous().reshape(*x.shape[:-1], end - start)
         if index == len(self.members) - 1:
             self._cache = None  # every sibling has its columns: hold nothing between steps
@@ -94,7 +103,7 @@ class FusedGroup:
                             group_size=packs[0].group_size, columns=packs[0].columns)  # fmt: skip
         self._views = []
         for index, (weight, own) in enumerate(zip(weights, packs, strict=True)):
-            start, end = self.bounds(index)
+            start, end = self.bounds[index]
             weight._packed = dataclasses.replace(own, weight=self._pack.weight[start:end])  # its own rows of the fused codes
             self._views.append(weight._packed)
         return self._pack

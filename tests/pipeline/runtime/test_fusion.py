@@ -59,6 +59,11 @@ def test_fused_siblings_give_the_unfused_outputs_and_hold_the_codes_once(smollm2
     assert torch.equal(run(again, smollm2, x), run(plain, smollm2, x))
     assert again.mlp.up_proj.fusion._pack is not None
 
+    copied = copy.deepcopy(fused)  # a deep copy (a streamed unit's shell) runs unfused until fused again
+    assert copied.mlp.gate_proj.fusion is None and copy.deepcopy(fused.mlp.gate_proj).fusion is None
+    assert torch.equal(run(copied, smollm2, x), run(plain, smollm2, x))
+    assert fuse_siblings(copied) == 2 and torch.equal(run(copied, smollm2, x), run(plain, smollm2, x))
+
 
 def test_a_sibling_called_with_another_input_runs_its_own_rows(smollm2):
     """A parent that calls the siblings with different inputs (cross-attention) still gets each layer's output."""
