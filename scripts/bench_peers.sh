@@ -2,8 +2,8 @@
 # The peers of scripts/bench_inference.py and scripts/bench_quality.py, each in a virtual environment of its
 # own, so krunch's pins are untouched: torchao (weight-only int8/int4 on the same torch), llama.cpp
 # (llama-cpp-python, built from source with this machine's cmake and gcc: about 40-75 minutes on 2 cores,
-# once; later runs reuse it), HQQ and NNCF (4-bit weight quantizers, for the quality table).
-#   scripts/bench_peers.sh [torchao|llama|hqq|nncf|all]     # default all; prints each venv's python
+# once; later runs reuse it), HQQ, NNCF and llm-compressor (4-bit weight quantizers, for the quality table).
+#   scripts/bench_peers.sh [torchao|llama|hqq|nncf|llmcompressor|all]     # default all; prints each venv's python
 set -euo pipefail
 root="${KRUNCH_BENCH_PEERS:-${XDG_CACHE_HOME:-$HOME/.cache}/krunch/bench-peers}"
 python="${PYTHON:-python3}"
@@ -31,6 +31,9 @@ if [[ "$which" == hqq || "$which" == all ]]; then
 fi
 if [[ "$which" == nncf || "$which" == all ]]; then
   make_venv nncf torch==2.13.0 nncf==3.4.0 transformers==5.23.0 safetensors psutil
+fi
+if [[ "$which" == llmcompressor || "$which" == all ]]; then  # its own transformers pin (5.17): a venv of its own
+  make_venv llmcompressor torch==2.13.0 llmcompressor==0.14.0.1 safetensors psutil
 fi
 if [[ "$which" == llama || "$which" == all ]]; then
   # The sdist vendors llama.cpp, whose convert_hf_to_gguf.py turns the fp32 checkpoint into a GGUF.

@@ -159,6 +159,7 @@ PEERS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "NNCF 3.4 INT4_SYM g64 (data-free)": ("nncf", {"mode": "INT4_SYM", "group_size": 64}),
         "NNCF 3.4 INT4_SYM g64, AWQ + scale est.": ("nncf", {"mode": "INT4_SYM", "group_size": 64, "awq": True}),
         "torchao 0.18 int4 weight-only g64 (bf16)": ("torchao", {"group_size": 64}),
+        "llm-compressor 0.14 GPTQ W4A16 g64": ("llmcompressor", {"bits": 4, "group_size": 64}),
         "llama.cpp Q4_0 (whole model)": ("llama", {"type": "Q4_0"}),
         "llama.cpp Q4_K_M (whole model)": ("llama", {"type": "Q4_K_M"}),
         "llama.cpp Q3_K_M (whole model)": ("llama", {"type": "Q3_K_M"}),

@@ -3,7 +3,7 @@
 
     <peer venv>/bin/python scripts/quality_probe.py ROW.json     # prints one JSON line
 
-ROW.json gives the peer (`hqq`, `nncf`, `torchao` or `llama`), its recipe, the fp32 SmolLM2 directory (and,
+ROW.json gives the peer (`hqq`, `nncf`, `torchao`, `llmcompressor` or `llama`), its recipe, the fp32 SmolLM2 directory (and,
 for llama.cpp, the GGUF of the same weights), and the token-id windows of every corpus (and of calibration)
 exactly as krunch's perplexity evaluation cuts them, so each peer is scored on the same tokens. Imports
 nothing of krunch: the peer's environment does not have it.
@@ -93,6 +93,26 @@ def torchao_model(model: torch.nn.Module, recipe: dict[str, Any]) -> tuple[torch
     return model, quantized // 2 + quantized // group * 4 + distinct_bytes(others)
 
 
+def llmcompressor_model(model: torch.nn.Module, recipe: dict[str, Any], calibration: list[list[int]]) -> tuple[torch.nn.Module, int]:
+    """llm-compressor's GPTQ (`oneshot` with a GPTQModifier: int weights in symmetric groups, 16-bit activations,
+    the W4A16 scheme at the recipe's group size) on the decoder linears, calibrated on the given windows; the LM
+    head (tied to the embedding) stays fp32. After `oneshot` the model runs its weights quantize-dequantized, so
+    its perplexity is the quantized model's; the bytes count the codes, one 16-bit scale per group and the rest."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    bits, group = recipe["bits"], recipe["group_size"]
+    scheme = {"targets": ["Linear"], "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}}
+    dataset = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(ids) for ids in calibration]})
+    decoder = {name for name, module in model.named_modules() if name.startswith(DECODER) and isinstance(module, torch.nn.Linear)}
+    quantized = sum(model.get_submodule(name).weight.numel() for name in decoder)
+    others = [t for key, t in model.state_dict().items() if key.rpartition(".")[0] not in decoder]
+    oneshot(model=model, dataset=dataset, recipe=GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]),
+            max_seq_length=max(len(ids) for ids in calibration), num_calibration_samples=len(calibration))  # fmt: skip
+    return model, quantized * bits // 8 + quantized // group * 2 + distinct_bytes(others)
+
+
 def llama_perplexity(gguf: str, windows: list[list[int]], threads: int) -> float:
     """Perplexity through llama-cpp-python on the given token ids: each window evaluated from an empty cache,
     every position's logits kept."""
@@ -136,6 +156,8 @@ def main() -> int:
         model, size = nncf_model(model, row["recipe"], row["calibration"])
     elif row["peer"] == "torchao":
         model, size = torchao_model(model, row["recipe"])
+    elif row["peer"] == "llmcompressor":
+        model, size = llmcompressor_model(model, row["recipe"], row["calibration"])
     else:
         raise SystemExit(f"unknown peer {row['peer']!r}")
     seconds = time.perf_counter() - started

@@ -1,13 +1,14 @@
 """Sibling projections that read the same input run as one int4 matmul: q/k/v of an attention, gate/up of an MLP.
 
 A batch-1 decode step calls the int4 kernel once per matrix, and on small matrices (SmolLM2's 576x576 q_proj)
-its fixed cost per call is a large share of the step: one call over the siblings' rows stacked replaces
-three (or two). The stored layers are untouched (each sibling keeps its own codes, manifest entry and state
-dict); only their packs, a cache, become row ranges of one fused pack built at first use. The first sibling
-of a group runs the fused matmul and keeps its output until the others, called with the same input tensor,
-have taken their columns; a sibling called with another input (cross-attention, a streamed copy) runs its
-own rows only, so outputs are always each layer's own (bit for bit: the kernel computes each output channel
-alone). Prefill's many rows keep the unfused transient-weight GEMMs.
+its fixed cost per call is a large share of the step: inside a compiled decode step (`greedy_decode`,
+`compile_decode`, a user's `torch.compile`) one call over the siblings' stacked rows replaces three (or two).
+The stored layers are untouched (each sibling keeps its own codes, manifest entry and state dict); only their
+packs, a cache, become row ranges of one fused pack built at first use. The first sibling of a group runs the
+fused matmul and keeps its output until the others, called with the same input tensor, have taken their
+columns; a sibling called with another input (cross-attention, a streamed copy) runs its own rows only, so
+outputs are always each layer's own (bit for bit: the kernel computes each output channel alone). Prefill's
+many rows keep the unfused transient-weight GEMMs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from torch import nn
 
 from .kernels import PACK_BLOCK, PACKED_MAX_ROWS, Kernel, Packed, int4_pack_is_permutation, packed_matmul
 
+# Whether eager forwards use the fused matmul too. Off: eager, the extra Python per call cost more than the
+# saved kernel calls (docs/kernels.md); a compiled step, where that Python is traced away, always fuses.
+EAGER = False
 # Attribute names of siblings a parent module calls with one input, first the one called first.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
@@ -55,15 +59,18 @@ class FusedGroup:
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """`member`'s output without its bias, from the fused matmul; None where `member` should run alone."""
         index = next((i for i, m in enumerate(self.members) if m is member), None)
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if index is None:
+            return None
         compiling = torch.compiler.is_compiling()
-        if index == 0 and not compiling:  # built eagerly (a prompt's prefill), so a compiled step finds it ready
-            pack = self.fused_pack(x.device)
-        elif index == 0:
-            pack = self._pack if self._ready(x.device) else None
-        if index is None or rows == 0 or rows > PACKED_MAX_ROWS:
+        if not compiling and not EAGER:
+            if index == 0:
+                self.fused_pack(x.device)  # built now (a prompt's prefill), so that a compiled step finds it ready
+            return None
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not 0 < rows <= PACKED_MAX_ROWS:
             return None
         if index == 0:
+            pack = (self._pack if self._ready(x.device) else None) if compiling else self.fused_pack(x.device)
             if pack is None:
                 return None
             out = packed_matmul(x.reshape(rows, x.shape[-1]), pack).to(x.dtype)
@@ -72,7 +79,7 @@ class FusedGroup:
             return None
         assert self._cache is not None
         start, end = self.bounds[index]
-        piece = self._cache[1][:, start:end].contiguous().reshape(*x.shape[:-1], end - start)
+        piece = self._cache[1][:, start:end].contiguous().view(*x.shape[:-1], end - start)
         if index == len(self.members) - 1:
             self._cache = None  # every sibling has its columns: hold nothing between steps
         return piece
