@@ -288,6 +288,7 @@ def ray_outside(needed: bool) -> Iterator[str | None]:
 
 
 def wait_for_nodes(count: int, timeout_s: float = 90) -> None:
+    """Until `count` nodes are alive in the connected cluster (bounded)."""
     import ray
 
     deadline = time.monotonic() + timeout_s
@@ -384,7 +385,7 @@ def main() -> int:
     parser.add_argument("--two-node", action="store_true", help="one node against a loopback cluster of two whose worker node cannot see the source")
     parser.add_argument("--source", help=argparse.SUPPRESS)  # internal: the row's source instead of the zoo's SmolLM2
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: MODE:WORKERS, one row in this process
-    parser.add_argument("--ray-address", help=argparse.SUPPRESS)  # internal: the Ray instance a capped driver joins
+    parser.add_argument("--ray-address", help=argparse.SUPPRESS)  # internal: the Ray instance a row joins (a capped driver's, the two nodes)
     args = parser.parse_args()
     if args.driver and args.row:
         args.json.write_text(json.dumps(measure_driver(args.model, args.row == "streamed", args.ray_address, args.bytes_ratio)))

@@ -57,7 +57,9 @@ def test_a_streamed_model_computes_what_the_loaded_one_does(smollm2):
 
 def test_a_bf16_model_streams_in_the_dtype_this_cpu_multiplies_fastest(tmp_path, smollm2):
     """A bf16 checkpoint computes in float32 where oneDNN has no native bf16 (an AVX2 CPU: 4.6x faster), else in
-    bf16: either way, the logits the loaded model gives in that dtype."""
+    bf16: either way, the logits the loaded model gives in that dtype, bit for bit in float32; in bf16 as close
+    to the float32 logits of the same weights as the loaded bf16 model's are (bf16 forwards that differ in GEMM
+    shapes, such as the head's vocabulary runs, round differently: about 1% apart after 30 layers)."""
     source = tmp_path / "smollm2-bf16"
     smollm2.module.save_pretrained(source, state_dict={k: v.to(torch.bfloat16) for k, v in smollm2.module.state_dict().items()})
     smollm2.tokenizer.save_pretrained(source)
@@ -71,7 +73,17 @@ def test_a_bf16_model_streams_in_the_dtype_this_cpu_multiplies_fastest(tmp_path,
     with torch.inference_mode():
         streamed = model.module(input_ids=ids).logits
         assert streamed.dtype == (dtype or torch.bfloat16)
-        assert torch.equal(streamed, whole.to(dtype or torch.bfloat16)(input_ids=ids).logits)
+        reference = whole.to(dtype or torch.bfloat16)(input_ids=ids).logits
+    if dtype is torch.float32:
+        assert torch.equal(streamed, reference)
+    else:
+        with torch.inference_mode():
+            exact = whole.float()(input_ids=ids).logits  # the same weights, multiplied in float32
+        assert relative(streamed, exact) <= 1.5 * relative(reference, exact)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def test_a_streamed_job_writes_what_the_whole_model_job_writes(tmp_path, smollm2):

@@ -16,6 +16,7 @@ from krunch.runtime import QuantFormat, set_exact
 from krunch.runtime.fusion import fuse_siblings
 from krunch.runtime.kernels import int4_pack_is_permutation
 from krunch.runtime.quantized import QuantizedLinear
+from tests.pipeline.runtime.graphs import captured_calls
 
 INT4 = QuantFormat(4, 64, symmetric=False)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.o_proj")
@@ -102,18 +103,8 @@ def test_the_fused_pack_follows_the_exact_path_and_moves(smollm2, eager_fusion):
 
 
 def int4_calls(block: torch.nn.Module, smollm2, x: torch.Tensor) -> int:
-    """How many int4 kernel calls the graph dynamo captures for the block's forward has."""
-    graphs = []
-
-    def capture(graph_module, example_inputs):  # noqa: ANN001, ANN202
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(lambda h: run(block, smollm2, h), backend=capture)(x)
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-    return sum(node.target in (kernel, torch.ops.aten._weight_int4pack_mm_for_cpu) for graph in graphs for node in graph.graph.nodes)
+    """How many int4 kernel calls the graphs dynamo captures for the block's forward make."""
+    return sum("_weight_int4pack_mm_for_cpu" in call for call in captured_calls(lambda h: run(block, smollm2, h), x))
 
 
 def test_a_compiled_step_calls_the_kernel_once_per_sibling_group(smollm2):

@@ -11,6 +11,7 @@ from krunch.runtime.kernels import PACKED_MAX_ROWS, int4_pack_is_permutation, tr
 from krunch.runtime.linear import LowRankLinear
 from krunch.runtime.quantized import QuantizedEmbedding, QuantizedLinear
 from krunch.decompose.svd import truncated_svd
+from tests.pipeline.runtime.graphs import captured_calls
 
 FORMATS = {
     "int8": (QuantFormat(8), Kernel.INT8_CPU),
@@ -54,16 +55,7 @@ def test_kernels_match_the_reference_on_real_layers(smollm2, minilm, name, rows)
 
 def aten_ops(layer: torch.nn.Module, x: torch.Tensor) -> set[str]:
     """The aten ops in the graph dynamo captures for layer(x)."""
-    graphs = []
-
-    def capture(graph_module, example_inputs):  # noqa: ANN001, ANN202
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(layer, backend=capture, fullgraph=True)(x)
-    return {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    return set(captured_calls(layer, x, fullgraph=True))
 
 
 @pytest.mark.slow
