@@ -318,13 +318,15 @@ def two_node_rows(args: argparse.Namespace) -> int:
     import shutil
 
     from krunch.sources import load_model
+    from krunch.sources.hf import architecture_only
     from tests.ray_cluster import can_hide_directories, local_ray_head, local_ray_worker
 
     if not can_hide_directories():
         raise SystemExit("--two-node needs root with private mount namespaces (unshare -m) and tmpfs")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the head, the worker node and the row's driver must agree
-    zoo_files = load_model("zoo:smollm2-135m").weight_files
+    with architecture_only(keep_files=True):  # where the zoo's files are; their weights are read by the rows
+        zoo_files = load_model("zoo:smollm2-135m").weight_files
     with tempfile.TemporaryDirectory(prefix="kb") as scratch:  # short: Ray's socket paths must stay under 108 bytes
         private = Path(scratch) / "private"
         shutil.copytree(zoo_files[0].parent, private / "model")  # SmolLM2's hf: directory, where only the head sees it

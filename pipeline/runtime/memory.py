@@ -1,9 +1,9 @@
 """Memory a many-row forward freed, handed back to the system, so a loaded model's resident memory is what it holds.
 
-A prefill multiplies through transient bf16 weights and builds its activations and logits (about 100 MB for
-512 SmolLM2 tokens); glibc keeps all of that in its heap once freed, and a process that answered one long
-prompt stays that much bigger. After a forward that used transient weights, `malloc_trim` returns the free
-pages (about 20 ms after a 1 s SmolLM2 prefill; decode steps use none and never trim).
+A prefill multiplies through transient bf16 weights and builds its activations and logits; glibc keeps all of
+that in its heap once freed, and a process that answered one long prompt stays that much bigger. After a forward
+that used transient weights, `malloc_trim` returns the free pages (a small fraction of the prefill's time,
+docs/kernels.md); decode steps use none and never trim.
 """
 
 from __future__ import annotations
