@@ -382,8 +382,9 @@ class Resources(_Model):
     stream: bool = Field(
         False, description="the driver holds about one block of weights at a time, for models bigger than its memory: the "
         "source stays in its safetensors files (hf: and zoo: transformers models) and is read unit by unit when evaluated, "
-        "layers are compressed a block at a time and written to shards as they finish. Data-free recipes and bytesRatio "
-        "only (no calibration, heal or paramRatio yet); no inference-speed figures (a streamed model reads its weights on every call)",
+        "layers are compressed a block at a time and written to shards as they finish; calibrated layers (gptq, fitted grids, "
+        "activationAware, propagate) one block per task, their statistics in the task. No heal or paramRatio yet; no "
+        "inference-speed figures (a streamed model reads its weights on every call)",
     )
 
 

@@ -21,7 +21,8 @@ the compressed model, file-mapped for a streamed job, and pickling it as MLflow'
 `scripts/setup_large_model.sh`) runs the same on a model ten times bigger; `--cap F` puts each driver alone in a
 cgroup v1 memory group capped at F times the source's weight bytes, the Ray instance (started here) outside it,
 and reports whether the job finished under the cap. `--bytes-ratio R` budgets the decoder layers at R of their
-bytes (dense or low-rank, int8 or int4 per layer) instead of int8 everywhere.
+bytes (dense or low-rank, int8 or int4 per layer) instead of int8 everywhere; `--recipe gptq` (or
+`gptq-propagated`) runs examples/smollm2-int4.yaml's calibrated recipe, which a streamed driver runs block by block.
 
 With `--two-node` it runs the stage in process, on Ray on one node, and on a loopback cluster of two (head
 127.0.0.2 without CPUs, worker 127.0.0.3) whose worker node cannot see the source directory (an empty tmpfs
@@ -38,6 +39,7 @@ relative reconstruction errors are from in-process ones.
     .venv/bin/python scripts/bench_scaling.py --two-node --json docs/bench_two_node.json
     .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --rows streamed --json docs/bench_driver_qwen.json
     .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --rows streamed --bytes-ratio 0.25 --json docs/bench_driver_qwen_bytes.json
+    .venv/bin/python scripts/bench_scaling.py --driver --model zoo:qwen2.5-coder-1.5b --cap 0.333 --rows streamed --recipe gptq --calibration-tokens 4096 --json docs/bench_driver_qwen_gptq.json
     python scripts/bench_scaling.py --workers 1,4,16 --gpus-per-task 0.25 --gpu-workers 4 --repeat 1
 """
 
@@ -149,16 +151,31 @@ def measure_row(mode: str, workers: int, gpus_per_task: float, source: str | Non
 DRIVER_RECIPE = {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits": 8, "symmetric": True}}
 
 
-def driver_recipe(bytes_ratio: float | None) -> dict:
+GPTQ_QUANTIZE = {"bits": 4, "groupSize": 64, "symmetric": False, "grid": "fitted", "rounding": "gptq"}
+
+
+def driver_recipe(bytes_ratio: float | None, recipe: str = "int8", calibration_tokens: int = 8192) -> dict:
     """int8 everywhere; with a bytes ratio, the decoder layers under that budget (dense or low-rank, int8 or int4 per
-    layer) and the rest int8, as bench_inference's `bytesRatio 0.2` row."""
+    layer) and the rest int8, as bench_inference's `bytesRatio 0.2` row; `gptq` / `gptq-propagated`:
+    examples/smollm2-int4.yaml's recipe (decoder int4 g64 gptq on the fitted grid, embedding and head int8), with
+    the original model's Grams or error-propagating."""
+    if recipe.startswith("gptq"):
+        embedding = {"method": "none", "quantize": {"bits": 8, "grid": "fitted"}}
+        return {"rules": [{"match": "model.embed_tokens", **embedding}, {"match": "lm_head", **embedding}, {"match": "model.layers.*", "method": "none"}],
+                "quantize": GPTQ_QUANTIZE, "calibration": {"tokens": calibration_tokens, "propagate": recipe == "gptq-propagated"}}  # fmt: skip
     if bytes_ratio is None:
         return DRIVER_RECIPE
     return {"rules": [{"match": "model.layers.*", "method": "svd"}, {"match": "*", "method": "none"}],
             "target": {"bytesRatio": bytes_ratio}, "quantize": {"bits": 8, "symmetric": True}}  # fmt: skip
 
 
-def measure_driver(model: str, streamed: bool, address: str | None, bytes_ratio: float | None = None) -> dict:
+def recipe_label(args: argparse.Namespace) -> str:
+    if args.recipe != "int8":
+        return f"{args.recipe} ({args.calibration_tokens} calibration tokens)"
+    return f"bytesRatio {args.bytes_ratio}" if args.bytes_ratio else "int8"
+
+
+def measure_driver(model: str, streamed: bool, address: str | None, recipe: dict) -> dict:
     """One whole job in this (fresh) process; peaks sampled for the compression stages and for the whole job."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import krunch.streaming.job as streamed_job
@@ -168,7 +185,7 @@ def measure_driver(model: str, streamed: bool, address: str | None, bytes_ratio:
     from krunch.spec import parse_job
 
     document = {"apiVersion": "krunch.dev/v1alpha1", "kind": "CompressionJob", "metadata": {"name": "driver-memory"},
-                "spec": {"model": {"source": model}, "recipe": driver_recipe(bytes_ratio),
+                "spec": {"model": {"source": model}, "recipe": recipe,
                          "evaluation": {"task": "perplexity", "tokens": 4096}, "resources": {"stream": streamed, "workers": 2}}}  # fmt: skip
     job = parse_job(document, "bench")
     process = psutil.Process()
@@ -258,6 +275,7 @@ def driver_rows(args: argparse.Namespace) -> int:
                 out = Path(scratch) / "row.json"
                 command = [sys.executable, __file__, "--driver", "--row", row, "--model", args.model, "--json", str(out)]
                 command += ["--bytes-ratio", str(args.bytes_ratio)] if args.bytes_ratio else []
+                command += ["--recipe", args.recipe, "--calibration-tokens", str(args.calibration_tokens)]
                 if limit is None:
                     subprocess.run(command, check=True, timeout=ROW_TIMEOUT_S)
                     rows.append(json.loads(out.read_text()))
@@ -266,9 +284,9 @@ def driver_rows(args: argparse.Namespace) -> int:
                 result = (json.loads(out.read_text()) if code == 0 else
                           {"driver": "streamed" if row == "streamed" else "whole model", "source_weight_bytes": weight_bytes})  # fmt: skip
                 rows.append(result | {"cap_bytes": limit, "finished_under_cap": code == 0, "exit_code": code, "cgroup_peak_bytes": peak})
-    print(driver_table(rows, args.model, f"bytesRatio {args.bytes_ratio}" if args.bytes_ratio else "int8"))
+    print(driver_table(rows, args.model, recipe_label(args)))
     if args.json:
-        write_json(args.json, {"model": args.model, "recipe": driver_recipe(args.bytes_ratio), "cpus": os.cpu_count(), "cap_fraction": args.cap, "rows": rows})
+        write_json(args.json, {"model": args.model, "recipe": driver_recipe(args.bytes_ratio, args.recipe, args.calibration_tokens), "cpus": os.cpu_count(), "cap_fraction": args.cap, "rows": rows})
     return 0
 
 
@@ -383,6 +401,9 @@ def main() -> int:
     parser.add_argument("--model", default="zoo:smollm2-135m", help="with --driver: the source (default zoo:smollm2-135m)")
     parser.add_argument("--cap", type=float, help="with --driver: cap each driver's memory at this fraction of the source's weight bytes")
     parser.add_argument("--bytes-ratio", type=float, help="with --driver: budget the decoder layers at this fraction of their bytes (default: int8 everywhere)")
+    parser.add_argument("--recipe", choices=("int8", "gptq", "gptq-propagated"), default="int8",
+                        help="with --driver: int8 everywhere (default), or examples/smollm2-int4.yaml's gptq recipe, without or with propagation")
+    parser.add_argument("--calibration-tokens", type=int, default=8192, help="with --recipe gptq*: calibration tokens (default 8192)")
     parser.add_argument("--rows", default="whole,streamed", help="with --driver: which drivers (default whole,streamed)")
     parser.add_argument("--two-node", action="store_true", help="one node against a loopback cluster of two whose worker node cannot see the source")
     parser.add_argument("--source", help=argparse.SUPPRESS)  # internal: the row's source instead of the zoo's SmolLM2
@@ -390,7 +411,8 @@ def main() -> int:
     parser.add_argument("--ray-address", help=argparse.SUPPRESS)  # internal: the Ray instance a row joins (a capped driver's, the two nodes)
     args = parser.parse_args()
     if args.driver and args.row:
-        args.json.write_text(json.dumps(measure_driver(args.model, args.row == "streamed", args.ray_address, args.bytes_ratio)))
+        recipe = driver_recipe(args.bytes_ratio, args.recipe, args.calibration_tokens)
+        args.json.write_text(json.dumps(measure_driver(args.model, args.row == "streamed", args.ray_address, recipe)))
         return 0
     if args.driver:
         return driver_rows(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +93,9 @@ def _product(rows: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).double()
 
 
-def collect_grams(model: LoadedModel, names: list[str], calibration: Calibration) -> dict[str, torch.Tensor]:
-    """Accumulate X^T X (float64) over the calibration data for each named Linear or Conv2d."""
-    grams: dict[str, torch.Tensor] = {}
+@contextmanager
+def recording_grams(layers: dict[str, nn.Module], grams: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While inside, every call of a named Linear or Conv2d adds X^T X (float64) of its inputs to grams[name]."""
     # Linears fed the very same tensor (gate_proj and up_proj) share one product; holding the tensor
     # in `previous` keeps its memory from being reused, so identity cannot be confused with an address.
     previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -114,13 +115,19 @@ def collect_grams(model: LoadedModel, names: list[str], calibration: Calibration
 
         return record
 
-    handles = [model.module.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
     try:
-        with torch.inference_mode():
-            for args, kwargs in tqdm(list(calibration_batches(model, calibration)), desc="calibration", unit="batch", leave=False):
-                model.module(*args, **kwargs)
+        yield
     finally:
         previous.clear()
         for handle in handles:
             handle.remove()
+
+
+def collect_grams(model: LoadedModel, names: list[str], calibration: Calibration) -> dict[str, torch.Tensor]:
+    """Accumulate X^T X (float64) over the calibration data for each named Linear or Conv2d."""
+    grams: dict[str, torch.Tensor] = {}
+    with recording_grams({name: model.module.get_submodule(name) for name in names}, grams), torch.inference_mode():
+        for args, kwargs in tqdm(list(calibration_batches(model, calibration)), desc="calibration", unit="batch", leave=False):
+            model.module(*args, **kwargs)
     return grams

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,11 +143,15 @@ def block_calls(model: LoadedModel, blocks: Blocks, calibration: Calibration) ->
         return record
 
     handles = [block.register_forward_pre_hook(recorder(index), with_kwargs=True) for index, block in enumerate(blocks.modules)]
+    handles.append(blocks.modules[-1].register_forward_hook(_stop_forward))  # what follows the blocks (an LM head) is not needed
     try:
         with torch.inference_mode():
             for args, kwargs in calibration_batches(model, calibration):
                 extra = {"use_cache": False} if model.kind is ModelKind.CAUSAL_LM else {}
-                model.module(*args, **kwargs, **extra)
+                try:
+                    model.module(*args, **kwargs, **extra)
+                except _BlocksDone:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -154,6 +159,14 @@ def block_calls(model: LoadedModel, blocks: Blocks, calibration: Calibration) ->
         raise KrunchError("calibration.propagate", f"the blocks of {blocks.path} are not each called once per forward "
                           "(shared or skipped blocks), so they cannot be replayed in order; use propagate: false")  # fmt: skip
     return BlockCalls(calls, first_hidden)
+
+
+class _BlocksDone(Exception):  # noqa: N818 - control flow, not an error
+    """Raised after the last block on a recording pass."""
+
+
+def _stop_forward(_module: nn.Module, _args: tuple, _output: object) -> None:
+    raise _BlocksDone
 
 
 REPLAY_TOLERANCE = 1e-3  # relative difference between replayed and real block inputs (the same fp32 ops: ~1e-6)
@@ -291,31 +304,27 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
     check_replay(blocks, recorded)  # before any work: the blocks replayed in order are the model
     inputs = recorded.inputs(0)
     working_inputs = inputs
-    bar = tqdm(total=len(blocks.modules), desc="propagating", unit="block")
+    count = 1 + max(index for index in range(len(blocks.modules)) if blocks.layers_of(index, in_blocks))  # none after the last refitted one
+    bar = tqdm(total=count, desc="propagating", unit="block")
     try:
-        for index, original_block in enumerate(blocks.modules):
+        for index, original_block in enumerate(blocks.modules[:count]):
             path = blocks.path_of(index)
             working_block = copy.deepcopy(original_block)
             for name, result in results.items():  # layers compressed independently still feed their errors forward
                 relative = inside(name, path)
                 if relative is not None and result.module is not None:
                     working_block = _installed(working_block, relative, result.module)
-            names = blocks.layers_of(index, in_blocks)
-            stages = stages_of(original_block, names, path, inputs[0]) if names else []
-            readers = [_within(stage[0], path) for stage in stages]  # one layer per stage names its input
-            originals, following = original_pass(original_block, readers, inputs)
-            for stage, reader in zip(stages, readers, strict=True):
-                staged = _compress_stage(executor, model, stage, path, original_block, working_block,
-                                         (originals[reader], working_inputs), by_name, ranks, counted(done))  # fmt: skip
-                info = staged.info
-                for result in staged.results:
-                    results[result.name] = result
-                    working_block = _installed(working_block, _within(result.name, path), result.module)
-                done += len(stage)
-                bar.set_postfix_str(f"{done}/{total} layers", refresh=False)
-            if index + 1 < len(blocks.modules):  # the next block's own arguments around these outputs
-                inputs = recorded.inputs(index + 1, following)
-                working_inputs = recorded.inputs(index + 1, _outputs(working_block, working_inputs))
+            last = index + 1 == count
+            outcome = propagate_block(executor, BlockContext(model.reference, model.kind, path, by_name, ranks),
+                                      original_block, working_block, blocks.layers_of(index, in_blocks),
+                                      (inputs, working_inputs), counted, done, outputs=not last)  # fmt: skip
+            info = outcome.info or info
+            results.update((result.name, result) for result in outcome.results)
+            done += len(outcome.results)
+            bar.set_postfix_str(f"{done}/{total} layers", refresh=False)
+            if not last:  # the next block's own arguments around these outputs
+                inputs = recorded.inputs(index + 1, outcome.following)
+                working_inputs = recorded.inputs(index + 1, outcome.working_following)
             bar.update(1)
     finally:
         bar.close()
@@ -324,18 +333,63 @@ def propagate(executor: Executor, model: LoadedModel, plan: Plan, ranks: dict[st
                                 "conv_ridge": CONV_RIDGE})
 
 
-def _compress_stage(executor: Executor, model: LoadedModel, stage: list[str], path: str, original_block: nn.Module,
-                    working_block: nn.Module, inputs: tuple[list[torch.Tensor], list[Batch]], by_name: dict[str, LayerPlan],
-                    ranks: dict[str, int], progress: ProgressCallback) -> Execution:  # fmt: skip
+@dataclass
+class BlockContext:
+    """What compressing the layers of one block needs besides its tensors: whose block, where, the plan's layers."""
+
+    reference: str
+    kind: ModelKind | None
+    path: str  # the block's full name
+    by_name: dict[str, LayerPlan]
+    ranks: dict[str, int]
+
+
+@dataclass
+class BlockOutcome:
+    results: list[LayerResult]
+    info: dict
+    following: list[torch.Tensor]  # the original block's hidden outputs, one per batch ([] when not asked for)
+    working_following: list[torch.Tensor]  # the compressed block's
+
+
+def propagate_block(executor: Executor, context: BlockContext, original_block: nn.Module, working_block: nn.Module,
+                    names: list[str], inputs: tuple[list[Batch], list[Batch]],
+                    counted: Callable[[int], ProgressCallback | None], done: int, outputs: bool = True) -> BlockOutcome:  # fmt: skip
+    """The block's refitted layers (`names`), stage after stage, each compressed for the inputs the compressed
+    stages before it feed it; `working_block` (the block with the layers compressed so far) gains them. With
+    `outputs`, both blocks' hidden outputs: the next block's inputs."""
+    original_inputs, working_inputs = inputs
+    path = context.path
+    stages = stages_of(original_block, names, path, original_inputs[0]) if names else []
+    readers = [_within(stage[0], path) for stage in stages]  # one layer per stage names its input
+    originals, following = original_pass(original_block, readers, original_inputs)
+    results: list[LayerResult] = []
+    info: dict = {}
+    for stage, reader in zip(stages, readers, strict=True):
+        staged = _compress_stage(executor, context, stage, original_block, working_block,
+                                 (originals[reader], working_inputs), counted(done + len(results)))  # fmt: skip
+        info = staged.info
+        for result in staged.results:
+            results.append(result)
+            working_block = _installed(working_block, _within(result.name, path), result.module)
+    working_following = _outputs(working_block, working_inputs) if outputs else []
+    return BlockOutcome(results, info, following if outputs else [], working_following)
+
+
+def _compress_stage(executor: Executor, context: BlockContext, stage: list[str], original_block: nn.Module,
+                    working_block: nn.Module, inputs: tuple[list[torch.Tensor], list[Batch]],
+                    progress: ProgressCallback | None) -> Execution:  # fmt: skip
     """One stage's layers, refitted for the compressed inputs and compressed by the executor (in parallel)."""
+    path = context.path
     gram, cross = stage_statistics(working_block, _within(stage[0], path), *inputs)
     weights = {}
     for name in stage:  # the stage's layers read one tensor: one G~ and one K serve them all
         layer = original_block.get_submodule(_within(name, path))
         ridge = CONV_RIDGE if isinstance(layer, nn.Conv2d) else RIDGE
         weights[name] = _stand_in(layer, refitted_weight(layer.weight, gram, cross, ridge))
-    stand_in = LoadedModel(f"{model.reference}#{path}", StageWeights(weights), model.kind)
-    staged = executor.run(stand_in, Plan([by_name[name] for name in stage]), dict.fromkeys(stage, gram), ranks, progress, bar=False)
+    stand_in = LoadedModel(f"{context.reference}#{path}", StageWeights(weights), context.kind)
+    plan = Plan([context.by_name[name] for name in stage])
+    staged = executor.run(stand_in, plan, dict.fromkeys(stage, gram), context.ranks, progress, bar=False)
     for result in staged.results:
         result.rel_error = relative_error(result.module, original_block.get_submodule(_within(result.name, path)).weight)
     return staged

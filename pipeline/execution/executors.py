@@ -16,7 +16,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -31,6 +32,9 @@ from krunch.execution.heal import Batch, HealResult, StepCallback, heal, load_he
 from krunch.model import LoadedModel
 from krunch.plan import LayerPlan, Plan
 from krunch.spec import Heal, Resources, SpecError
+
+if TYPE_CHECKING:  # streaming.blocks imports calibration.propagate, which imports this module
+    from krunch.streaming.blocks import BlockDone, BlockTask, Hidden
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,11 @@ class Executor(Protocol):
 
     def session(self) -> AbstractContextManager:
         """Held around many `run` calls (error propagation runs one per stage): connect once, not per call."""
+        ...
+
+    def run_blocks(self, tasks: list[BlockTask], first: Hidden, files: tuple[Path, ...]) -> Iterator[BlockDone]:
+        """A streamed model's calibrated blocks in order (`streaming.blocks`), each block's hidden outputs the next
+        one's inputs; each block's results as it finishes."""
         ...
 
 
@@ -128,6 +137,14 @@ class InProcessExecutor:
 
     def session(self) -> AbstractContextManager:
         return nullcontext()
+
+    def run_blocks(self, tasks: list[BlockTask], first: Hidden, files: tuple[Path, ...]) -> Iterator[BlockDone]:
+        """Forwards at this process's threads, layers at `threads`: the whole-model job's arithmetic."""
+        from krunch.streaming.blocks import run_in_order
+
+        for done in run_in_order(tasks, first, self.threads):
+            done.info = {**done.info, "mode": "inprocess", "threads": self.threads}
+            yield done
 
     def map_layers(self, work: LayerWork, model: LoadedModel, layers: list[LayerPlan], desc: str) -> list[Any]:
         with torch_threads(self.threads):  # a streamed model's weights are read from its files one layer at a time
@@ -217,6 +234,49 @@ class RayExecutor:
                         ray.cancel(pending, force=True)
                     raise layer_failure(layer.name, err.cause or err) from None
             return results
+
+    def run_blocks(self, tasks: list[BlockTask], first: Hidden, files: tuple[Path, ...]) -> Iterator[BlockDone]:
+        """One Ray task per block, in order, each taking the CPUs of all the workers (blocks cannot overlap: each needs
+        the one before's outputs, which go from task to task as object references, never through this process)."""
+        import ray
+
+        from krunch.streaming.blocks import staged_in_object_store
+
+        with self.session() as session:
+            readable, seen_by = workers_see(files, session.source_seen_by)
+            width = max(1, math.floor(min(self.worker_count(session, 0.0) * self.cpus_per_task, session.largest_node_cpus or math.inf)))
+            remote = ray.remote(_ray_block_task)
+            options = {"num_cpus": width, "num_returns": 3, "max_retries": self.max_retries, "retry_exceptions": False}
+            hidden: Any = ray.put(first)
+            working: Any = hidden if tasks and tasks[0].propagate else None
+            pending: deque[tuple[str, Any]] = deque()
+            info = {"mode": "ray", "address": session.address, "nodes": session.nodes, "block_cpus": width, "threads_per_task": width,
+                    "weights_from": "source files" if readable else "object store", "source_seen_by": seen_by}  # fmt: skip
+            try:
+                for task in tasks:
+                    shipped = task if readable else staged_in_object_store(task)
+                    done, hidden, working = remote.options(**options, name=f"compress:{task.name}").remote(shipped, hidden, working, width)
+                    pending.append((task.name, done))
+                    if len(pending) > 1:  # one block ahead: its tensors and calls are in the object store, no more
+                        yield self._block_done(*pending.popleft(), info)
+                while pending:
+                    yield self._block_done(*pending.popleft(), info)
+            finally:
+                for _, ref in pending:
+                    ray.cancel(ref, force=True)
+
+    @staticmethod
+    def _block_done(name: str, ref: Any, info: dict[str, Any]) -> BlockDone:
+        import ray
+
+        try:
+            done = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            raise layer_failure(name, err.cause or err) from None
+        except ray.exceptions.RayError as err:
+            raise LayerFailedError(name, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        done.info = {**done.info, **info}
+        return done
 
     def heal(self, student: LoadedModel, teacher: LoadedModel, batches: list[Batch], spec: Heal,
              on_step: StepCallback | None = None) -> HealResult:  # fmt: skip
@@ -361,3 +421,11 @@ def _ray_layer_task(task: LayerTask, before_layer: LayerHook | None) -> LayerRes
     result = run_layer_task(task, device, before_layer)
     result.resources = dict(ray.get_runtime_context().get_assigned_resources())
     return result
+
+
+def _ray_block_task(task: BlockTask, hidden: Hidden, working: Hidden | None, threads: int) -> tuple[BlockDone, Hidden, Hidden | None]:
+    """Runs in a Ray worker: the whole block, forwards and layers, at the task's CPUs as torch threads."""
+    from krunch.streaming.blocks import run_block_task
+
+    with torch_threads(threads):
+        return run_block_task(task, hidden, working, threads)

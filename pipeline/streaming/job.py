@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from krunch.artifact import load_compressed, runs_within, weight_files, write_manifest
+from krunch.calibration.grams import collect_grams
 from krunch.assemble import share_tied_weight
 from krunch.evaluation import EvalOptions, evaluate
 from krunch.execution.executors import Executor, ProgressCallback
@@ -28,10 +29,11 @@ from krunch.runtime.base import CompressedLayer
 from krunch.sizes import count_params, float_dtype, weight_bytes
 from krunch.sources.hf import architecture_only
 from krunch.sources.stated import load_stated
-from krunch.spec import CompressionJob, SpecError
+from krunch.spec import Calibration, CompressionJob, SpecError
+from krunch.streaming.blocks import block_tasks
 from krunch.streaming.memory import return_freed_memory
 from krunch.streaming.store import TensorStore, stored_names
-from krunch.streaming.units import block_bytes, stream
+from krunch.streaming.units import block_bytes, compute_dtype_for, stream
 from krunch.streaming.writer import ShardWriter
 
 FIELD = "spec.resources.stream"
@@ -43,8 +45,6 @@ def check_streamable(job: CompressionJob) -> None:
     """What the streamed driver does not do yet, refused by name before anything is loaded."""
     recipe, evaluation = job.spec.recipe, job.spec.evaluation
     refused = [
-        ("spec.recipe.calibration", recipe.uses_calibration or (recipe.calibration is not None and recipe.calibration.propagate),
-         "calibration statistics (activationAware, gptq, fitted grids, propagate)"),
         ("spec.recipe.heal", recipe.heal is not None, "healing"),
         ("spec.recipe.target", recipe.target is not None and recipe.target.param_ratio is not None,
          "a paramRatio target (bytesRatio streams)"),
@@ -164,20 +164,38 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
     work = [layer for layer in plan.layers if layer.tied_to is None]
     results: list[LayerResult] = []
     info: dict[str, Any] = {}
-    groups = layer_groups(source.module, Plan(work), limit)
     bar = tqdm(total=len(work), desc="compressing", unit="layer")
+
+    def written(result: LayerResult) -> None:
+        output.add(result)
+        results.append(result)
+        bar.update(1)
+        if progress:
+            progress(len(results), len(work), result.name)
+
+    calibration = job.spec.recipe.calibration or Calibration()
     try:
         with executor.session():
+            staged = None
+            if any(layer.calibrated for layer in work):  # calibrated block by block, in tasks that keep the statistics
+                staged = block_tasks(source, store, Plan(work), allocation.ranks, calibration, compute_dtype_for(source.module))
+            rest = staged.outside if staged else work
+            outside = [layer.name for layer in rest if layer.calibrated]
+            grams = collect_grams(source, outside, calibration) if outside else {}
+            groups = layer_groups(source.module, Plan(rest), limit)
             for group in groups:
-                done = len(results)
-                counted = (lambda finished, _total, name, done=done: progress(done + finished, len(work), name)) if progress else None
-                execution = executor.run(source, Plan(group), {}, allocation.ranks, counted, bar=False)
+                group_grams = {layer.name: grams[layer.name] for layer in group if layer.name in grams}
+                execution = executor.run(source, Plan(group), group_grams, allocation.ranks, bar=False)
                 info = execution.info
                 for result in execution.results:
-                    output.add(result)
-                    results.append(result)
-                    bar.update(1)
+                    written(result)
                 del execution  # the group's results are written: nothing of them stays in the driver
+            if staged:
+                for done in executor.run_blocks(staged.tasks, staged.first_hidden, source.weight_files):
+                    info = {**done.info, "calibration": "propagated" if calibration.propagate else "independent",
+                            "calibrated_blocks": len(staged.tasks)}  # fmt: skip
+                    for result in done.results:
+                        written(result)
     finally:
         bar.close()
     reference = {"source": source.metadata.get("pinned_reference", job.spec.model.source), "factory": job.spec.model.factory}

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import krunch
 from krunch.artifact import MANIFEST, weight_files
-from krunch.execution.executors import InProcessExecutor
+from krunch.execution.executors import InProcessExecutor, RayExecutor
+from krunch.execution.tasks import torch_threads
 from krunch.run import run_compression
 from krunch.sources import load_model
 from krunch.sources.hf import architecture_only
@@ -124,9 +125,44 @@ def test_a_streamed_bytes_budget_chooses_and_writes_what_the_whole_model_job_doe
     assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
 
 
+def calibrated(propagate: bool) -> dict:
+    """gptq on the asymmetric grid fitted to the inputs, on the first two blocks (every statistic a block has)."""
+    quantize = {"bits": 4, "groupSize": 64, "rounding": "gptq", "grid": "fitted", "symmetric": False}
+    return {"rules": [{"match": "model.layers.[01].*", "method": "none", "quantize": quantize}],
+            "calibration": {"tokens": 1024, "propagate": propagate}}  # fmt: skip
+
+
+def written_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for path in weight_files(directory) for k, v in load_file(str(path)).items()}
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+def test_a_streamed_calibrated_job_writes_what_the_whole_model_job_writes(tmp_path, smollm2, propagate):
+    """Block by block, the statistics in each block's task: the whole-model job's tensors bit for bit, with error
+    propagation (each stage refitted for the compressed model's inputs) and without (the original's Grams)."""
+    whole = run_compression(job(False, calibrated(propagate)), tmp_path / "whole", executor=InProcessExecutor())
+    streamed = run_compression(job(True, calibrated(propagate)), tmp_path / "streamed", executor=InProcessExecutor())
+    tensors, expected = written_tensors(tmp_path / "streamed"), written_tensors(tmp_path / "whole")
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
+    assert streamed.report["execution"]["calibration"] == ("propagated" if propagate else "independent")
+    assert streamed.report["execution"]["calibrated_blocks"] == 2  # none ran after the last block with layers
+    assert [r["rel_error"] for r in streamed.report["layers"]] == [r["rel_error"] for r in whole.report["layers"]]
+
+
+def test_streamed_calibrated_blocks_on_ray_equal_the_in_process_run(tmp_path, smollm2, ray_cluster):
+    """Each block one Ray task holding the CPUs of all the workers, its hidden outputs handed to the next block's
+    task by reference: the in-process run at that thread count, bit for bit."""
+    remote = run_compression(job(True, calibrated(True)), tmp_path / "ray", executor=RayExecutor(address=ray_cluster))
+    execution = remote.report["execution"]
+    assert execution["mode"] == "ray" and execution["weights_from"] == "source files"
+    with torch_threads(execution["block_cpus"]):
+        run_compression(job(True, calibrated(True)), tmp_path / "local", executor=InProcessExecutor(execution["block_cpus"]))
+    tensors, expected = written_tensors(tmp_path / "ray"), written_tensors(tmp_path / "local")
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
+
+
 @pytest.mark.parametrize(("recipe", "source", "field"), [
-    ({"rules": [{"match": "model.layers.*", "method": "none", "quantize": {"bits": 4, "rounding": "gptq"}}]},
-     "zoo:smollm2-135m", "spec.recipe.calibration"),
+    ({**INT8, "heal": {"steps": 2}}, "zoo:smollm2-135m", "spec.recipe.heal"),
     ({"rules": [{"match": "model.layers.*.mlp.*", "method": "svd"}], "target": {"paramRatio": 0.8}}, "zoo:smollm2-135m",
      "spec.recipe.target"),
     (INT8, "zoo:mobilenet-v2", "spec.resources.stream"),
