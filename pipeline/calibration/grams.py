@@ -124,10 +124,38 @@ def recording_grams(layers: dict[str, nn.Module], grams: dict[str, torch.Tensor]
             handle.remove()
 
 
-def collect_grams(model: LoadedModel, names: list[str], calibration: Calibration) -> dict[str, torch.Tensor]:
-    """Accumulate X^T X (float64) over the calibration data for each named Linear or Conv2d."""
+class _AllSeen(Exception):  # noqa: N818 - control flow, not an error
+    """Raised once every named layer has had its input on a pass that need not go further."""
+
+
+def collect_grams(model: LoadedModel, names: list[str], calibration: Calibration, stop_when_seen: bool = False) -> dict[str, torch.Tensor]:
+    """Accumulate X^T X (float64) over the calibration data for each named Linear or Conv2d. `stop_when_seen`: end
+    each forward once every named layer has been called (a streamed model's LM head then never computes a batch's
+    logits over the whole vocabulary: 311 MB for Qwen2.5's 151,936 rows); only for layers called once per forward."""
     grams: dict[str, torch.Tensor] = {}
-    with recording_grams({name: model.module.get_submodule(name) for name in names}, grams), torch.inference_mode():
-        for args, kwargs in tqdm(list(calibration_batches(model, calibration)), desc="calibration", unit="batch", leave=False):
-            model.module(*args, **kwargs)
+    layers = {name: model.module.get_submodule(name) for name in names}
+    seen: set[str] = set()
+
+    def stop(name: str):  # by name: a streamed unit runs a copy of its modules, hooks included
+        def after_recording(_module: nn.Module, _inputs: tuple) -> None:
+            seen.add(name)
+            if seen.issuperset(layers):
+                raise _AllSeen
+
+        return after_recording
+
+    handles = []
+    try:
+        with recording_grams(layers, grams), torch.inference_mode():
+            if stop_when_seen:  # after the recording hooks: a layer's input is recorded before the pass ends
+                handles = [layer.register_forward_pre_hook(stop(name)) for name, layer in layers.items()]
+            for args, kwargs in tqdm(list(calibration_batches(model, calibration)), desc="calibration", unit="batch", leave=False):
+                seen.clear()
+                try:
+                    model.module(*args, **kwargs)
+                except _AllSeen:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
     return grams

@@ -181,7 +181,7 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
                 staged = block_tasks(source, store, Plan(work), allocation.ranks, calibration, compute_dtype_for(source.module))
             rest = staged.outside if staged else work
             outside = [layer.name for layer in rest if layer.calibrated]
-            grams = collect_grams(source, outside, calibration) if outside else {}
+            grams = collect_grams(source, outside, calibration, stop_when_seen=True) if outside else {}
             groups = layer_groups(source.module, Plan(rest), limit)
             for group in groups:
                 group_grams = {layer.name: grams[layer.name] for layer in group if layer.name in grams}

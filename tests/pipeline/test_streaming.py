@@ -231,21 +231,25 @@ def _in_cgroup(name: str, limit: int, command: list[str], env: dict[str, str]) -
 @pytest.mark.skipif(not os.access(CGROUP, os.W_OK), reason="no writable cgroup v1 memory controller")
 def test_a_streamed_driver_finishes_under_a_cap_that_kills_the_whole_model_job(tmp_path, ray_cluster, smollm2):
     """The driver alone in the cgroup (the Ray workers outside it), capped at its fixed overhead plus half the
-    source's fp32 weight bytes: the whole-model job is killed loading the source, the streamed one finishes."""
+    source's fp32 weight bytes: the whole-model job is killed loading the source, the streamed one finishes, and
+    so does a calibrated one (its blocks' statistics in Ray tasks)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     fixed = int(subprocess.run([sys.executable, "-c", FIXED, ray_cluster], env=env, capture_output=True, text=True,
                                timeout=300, check=True).stdout.split()[-1])  # fmt: skip
     weights = sum(path.stat().st_size for path in smollm2.weight_files)
     limit = fixed + weights // 2
     results = {}
-    for stream_weights in (False, True):
-        document = json.dumps(job(stream_weights).model_dump(by_alias=True, mode="json", exclude_none=True))
-        command = [sys.executable, "-c", DRIVER, document, str(tmp_path / f"out-{stream_weights}"), ray_cluster]
-        results[stream_weights] = _in_cgroup(f"krunch-test-{os.getpid()}-{stream_weights}", limit, command, env)
-    assert results[False][0] != 0  # killed: the source alone does not fit
-    code, peak = results[True]
-    assert code == 0 and peak <= limit
-    assert krunch.load(tmp_path / "out-True").model.layers[0].mlp.down_proj.weight_q.config.bits == 8
+    for row, document in [("whole", job(False)), ("streamed", job(True)), ("calibrated", job(True, calibrated(True)))]:
+        text = json.dumps(document.model_dump(by_alias=True, mode="json", exclude_none=True))
+        command = [sys.executable, "-c", DRIVER, text, str(tmp_path / row), ray_cluster]
+        results[row] = _in_cgroup(f"krunch-test-{os.getpid()}-{row}", limit, command, env)
+    assert results["whole"][0] != 0  # killed: the source alone does not fit
+    for row in ("streamed", "calibrated"):  # data-free, and gptq with propagation in block tasks outside the cgroup
+        code, peak = results[row]
+        assert code == 0 and peak <= limit, row
+    assert krunch.load(tmp_path / "streamed").model.layers[0].mlp.down_proj.weight_q.config.bits == 8
+    report = json.loads((tmp_path / "calibrated" / "report.json").read_text())
+    assert report["execution"]["calibration"] == "propagated" and report["execution"]["mode"] == "ray"
 
 
 @pytest.mark.parametrize("quantize", [{"bits": 8, "symmetric": True}, {"bits": 4, "groupSize": 32, "symmetric": False}])
@@ -283,3 +287,23 @@ def _as_linear(weight: torch.Tensor) -> torch.nn.Linear:
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False).requires_grad_(False)
     linear.weight.copy_(weight)
     return linear
+
+
+def test_grams_of_a_streamed_lm_head_stop_the_pass_before_its_logits(smollm2):
+    """A streamed job's calibrated layers outside the blocks get their Grams from forwards that end once every
+    named layer has had its input: the same Grams, and the LM head never multiplies the whole vocabulary."""
+    from krunch.calibration.grams import collect_grams
+    from krunch.spec import Calibration
+
+    names = ["model.layers.1.self_attn.q_proj", "lm_head"]
+    model, _ = streamed_smollm2()
+    head = model.module.lm_head
+    calls = []
+    handle = head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        stopped = collect_grams(model, names, Calibration(tokens=1024), stop_when_seen=True)
+    finally:
+        handle.remove()
+    full = collect_grams(smollm2, names, Calibration(tokens=1024))
+    assert calls == [] and stopped.keys() == full.keys()
+    assert all(torch.equal(stopped[name], full[name]) for name in names)
