@@ -154,14 +154,17 @@ DRIVER_RECIPE = {"rules": [{"match": "*", "method": "none"}], "quantize": {"bits
 GPTQ_QUANTIZE = {"bits": 4, "groupSize": 64, "symmetric": False, "grid": "fitted", "rounding": "gptq"}
 
 
-def driver_recipe(bytes_ratio: float | None, recipe: str = "int8", calibration_tokens: int = 8192) -> dict:
+def driver_recipe(bytes_ratio: float | None, recipe: str = "int8", calibration_tokens: int = 8192, layers: str | None = None) -> dict:
     """int8 everywhere; with a bytes ratio, the decoder layers under that budget (dense or low-rank, int8 or int4 per
     layer) and the rest int8, as bench_inference's `bytesRatio 0.2` row; `gptq` / `gptq-propagated`:
     examples/smollm2-int4.yaml's recipe (decoder int4 g64 gptq on the fitted grid, embedding and head int8), with
-    the original model's Grams or error-propagating."""
+    the original model's Grams or error-propagating; `layers`: only the decoder layers that pattern matches, the rest
+    (embedding and head included) left as they are."""
     if recipe.startswith("gptq"):
         embedding = {"method": "none", "quantize": {"bits": 8, "grid": "fitted"}}
-        return {"rules": [{"match": "model.embed_tokens", **embedding}, {"match": "lm_head", **embedding}, {"match": "model.layers.*", "method": "none"}],
+        decoder = [{"match": layers or "model.layers.*", "method": "none"}]
+        rules = decoder if layers else [{"match": "model.embed_tokens", **embedding}, {"match": "lm_head", **embedding}, *decoder]
+        return {"rules": rules,
                 "quantize": GPTQ_QUANTIZE, "calibration": {"tokens": calibration_tokens, "propagate": recipe == "gptq-propagated"}}  # fmt: skip
     if bytes_ratio is None:
         return DRIVER_RECIPE
@@ -171,7 +174,7 @@ def driver_recipe(bytes_ratio: float | None, recipe: str = "int8", calibration_t
 
 def recipe_label(args: argparse.Namespace) -> str:
     if args.recipe != "int8":
-        return f"{args.recipe} ({args.calibration_tokens} calibration tokens)"
+        return f"{args.recipe} ({args.calibration_tokens} calibration tokens{', layers ' + args.layers if args.layers else ''})"
     return f"bytesRatio {args.bytes_ratio}" if args.bytes_ratio else "int8"
 
 
@@ -276,6 +279,7 @@ def driver_rows(args: argparse.Namespace) -> int:
                 command = [sys.executable, __file__, "--driver", "--row", row, "--model", args.model, "--json", str(out)]
                 command += ["--bytes-ratio", str(args.bytes_ratio)] if args.bytes_ratio else []
                 command += ["--recipe", args.recipe, "--calibration-tokens", str(args.calibration_tokens)]
+                command += ["--layers", args.layers] if args.layers else []
                 if limit is None:
                     subprocess.run(command, check=True, timeout=ROW_TIMEOUT_S)
                     rows.append(json.loads(out.read_text()))
@@ -286,7 +290,7 @@ def driver_rows(args: argparse.Namespace) -> int:
                 rows.append(result | {"cap_bytes": limit, "finished_under_cap": code == 0, "exit_code": code, "cgroup_peak_bytes": peak})
     print(driver_table(rows, args.model, recipe_label(args)))
     if args.json:
-        write_json(args.json, {"model": args.model, "recipe": driver_recipe(args.bytes_ratio, args.recipe, args.calibration_tokens), "cpus": os.cpu_count(), "cap_fraction": args.cap, "rows": rows})
+        write_json(args.json, {"model": args.model, "recipe": driver_recipe(args.bytes_ratio, args.recipe, args.calibration_tokens, args.layers), "cpus": os.cpu_count(), "cap_fraction": args.cap, "rows": rows})
     return 0
 
 
@@ -404,6 +408,7 @@ def main() -> int:
     parser.add_argument("--recipe", choices=("int8", "gptq", "gptq-propagated"), default="int8",
                         help="with --driver: int8 everywhere (default), or examples/smollm2-int4.yaml's gptq recipe, without or with propagation")
     parser.add_argument("--calibration-tokens", type=int, default=8192, help="with --recipe gptq*: calibration tokens (default 8192)")
+    parser.add_argument("--layers", help="with --recipe gptq*: only the decoder layers this pattern matches (default: all, embedding and head int8)")
     parser.add_argument("--rows", default="whole,streamed", help="with --driver: which drivers (default whole,streamed)")
     parser.add_argument("--two-node", action="store_true", help="one node against a loopback cluster of two whose worker node cannot see the source")
     parser.add_argument("--source", help=argparse.SUPPRESS)  # internal: the row's source instead of the zoo's SmolLM2
@@ -411,7 +416,7 @@ def main() -> int:
     parser.add_argument("--ray-address", help=argparse.SUPPRESS)  # internal: the Ray instance a row joins (a capped driver's, the two nodes)
     args = parser.parse_args()
     if args.driver and args.row:
-        recipe = driver_recipe(args.bytes_ratio, args.recipe, args.calibration_tokens)
+        recipe = driver_recipe(args.bytes_ratio, args.recipe, args.calibration_tokens, args.layers)
         args.json.write_text(json.dumps(measure_driver(args.model, args.row == "streamed", args.ray_address, recipe)))
         return 0
     if args.driver:

@@ -198,6 +198,7 @@ def run_streamed_compression(job: CompressionJob, out_dir: Path, executor: Execu
                         written(result)
     finally:
         bar.close()
+    staged = grams = None  # the first block's hidden inputs, the blocks' calls and Grams: nothing the evaluation needs
     reference = {"source": source.metadata.get("pinned_reference", job.spec.model.source), "factory": job.spec.model.factory}
     files = output.close(recipe_document(job.spec.recipe), reference)
     start = timings.record("decompose", start)
