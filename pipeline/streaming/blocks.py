@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from krunch.calibration.grams import Batch, recording_grams
-from krunch.calibration.propagate import (BlockContext, Blocks, StageWeights, _hidden, _installed, _outputs, _with_hidden,
+from krunch.calibration.propagate import (BlockContext, StageWeights, _hidden, _installed, _outputs, _with_hidden,
                                           block_calls, check_replay, find_blocks, inside, propagate_block)  # fmt: skip
 from krunch.execution.layer import LayerResult
 from krunch.execution.tasks import FileTensor, TensorSource
@@ -124,7 +124,6 @@ class StreamedCalibration:
     """What a streamed job's calibrated layers need: the blocks' tasks in order, the first block's hidden inputs, and
     the layers outside the blocks (compressed by the usual path, calibrated ones with Grams of their own)."""
 
-    blocks: Blocks
     tasks: list[BlockTask]
     first_hidden: Hidden
     outside: list[LayerPlan]
@@ -151,14 +150,15 @@ def block_tasks(source: LoadedModel, store: TensorStore, plan: Plan, ranks: dict
         path = blocks.path_of(index)
         block = blocks.modules[index]
         inside_block = [layer.name for layer in work if block_of[layer.name] == index]
-        tensors = {local: FileTensor(store.path_of(keys[f"{path}.{local}"]), keys[f"{path}.{local}"]) for local in block.state_dict(keep_vars=True)}
+        stored = {local: keys[f"{path}.{local}"] for local in block.state_dict(keep_vars=True)}
+        tensors = {local: FileTensor(store.path_of(key), key) for local, key in stored.items()}
         calls = [_with_hidden(args, kwargs, None) for args, kwargs in recorded.calls[index]]  # type: ignore[arg-type]
         context = BlockContext(source.reference, source.kind, path, {n: by_name[n] for n in inside_block}, {n: ranks[n] for n in inside_block if n in ranks})
         tasks.append(BlockTask(context, weightless_block(block), tensors, inside_block, [n for n in inside_block if n in calibrated],
                                calls, bool(calibration.propagate), compute_dtype))  # fmt: skip
     first = [_hidden(args, kwargs) for args, kwargs in recorded.inputs(0)]
     handled = {name for task in tasks for name in task.layers}
-    return StreamedCalibration(blocks, tasks, first, [layer for layer in work if layer.name not in handled])
+    return StreamedCalibration(tasks, first, [layer for layer in work if layer.name not in handled])
 
 
 def staged_in_object_store(task: BlockTask) -> BlockTask:
